@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from mlp_cases import mlp_weights, rel_err
+from tpaware_compile.nn import FORMS, TPMLP, reference_mlp
+
+VARIANTS = [("swiglu", False), ("swiglu", True), ("gelu", False)]
+
+
+def _form_errors(rank, world, dtype, collectives, gather_dim, group_size, inter):
+    """Every form x MLP kind on this rank: relative error of the TP output against the unsharded reference."""
+    errors = {}
+    for kind, fused in VARIANTS:
+        weights = mlp_weights(kind, inter=inter, group_size=group_size, seed=7)
+        x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(rank * 0 + 11)).to(dtype)
+        ref = reference_mlp(kind, weights, x)
+        for form in FORMS:
+            mlp = TPMLP.from_full(kind, weights, form, rank, world, fused=fused,
+                                  collectives=collectives, gather_dim=gather_dim)
+            y = mlp(x)
+            assert y.dtype == dtype and y.shape == ref.shape
+            errors[(kind, fused, form)] = rel_err(y, ref)
+    return errors
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_every_form_matches_unsharded_reference(ranks, world, dtype, tol):
+    for errors in ranks(world).run(_form_errors, dtype, "functional", 0, 32, 192):
+        bad = {k: e for k, e in errors.items() if not e < tol}
+        assert not bad, f"relative error over {tol}: {bad}"
+
+
+@pytest.mark.parametrize("collectives,gather_dim", [("c10d", 0), ("functional", -1)])
+def test_collective_spellings(ranks, collectives, gather_dim):
+    for errors in ranks(2).run(_form_errors, torch.float32, collectives, gather_dim, 32, 192):
+        assert max(errors.values()) < 1e-5, errors
+
+
+def test_shards_starting_inside_a_group(ranks):
+    # inter 192 over 4 ranks = 48 rows a rank, groups of 64: shards 1 and 2 start mid-group
+    for errors in ranks(4).run(_form_errors, torch.float32, "functional", 0, 64, 192):
+        assert max(errors.values()) < 1e-5, errors
+
+
+def test_bad_construction_raises():
+    weights = mlp_weights("swiglu")
+    with pytest.raises(ValueError, match="form must be one of"):
+        TPMLP.from_full("swiglu", weights, "X", 0, 1)
+    with pytest.raises(ValueError, match="missing \\['down'\\]"):
+        TPMLP.from_full("swiglu", {k: weights[k] for k in ("gate", "up")}, "N", 0, 1)
+    with pytest.raises(ValueError, match="fused=True applies"):
+        TPMLP.from_full("gelu", mlp_weights("gelu"), "N", 0, 1, fused=True)
+    with pytest.raises(ValueError, match="divisible by world_size"):
+        TPMLP.from_full("swiglu", weights, "N", 0, 5)

@@ -1,0 +1,161 @@
+"""Eager modules: a GPTQ linear and tensor-parallel MLPs in the forms people deploy (DESIGN.md §2).
+
+    form  down_proj rows on rank r                       before down_proj at run time      down scales
+    N     sorted by the global P2, then sharded          AllGather, h[..., P2], own chunk  sharded
+    L     sharded as stored, then sorted per rank        h_local[..., p_r]                 full
+    U     sharded as stored (kernel reads scales[g_idx]) nothing                           full
+    T     TP-aware target: as N, and gate/up (fc)        nothing                           sharded
+          output columns permuted by P2 before sharding
+
+The MLP is ``down(act(x @ A))`` with A = gate and up (SwiGLU: silu(gate) * up) or fc (GELU, with biases).
+Every form computes the same function; only the layout of the weights and the run-time steps differ.
+"""
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops  # noqa: F401  registers torch.ops.tpaware.gptq_mm
+from .collectives import STYLES, all_gather_last_dim, all_reduce_sum
+from .gptq import GPTQWeight, dequantize
+from .reorder import cat_cols, permute_cols, permute_rows, shard_cols, shard_rows, sort_rows, stable_argsort
+
+FORMS = ("N", "L", "U", "T")
+KINDS = ("swiglu", "gelu")
+_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+class GPTQLinear(nn.Module):
+    """``y = x @ W (+ bias)`` for one GPTQ weight, held as buffers so Dynamo sees them as graph inputs."""
+
+    def __init__(self, w: GPTQWeight):
+        super().__init__()
+        self.load(w)
+
+    def load(self, w: GPTQWeight) -> None:
+        """Replace the weight in place (the backend converts layouts this way)."""
+        for name in _TENSORS:
+            self.register_buffer(name, getattr(w, name))
+        self.group_size, self.group_offset, self.zero_offset = w.group_size, w.group_offset, w.zero_offset
+
+    def weight(self) -> GPTQWeight:
+        return GPTQWeight(*(getattr(self, n) for n in _TENSORS[:4]), self.group_size, self.zero_offset,
+                          self.group_offset, self.bias)
+
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        y = torch.ops.tpaware.gptq_mm(x, self.qweight, self.qzeros, self.scales, self.g_idx,
+                                      self.group_size, self.group_offset, self.zero_offset)
+        return y + self.bias.to(y.dtype) if add_bias and self.bias is not None else y
+
+
+class TPMLP(nn.Module):
+    """One rank's share of a tensor-parallel GPTQ MLP. Build it with ``TPMLP.from_full``."""
+
+    def __init__(self, kind: str, form: str, rank: int, world: int, group=None, fused: bool = False,
+                 collectives: str = "functional", gather_dim: int = 0):
+        super().__init__()
+        _check_choice(kind, KINDS, "kind")
+        _check_choice(form, FORMS, "form")
+        _check_choice(collectives, STYLES, "collectives")
+        _check_choice(gather_dim, (0, -1), "gather_dim")
+        if fused and kind != "swiglu":
+            raise ValueError("fused=True applies to kind='swiglu' (gate_up) only")
+        self.kind, self.form, self.rank, self.world, self.group = kind, form, rank, world, group
+        self.fused, self.collectives, self.gather_dim = fused, collectives, gather_dim
+
+    @classmethod
+    def from_full(cls, kind: str, weights: Dict[str, GPTQWeight], form: str, rank: int, world: int,
+                  group=None, **options) -> "TPMLP":
+        """``weights``: the unsharded layers, {gate, up, down} for swiglu or {fc, proj} for gelu."""
+        mlp = cls(kind, form, rank, world, group, **options)
+        first, out = _layer_names(kind)
+        _check_weights(weights, first + (out,))
+        p2 = stable_argsort(weights[out].group_index())
+        mlp._set_first_layers([weights[n] for n in first], p2)
+        mlp._set_out_layer(weights[out], p2)
+        return mlp
+
+    def _set_first_layers(self, ws, p2: torch.Tensor) -> None:
+        if self.form == "T":
+            ws = [permute_cols(w, p2) for w in ws]
+        shards = [shard_cols(w, self.rank, self.world) for w in ws]
+        if self.fused:
+            self.gate_up = GPTQLinear(cat_cols(shards))
+        else:
+            for name, shard in zip(_layer_names(self.kind)[0], shards):
+                setattr(self, name, GPTQLinear(shard))
+
+    def _set_out_layer(self, w: GPTQWeight, p2: torch.Tensor) -> None:
+        self.register_buffer("out_bias", w.bias)  # added once, after the AllReduce
+        if self.form in ("N", "T"):
+            shard = shard_rows(sort_rows(w)[0], self.rank, self.world)
+        else:
+            shard = shard_rows(w, self.rank, self.world)
+        if self.form == "N":
+            self.register_buffer("perm", p2)
+        if self.form == "L":
+            local_perm = stable_argsort(shard.group_index())
+            self.register_buffer("local_perm", local_perm)
+            shard = permute_rows(shard, local_perm)
+        setattr(self, _layer_names(self.kind)[1], GPTQLinear(shard))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._hidden(x)  # [..., I / world], this rank's columns of the intermediate
+        h = self._to_out_layout(h)
+        y = getattr(self, _layer_names(self.kind)[1])(h, add_bias=False)
+        y = all_reduce_sum(y, self.world, self.group, self.collectives)
+        return y + self.out_bias.to(y.dtype) if self.out_bias is not None else y
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gelu":
+            return F.gelu(self.fc(x), approximate="tanh")
+        if self.fused:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return F.silu(gate) * up
+
+    def _to_out_layout(self, h: torch.Tensor) -> torch.Tensor:
+        if self.form == "N":
+            full = all_gather_last_dim(h, self.world, self.group, self.collectives, self.gather_dim)  # [..., I]
+            return full[..., self.perm].chunk(self.world, dim=-1)[self.rank]
+        if self.form == "L":
+            return h[..., self.local_perm]
+        return h
+
+
+def reference_mlp(kind: str, weights: Dict[str, GPTQWeight], x: torch.Tensor) -> torch.Tensor:
+    """The unsharded MLP from dequantized fp32 weights: what every form must compute."""
+    first, out = _layer_names(kind)
+    deq = {n: dequantize(weights[n], torch.float32) for n in first + (out,)}
+    bias = {n: None if weights[n].bias is None else weights[n].bias.float() for n in deq}
+    x = x.float()
+
+    def lin(n: str, v: torch.Tensor) -> torch.Tensor:
+        return v @ deq[n] + (bias[n] if bias[n] is not None else 0)
+
+    h = F.gelu(lin("fc", x), approximate="tanh") if kind == "gelu" else F.silu(lin("gate", x)) * lin("up", x)
+    return lin(out, h)
+
+
+def _layer_names(kind: str):
+    return (("fc",), "proj") if kind == "gelu" else (("gate", "up"), "down")
+
+
+def _check_weights(weights: Dict[str, GPTQWeight], names) -> None:
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ValueError(f"weights: missing {missing}; expected {list(names)}")
+    first = [weights[n] for n in names[:-1]]
+    out = weights[names[-1]]
+    for n, w in zip(names[:-1], first):
+        if w.in_features != out.out_features or w.out_features != out.in_features:
+            raise ValueError(f"{n}: shape [{w.in_features}, {w.out_features}] does not match {names[-1]}: "
+                             f"[{out.in_features}, {out.out_features}] (expected [H, I] and [I, H])")
+
+
+def _check_choice(value, choices, name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

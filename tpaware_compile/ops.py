@@ -1,0 +1,39 @@
+"""Custom ops, so Dynamo captures each quantized matmul as one node that the passes can find and lower.
+
+``tpaware::gptq_mm`` is the reference (dequantize, then fp32 matmul), on every device. The lowering pass
+swaps it for the fast op of ``kernels/`` where one applies. Bias stays outside the op: it is an ordinary add
+that Inductor fuses, and a row-parallel layer must add it after the AllReduce anyway.
+"""
+
+from typing import Optional
+
+import torch
+
+from .gptq import GPTQWeight, reference_matmul
+
+
+@torch.library.custom_op("tpaware::gptq_mm", mutates_args=())
+def gptq_mm(
+    x: torch.Tensor,  # [..., K]
+    qweight: torch.Tensor,  # [K/8, N] int32
+    qzeros: torch.Tensor,  # [G, N/8] int32
+    scales: torch.Tensor,  # [G, N]
+    g_idx: Optional[torch.Tensor],  # [K], None for contiguous groups
+    group_size: int,
+    group_offset: int,
+    zero_offset: int,
+) -> torch.Tensor:  # [..., N] in x.dtype
+    w = GPTQWeight(qweight, qzeros, scales, g_idx, group_size, zero_offset, group_offset)
+    return reference_matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.out_features)
+
+
+@gptq_mm.register_fake
+def _(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero_offset):
+    torch._check(x.shape[-1] == qweight.shape[0] * 8, lambda: "gptq_mm: x's last dim must equal qweight rows * 8")
+    return x.new_empty(*x.shape[:-1], qweight.shape[1])
+
+
+def gptq_linear(x: torch.Tensor, w: GPTQWeight, add_bias: bool = True) -> torch.Tensor:
+    """``x @ W (+ bias)`` through the custom op."""
+    y = torch.ops.tpaware.gptq_mm(x, w.qweight, w.qzeros, w.scales, w.g_idx, w.group_size, w.group_offset, w.zero_offset)
+    return y + w.bias if add_bias and w.bias is not None else y

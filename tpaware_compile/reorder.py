@@ -1,0 +1,140 @@
+"""Permutations and tensor-parallel sharding of packed GPTQ weights. Every transform is bitwise exact.
+
+How each tensor moves (W is [K, N]; rows = input features K, columns = output features N):
+
+    transform        qweight [K/8, N]          qzeros [G, N/8]           scales [G, N]   g_idx [K]       bias [N]
+    permute_rows     unpack, rows[p], repack   -                         -               g_idx[p]        -
+    permute_cols     cols[p]                   unpack, cols[p], repack   cols[p]         -               bias[p]
+    narrow_cols      cols[a:b]                 cols[a/8:b/8]             cols[a:b]       -               bias[a:b]
+    narrow_rows,     rows[a/8:b/8]             groups touched by a:b     same            dropped; a      -
+      sorted groups                                                                      group_offset
+    narrow_rows,     rows[a/8:b/8]             full                      full            g_idx[a:b]      -
+      with g_idx
+
+Row-parallel shards keep no bias: it is added once, after the AllReduce.
+"""
+
+from typing import Sequence, Tuple
+
+import torch
+
+from .gptq import PACK, GPTQWeight, pack_cols, pack_rows, unpack_cols, unpack_rows
+
+
+def stable_argsort(g_idx: torch.Tensor) -> torch.Tensor:
+    """The sorting permutation P with g_idx[P] non-decreasing; ties keep their order (same P on every rank)."""
+    return torch.sort(g_idx.long(), stable=True).indices
+
+
+def permute_rows(w: GPTQWeight, perm: torch.Tensor) -> GPTQWeight:
+    """The weight of ``x[:, perm] @ W[perm]``, which equals ``x @ W``."""
+    _check_perm(perm, w.in_features, "row permutation")
+    qweight = pack_rows(unpack_rows(w.qweight)[perm])
+    return w.replace(qweight=qweight, g_idx=w.group_index()[perm], group_offset=0)
+
+
+def sort_rows(w: GPTQWeight) -> Tuple[GPTQWeight, torch.Tensor]:
+    """Rows reordered by a stable argsort of g_idx. Returns the sorted weight (g_idx dropped when groups are
+    then contiguous runs of group_size rows, as act-order always gives) and the permutation P."""
+    perm = stable_argsort(w.group_index())
+    return drop_contiguous_g_idx(permute_rows(w, perm)), perm
+
+
+def drop_contiguous_g_idx(w: GPTQWeight) -> GPTQWeight:
+    """Drop g_idx where it equals ``row // group_size``; otherwise return ``w`` unchanged."""
+    if w.g_idx is None:
+        return w
+    rows = torch.arange(w.in_features, device=w.g_idx.device)
+    if not torch.equal(w.g_idx.long(), rows // w.group_size):
+        return w
+    return w.replace(g_idx=None, group_offset=0)
+
+
+def permute_cols(w: GPTQWeight, perm: torch.Tensor) -> GPTQWeight:
+    """The weight whose output is ``(x @ W)[:, perm]``."""
+    _check_perm(perm, w.out_features, "column permutation")
+    return w.replace(
+        qweight=w.qweight[:, perm].contiguous(),
+        qzeros=pack_cols(unpack_cols(w.qzeros)[:, perm]),
+        scales=w.scales[:, perm].contiguous(),
+        bias=None if w.bias is None else w.bias[perm].contiguous(),
+    )
+
+
+def narrow_cols(w: GPTQWeight, start: int, length: int) -> GPTQWeight:
+    """Output columns [start, start + length); both must be multiples of 8 (qzeros pack along N)."""
+    _check_range(start, length, w.out_features, "columns")
+    return w.replace(
+        qweight=w.qweight[:, start : start + length].contiguous(),
+        qzeros=w.qzeros[:, start // PACK : (start + length) // PACK].contiguous(),
+        scales=w.scales[:, start : start + length].contiguous(),
+        bias=None if w.bias is None else w.bias[start : start + length].contiguous(),
+    )
+
+
+def cat_cols(ws: Sequence[GPTQWeight]) -> GPTQWeight:
+    """Concatenate along N (a fused gate_up from gate and up); rows must share their groups."""
+    first = ws[0]
+    for w in ws[1:]:
+        same = (w.g_idx is None) == (first.g_idx is None) and (w.g_idx is None or torch.equal(w.g_idx, first.g_idx))
+        if not same or (w.group_size, w.group_offset, w.zero_offset) != (first.group_size, first.group_offset, first.zero_offset):
+            raise ValueError("cat_cols: weights must share g_idx, group_size, group_offset and zero_offset")
+    biases = [w.bias for w in ws]
+    has_bias = [b is not None for b in biases]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cat_cols: either every weight has a bias or none has")
+    return first.replace(
+        qweight=torch.cat([w.qweight for w in ws], dim=1),
+        qzeros=torch.cat([w.qzeros for w in ws], dim=1),
+        scales=torch.cat([w.scales for w in ws], dim=1),
+        bias=torch.cat(biases) if all(has_bias) else None,
+    )
+
+
+def narrow_rows(w: GPTQWeight, start: int, length: int) -> GPTQWeight:
+    """Input rows [start, start + length), multiples of 8 (qweight packs along K). With contiguous groups the
+    shard keeps only the groups it touches and a group offset; with g_idx it keeps the full scales and zeros.
+    The bias is dropped: a row-parallel layer adds it once after the reduction."""
+    _check_range(start, length, w.in_features, "rows")
+    qweight = w.qweight[start // PACK : (start + length) // PACK].contiguous()
+    if w.g_idx is not None:
+        return w.replace(qweight=qweight, g_idx=w.g_idx[start : start + length].contiguous(), bias=None)
+    first = (start + w.group_offset) // w.group_size
+    last = (start + length - 1 + w.group_offset) // w.group_size
+    return w.replace(
+        qweight=qweight,
+        qzeros=w.qzeros[first : last + 1].contiguous(),
+        scales=w.scales[first : last + 1].contiguous(),
+        group_offset=(start + w.group_offset) % w.group_size,
+        bias=None,
+    )
+
+
+def shard_cols(w: GPTQWeight, rank: int, world: int) -> GPTQWeight:
+    return narrow_cols(w, *_shard_range(w.out_features, rank, world, "out_features"))
+
+
+def shard_rows(w: GPTQWeight, rank: int, world: int) -> GPTQWeight:
+    return narrow_rows(w, *_shard_range(w.in_features, rank, world, "in_features"))
+
+
+def _shard_range(size: int, rank: int, world: int, what: str) -> Tuple[int, int]:
+    if size % (world * PACK):
+        raise ValueError(f"{what}={size} must be divisible by world_size * {PACK} = {world * PACK}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} out of range for world_size {world}")
+    length = size // world
+    return rank * length, length
+
+
+def _check_range(start: int, length: int, size: int, what: str) -> None:
+    if start % PACK or length % PACK or length <= 0 or start < 0 or start + length > size:
+        raise ValueError(f"{what} [{start}, {start + length}) must be a non-empty range inside [0, {size}) "
+                         f"with both ends multiples of {PACK}")
+
+
+def _check_perm(perm: torch.Tensor, size: int, what: str) -> None:
+    if perm.dim() != 1 or perm.numel() != size:
+        raise ValueError(f"{what}: expected shape ({size},), got {tuple(perm.shape)}")
+    if not torch.equal(torch.sort(perm.long()).values, torch.arange(size, device=perm.device)):
+        raise ValueError(f"{what}: not a permutation of range({size})")
