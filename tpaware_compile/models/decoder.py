@@ -53,14 +53,15 @@ class Parallel:
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, par: Parallel, w: Dict[str, torch.Tensor], batch: int):
         super().__init__()
-        if cfg.heads % par.world or (cfg.kv_heads % par.world and cfg.kv_heads != 1):
-            raise ValueError(f"heads={cfg.heads} and kv_heads={cfg.kv_heads} must divide by world size {par.world}"
-                             " (or kv_heads be 1, replicated)")
+        if cfg.heads % par.world or (cfg.kv_heads % par.world and par.world % cfg.kv_heads):
+            raise ValueError(f"heads={cfg.heads} must divide by world size {par.world}, and kv_heads={cfg.kv_heads} "
+                             "divide it or be divided by it")
         self.cfg, self.par = cfg, par
         self.n_heads = cfg.heads // par.world
-        self.n_kv = cfg.kv_heads // par.world if cfg.kv_heads % par.world == 0 else 1
+        # fewer kv heads than ranks: each rank keeps the one kv head its query heads share (replicated)
+        self.n_kv = max(cfg.kv_heads // par.world, 1)
         hd, r = cfg.head_dim, par.rank
-        kv_rank = r if self.n_kv * par.world == cfg.kv_heads else 0
+        kv_rank = r if cfg.kv_heads >= par.world else r * self.n_heads // (cfg.heads // cfg.kv_heads)
         self.wq = nn.Parameter(w["wq"][:, r * self.n_heads * hd : (r + 1) * self.n_heads * hd].contiguous())
         self.wkv = nn.Parameter(torch.cat([w[n][:, kv_rank * self.n_kv * hd : (kv_rank + 1) * self.n_kv * hd]
                                            for n in ("wk", "wv")], dim=1))
