@@ -4,42 +4,20 @@ With no GPU it runs CPU ranks over gloo; with GPUs, one rank per GPU over NCCL. 
 the rewrite report, the largest difference to eager and tokens per second of each.
 """
 
-import datetime
-import os
-import socket
 import time
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from .launch import launch, use_cuda
 from .models import Decoder, DecoderConfig, Parallel, random_weights
 
 DEMO_CONFIG = DecoderConfig(vocab=512, hidden=256, inter=768, layers=4, heads=8, kv_heads=4, max_seq=128)
 
 
 def main(world: int = 2, prompt_len: int = 16, new_tokens: int = 16, form: str = "N") -> None:
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _say(f"demo: {world} ranks over {'NCCL' if cuda else 'gloo (CPU)'}, form {form} MLPs, "
+    _say(f"demo: {world} ranks over {'NCCL' if use_cuda(world) else 'gloo (CPU)'}, form {form} MLPs, "
          f"{DEMO_CONFIG.layers} layers, hidden {DEMO_CONFIG.hidden}, intermediate {DEMO_CONFIG.inter}")
-    mp.spawn(_rank_main, args=(world, port, cuda, prompt_len, new_tokens, form), nprocs=world, join=True)
-
-
-def _rank_main(rank, world, port, cuda, prompt_len, new_tokens, form):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    try:
-        _run(rank, world, device, prompt_len, new_tokens, form)
-    finally:
-        dist.destroy_process_group()
+    launch(world, _run, prompt_len, new_tokens, form)
 
 
 def _run(rank, world, device, prompt_len, new_tokens, form):

@@ -62,18 +62,26 @@ class Attention(nn.Module):
         self.n_kv = max(cfg.kv_heads // par.world, 1)
         hd, r = cfg.head_dim, par.rank
         kv_rank = r if cfg.kv_heads >= par.world else r * self.n_heads // (cfg.heads // cfg.kv_heads)
-        self.wq = nn.Parameter(w["wq"][:, r * self.n_heads * hd : (r + 1) * self.n_heads * hd].contiguous())
-        self.wkv = nn.Parameter(torch.cat([w[n][:, kv_rank * self.n_kv * hd : (kv_rank + 1) * self.n_kv * hd]
-                                           for n in ("wk", "wv")], dim=1))
-        self.wo = nn.Parameter(w["wo"][r * self.n_heads * hd : (r + 1) * self.n_heads * hd].contiguous())
+        q_cols = slice(r * self.n_heads * hd, (r + 1) * self.n_heads * hd)
+        kv_cols = slice(kv_rank * self.n_kv * hd, (kv_rank + 1) * self.n_kv * hd)
+        self.wq = nn.Parameter(w["wq"][:, q_cols].contiguous())
+        self.wkv = nn.Parameter(torch.cat([w["wk"][:, kv_cols], w["wv"][:, kv_cols]], dim=1))
+        self.wo = nn.Parameter(w["wo"][q_cols].contiguous())
+        has_bias = "bq" in w  # GPTBigCode: biases on every projection; o's is added once, after the AllReduce
+        self.bq = nn.Parameter(w["bq"][q_cols].contiguous()) if has_bias else None
+        self.bkv = nn.Parameter(torch.cat([w["bk"][kv_cols], w["bv"][kv_cols]])) if has_bias else None
+        self.bo = nn.Parameter(w["bo"]) if has_bias else None
         self.register_buffer("k_cache", torch.zeros(batch, self.n_kv, cfg.max_seq, hd, dtype=w["wq"].dtype))
         self.register_buffer("v_cache", torch.zeros_like(self.k_cache))
 
     def forward(self, x, pos, rope, mask):  # x [B, S, D], pos [S], mask [S, max_seq]
         b, s, _ = x.shape
         hd = self.cfg.head_dim
-        q = (x @ self.wq).view(b, s, self.n_heads, hd)
-        k, v = (x @ self.wkv).view(b, s, 2 * self.n_kv, hd).split(self.n_kv, dim=2)
+        q, kv = x @ self.wq, x @ self.wkv
+        if self.bq is not None:
+            q, kv = q + self.bq, kv + self.bkv
+        q = q.view(b, s, self.n_heads, hd)
+        k, v = kv.view(b, s, 2 * self.n_kv, hd).split(self.n_kv, dim=2)
         if rope is not None:
             q, k = _rotate(q, rope), _rotate(k, rope)
         self.k_cache[:b, :, pos] = k.transpose(1, 2)
@@ -83,7 +91,8 @@ class Attention(nn.Module):
         values = self.v_cache[:b].repeat_interleave(rep, dim=1)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)  # [B, heads, S, hd]
         y = o.transpose(1, 2).reshape(b, s, -1) @ self.wo
-        return all_reduce_sum(y, self.par.world, self.par.group, self.par.collectives)
+        y = all_reduce_sum(y, self.par.world, self.par.group, self.par.collectives)
+        return y + self.bo if self.bo is not None else y
 
 
 def _rotate(x, rope):  # x [B, S, H, hd]; rope (cos, sin) [S, hd/2]

@@ -1,4 +1,4 @@
-"""Load a Hugging Face-format GPTQ Llama checkpoint into a tensor-parallel ``Decoder`` on the calling rank.
+"""Load a Hugging Face-format GPTQ checkpoint (Llama or GPTBigCode) into a tensor-parallel ``Decoder``.
 
 Reads ``config.json`` (its ``quantization_config``, or ``quantize_config.json`` beside it) and memory-mapped
 safetensors (one file or an index of shards; never pickle). GPTQ v1 checkpoints (``checkpoint_format``
@@ -10,7 +10,7 @@ nibble. Attention projections are dequantized to dense weights (the backend rewr
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -105,48 +105,82 @@ def _add_int32_wrapping(words: torch.Tensor, value: int) -> torch.Tensor:
     return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
 
 
-def llama_config(path: str, max_seq: Optional[int] = None) -> DecoderConfig:
+def decoder_config(path: str, max_seq: Optional[int] = None) -> DecoderConfig:
     c = _read_json(os.path.join(path, "config.json"))
-    if c.get("model_type") != "llama":
-        raise CheckpointError(f"{path}: model_type {c.get('model_type')!r} is not supported yet (llama)")
-    return DecoderConfig(
-        vocab=c["vocab_size"], hidden=c["hidden_size"], inter=c["intermediate_size"], layers=c["num_hidden_layers"],
-        heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-        family="llama", max_seq=max_seq or min(c.get("max_position_embeddings", 2048), 4096),
-        rope_theta=c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        norm_eps=c.get("rms_norm_eps", 1e-6),
-    )
+    kind = c.get("model_type")
+    if kind == "llama":
+        return DecoderConfig(
+            vocab=c["vocab_size"], hidden=c["hidden_size"], inter=c["intermediate_size"],
+            layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+            kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]), family="llama",
+            max_seq=max_seq or min(c.get("max_position_embeddings", 2048), 4096),
+            rope_theta=c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            norm_eps=c.get("rms_norm_eps", 1e-6))
+    if kind == "gpt_bigcode":
+        return DecoderConfig(
+            vocab=c["vocab_size"], hidden=c["n_embd"], inter=c.get("n_inner") or 4 * c["n_embd"],
+            layers=c["n_layer"], heads=c["n_head"], kv_heads=1 if c.get("multi_query", True) else c["n_head"],
+            family="gptbigcode", max_seq=max_seq or c.get("n_positions", 2048),
+            norm_eps=c.get("layer_norm_epsilon", 1e-5))
+    raise CheckpointError(f"{path}: model_type {kind!r} is not supported (llama, gpt_bigcode)")
 
 
-def load_llama(path: str, par: Parallel = Parallel(), dtype: torch.dtype = torch.float16,
-               batch: int = 1, max_seq: Optional[int] = None) -> Decoder:
-    """Build this rank's share of the checkpoint's Llama, its MLPs in ``par.form``."""
-    cfg, qc, t = llama_config(path, max_seq), read_quant_config(path), Tensors(path)
-    tied = _read_json(os.path.join(path, "config.json")).get("tie_word_embeddings", False)
-    embed = t.get("model.embed_tokens.weight").to(dtype)
+def load_checkpoint(path: str, par: Parallel = Parallel(), dtype: torch.dtype = torch.float16,
+                    batch: int = 1, max_seq: Optional[int] = None) -> Decoder:
+    """Build this rank's share of the checkpoint's model, its MLPs in ``par.form``."""
+    cfg, qc, t = decoder_config(path, max_seq), read_quant_config(path), Tensors(path)
+    tied = _read_json(os.path.join(path, "config.json")).get("tie_word_embeddings", cfg.family == "gptbigcode")
+    names = _NAMES[cfg.family]
+    embed = t.get(names["embed"]).to(dtype)
     weights = {
         "embed": embed,
-        "attn": [_attention(t, f"model.layers.{i}.self_attn", qc, dtype) for i in range(cfg.layers)],
-        "mlp": [{n: read_gptq_linear(t, f"model.layers.{i}.mlp.{n}_proj", qc) for n in ("gate", "up", "down")}
-                for i in range(cfg.layers)],
+        "attn": [_attention(t, names["layer"].format(i), cfg, qc, dtype) for i in range(cfg.layers)],
+        "mlp": [{ours: read_gptq_linear(t, names["layer"].format(i) + theirs, qc)
+                 for ours, theirs in names["mlp"].items()} for i in range(cfg.layers)],
         "lm_head": (embed if tied else t.get("lm_head.weight").to(dtype)).t().contiguous(),
     }
+    if cfg.family == "gptbigcode":
+        weights["pos_embed"] = t.get("transformer.wpe.weight")[: cfg.max_seq].to(dtype)
     model = Decoder(cfg, par, weights, batch)
     for i, block in enumerate(model.blocks):
-        block.attn_norm.weight.copy_(t.get(f"model.layers.{i}.input_layernorm.weight"))
-        block.mlp_norm.weight.copy_(t.get(f"model.layers.{i}.post_attention_layernorm.weight"))
-    model.norm.weight.copy_(t.get("model.norm.weight"))
+        _load_norm(t, names["layer"].format(i) + names["attn_norm"], block.attn_norm)
+        _load_norm(t, names["layer"].format(i) + names["mlp_norm"], block.mlp_norm)
+    _load_norm(t, names["final_norm"], model.norm)
     return model
 
 
-def _attention(t: Tensors, prefix: str, qc: QuantConfig, dtype) -> Dict[str, torch.Tensor]:
-    def dense(name: str) -> torch.Tensor:  # [in, out]
-        p = f"{prefix}.{name}_proj"
-        if f"{p}.qweight" in t:
-            return dequantize(read_gptq_linear(t, p, qc), torch.float32).to(dtype)
-        return t.get(f"{p}.weight").t().to(dtype).contiguous()
+_NAMES = {
+    "llama": dict(embed="model.embed_tokens.weight", layer="model.layers.{}.", final_norm="model.norm",
+                  attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+                  mlp={"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}),
+    "gptbigcode": dict(embed="transformer.wte.weight", layer="transformer.h.{}.", final_norm="transformer.ln_f",
+                       attn_norm="ln_1", mlp_norm="ln_2", mlp={"fc": "mlp.c_fc", "proj": "mlp.c_proj"}),
+}
 
-    return {"wq": dense("q"), "wk": dense("k"), "wv": dense("v"), "wo": dense("o")}
+
+def _load_norm(t: Tensors, prefix: str, norm) -> None:
+    norm.weight.copy_(t.get(f"{prefix}.weight"))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.copy_(t.get(f"{prefix}.bias"))
+
+
+def _dense(t: Tensors, prefix: str, qc: QuantConfig, dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """[in, out] weight (dequantized when quantized) and bias of the linear at ``prefix``."""
+    bias = t.get(f"{prefix}.bias").to(dtype) if f"{prefix}.bias" in t else None
+    if f"{prefix}.qweight" in t:
+        return dequantize(read_gptq_linear(t, prefix, qc), torch.float32).to(dtype), bias
+    return t.get(f"{prefix}.weight").t().to(dtype).contiguous(), bias
+
+
+def _attention(t: Tensors, prefix: str, cfg: DecoderConfig, qc: QuantConfig, dtype) -> Dict[str, torch.Tensor]:
+    if cfg.family == "llama":
+        return {f"w{n}": _dense(t, f"{prefix}self_attn.{n}_proj", qc, dtype)[0] for n in "qkvo"}
+    qkv, qkv_bias = _dense(t, f"{prefix}attn.c_attn", qc, dtype)  # fused [D, D + 2 * kv_heads * hd]
+    split = [cfg.hidden, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+    wo, bo = _dense(t, f"{prefix}attn.c_proj", qc, dtype)
+    w = dict(zip(("wq", "wk", "wv"), (c.contiguous() for c in qkv.split(split, dim=1))), wo=wo, bo=bo)
+    w.update(zip(("bq", "bk", "bv"), qkv_bias.split(split)))
+    return w
 
 
 def _read_json(path: str) -> dict:

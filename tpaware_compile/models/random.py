@@ -27,8 +27,12 @@ def random_weights(cfg: DecoderConfig, dtype=torch.float32, group_size: int = 32
         return {"gate": gate, "up": up, "down": gptq(cfg.inter, d, False)}
 
     def attn():
-        return {"wq": dense(d, cfg.heads * hd), "wk": dense(d, cfg.kv_heads * hd),
-                "wv": dense(d, cfg.kv_heads * hd), "wo": dense(cfg.heads * hd, d)}
+        w = {"wq": dense(d, cfg.heads * hd), "wk": dense(d, cfg.kv_heads * hd),
+             "wv": dense(d, cfg.kv_heads * hd), "wo": dense(cfg.heads * hd, d)}
+        if cfg.family == "gptbigcode":
+            w.update({f"b{n}": (torch.randn(t.shape[1], generator=g) * 0.1).to(dtype) for n, t in
+                      (("q", w["wq"]), ("k", w["wk"]), ("v", w["wv"]), ("o", w["wo"]))})
+        return w
 
     return {
         "embed": torch.randn(cfg.vocab, d, generator=g).to(dtype),
