@@ -25,13 +25,18 @@ from .reorder import cat_cols, permute_cols, permute_rows, shard_cols, shard_row
 FORMS = ("N", "L", "U", "T")
 KINDS = ("swiglu", "gelu")
 _TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+KERNEL_OPS = {"reference": "gptq_mm", "triton": "gptq_mm_triton"}
 
 
 class GPTQLinear(nn.Module):
-    """``y = x @ W (+ bias)`` for one GPTQ weight, held as buffers so Dynamo sees them as graph inputs."""
+    """``y = x @ W (+ bias)`` for one GPTQ weight, held as buffers so Dynamo sees them as graph inputs.
+    ``kernel``: "reference" (``tpaware::gptq_mm``, dequantize then fp32 matmul) or "triton"
+    (``tpaware::gptq_mm_triton``: the Triton kernels on CUDA, sorted-group or per-row g_idx)."""
 
-    def __init__(self, w: GPTQWeight):
+    def __init__(self, w: GPTQWeight, kernel: str = "reference"):
         super().__init__()
+        _check_choice(kernel, tuple(KERNEL_OPS), "kernel")
+        self.kernel = kernel
         self.load(w)
 
     def load(self, w: GPTQWeight) -> None:
@@ -45,7 +50,7 @@ class GPTQLinear(nn.Module):
                           self.group_offset, self.bias)
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
-        y = torch.ops.tpaware.gptq_mm(x, self.qweight, self.qzeros, self.scales, self.g_idx,
+        y = getattr(torch.ops.tpaware, KERNEL_OPS[self.kernel])(x, self.qweight, self.qzeros, self.scales, self.g_idx,
                                       self.group_size, self.group_offset, self.zero_offset)
         return y + self.bias.to(y.dtype) if add_bias and self.bias is not None else y
 
@@ -54,7 +59,7 @@ class TPMLP(nn.Module):
     """One rank's share of a tensor-parallel GPTQ MLP. Build it with ``TPMLP.from_full``."""
 
     def __init__(self, kind: str, form: str, rank: int, world: int, group=None, fused: bool = False,
-                 collectives: str = "functional", gather_dim: int = 0):
+                 collectives: str = "functional", gather_dim: int = 0, kernel: str = "reference"):
         super().__init__()
         _check_choice(kind, KINDS, "kind")
         _check_choice(form, FORMS, "form")
@@ -63,7 +68,7 @@ class TPMLP(nn.Module):
         if fused and kind != "swiglu":
             raise ValueError("fused=True applies to kind='swiglu' (gate_up) only")
         self.kind, self.form, self.rank, self.world, self.group = kind, form, rank, world, group
-        self.fused, self.collectives, self.gather_dim = fused, collectives, gather_dim
+        self.fused, self.collectives, self.gather_dim, self.kernel = fused, collectives, gather_dim, kernel
 
     @classmethod
     def from_full(cls, kind: str, weights: Dict[str, GPTQWeight], form: str, rank: int, world: int,
@@ -82,10 +87,10 @@ class TPMLP(nn.Module):
             ws = [permute_cols(w, p2) for w in ws]
         shards = [shard_cols(w, self.rank, self.world) for w in ws]
         if self.fused:
-            self.gate_up = GPTQLinear(cat_cols(shards))
+            self.gate_up = GPTQLinear(cat_cols(shards), self.kernel)
         else:
             for name, shard in zip(_layer_names(self.kind)[0], shards):
-                setattr(self, name, GPTQLinear(shard))
+                setattr(self, name, GPTQLinear(shard, self.kernel))
 
     def _set_out_layer(self, w: GPTQWeight, p2: torch.Tensor) -> None:
         self.register_buffer("out_bias", w.bias)  # added once, after the AllReduce
@@ -99,7 +104,7 @@ class TPMLP(nn.Module):
             local_perm = stable_argsort(shard.group_index())
             self.register_buffer("local_perm", local_perm)
             shard = permute_rows(shard, local_perm)
-        setattr(self, _layer_names(self.kind)[1], GPTQLinear(shard))
+        setattr(self, _layer_names(self.kind)[1], GPTQLinear(shard, self.kernel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._hidden(x)  # [..., I / world], this rank's columns of the intermediate

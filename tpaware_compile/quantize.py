@@ -60,3 +60,20 @@ def _group_params(groups: torch.Tensor, sym: bool, scale_dtype: torch.dtype):
     else:
         zeros = torch.clamp(torch.round(-lo / scales.float()), 0, MAXQ).to(torch.int32)
     return scales, zeros
+
+
+def random_gptq(k: int, n: int, group_size: int = 128, scale_dtype: torch.dtype = torch.float16,
+                bias: bool = False, generator: Optional[torch.Generator] = None) -> GPTQWeight:
+    """Random act-order GPTQ tensors of any size, fast (no float weights to round): for benchmarks, where
+    the numbers need only be realistic in range, not come from a real layer."""
+    g = k // group_size
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[torch.randperm(k, generator=generator)] = torch.arange(k, dtype=torch.int32) // group_size
+    return GPTQWeight(
+        qweight=torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=generator),
+        qzeros=torch.randint(-(2**31), 2**31 - 1, (g, n // 8), dtype=torch.int32, generator=generator),
+        scales=(torch.rand(g, n, generator=generator) * 2e-3 / k**0.5 + 1e-4).to(scale_dtype),
+        g_idx=g_idx,
+        group_size=group_size,
+        bias=(torch.randn(n, generator=generator) * 0.01).to(scale_dtype) if bias else None,
+    )
