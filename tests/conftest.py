@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 from ranks import RankPool
@@ -23,12 +21,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ranks():
-    """ranks(world_size) -> a RankPool of that many gloo processes, shared by the whole session."""
+    """ranks(world_size, interpret=False) -> a RankPool of that many gloo processes, shared by the session;
+    with ``interpret=True`` the ranks run Triton kernels under the interpreter."""
 
-    def get(world_size: int) -> RankPool:
-        if world_size not in _pools:
-            _pools[world_size] = RankPool(world_size)
-        return _pools[world_size]
+    def get(world_size: int, interpret: bool = False) -> RankPool:
+        key = (world_size, interpret)
+        if key not in _pools:
+            _pools[key] = RankPool(world_size, {"TRITON_INTERPRET": "1"} if interpret else None)
+        return _pools[key]
 
     yield get
     for pool in _pools.values():

@@ -12,3 +12,14 @@ def test_failure_reported(ranks):
     with pytest.raises(RankFailure, match="rank 1 of 2 failed"):
         ranks(2).run(_fail, timeout=90)
     assert ranks(2).run(_sum) == [3.0, 3.0]
+
+
+def _interpreting(rank, world):
+    import os
+
+    return os.environ.get("TRITON_INTERPRET")
+
+
+def test_interpreter_pool_sets_env(ranks):
+    assert ranks(1, interpret=True).run(_interpreting) == ["1"]
+    assert ranks(1).run(_interpreting) == [None]

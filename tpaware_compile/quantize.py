@@ -72,7 +72,7 @@ def random_gptq(k: int, n: int, group_size: int = 128, scale_dtype: torch.dtype 
     return GPTQWeight(
         qweight=torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=generator),
         qzeros=torch.randint(-(2**31), 2**31 - 1, (g, n // 8), dtype=torch.int32, generator=generator),
-        scales=(torch.rand(g, n, generator=generator) * 2e-3 / k**0.5 + 1e-4).to(scale_dtype),
+        scales=((torch.rand(g, n, generator=generator) + 0.5) / (8 * k**0.5)).to(scale_dtype),  # W ~ 1/sqrt(K)
         g_idx=g_idx,
         group_size=group_size,
         bias=(torch.randn(n, generator=generator) * 0.01).to(scale_dtype) if bias else None,

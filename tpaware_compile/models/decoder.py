@@ -48,6 +48,7 @@ class Parallel:
     form: str = "N"
     collectives: str = "functional"
     fused: bool = False
+    kernel: str = "reference"  # GPTQ matmul kernel of the eager MLPs: "reference" or "triton"
 
 
 class Attention(nn.Module):
@@ -107,7 +108,7 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = _norm(cfg, attn_w["wq"].dtype), _norm(cfg, attn_w["wq"].dtype)
         self.attn = Attention(cfg, par, attn_w, batch)
         self.mlp = TPMLP.from_full(cfg.mlp_kind, mlp_w, par.form, par.rank, par.world, par.group,
-                                   fused=par.fused, collectives=par.collectives)
+                                   fused=par.fused, collectives=par.collectives, kernel=par.kernel)
 
     def forward(self, x, pos, rope, mask):
         x = x + self.attn(self.attn_norm(x), pos, rope, mask)

@@ -2,12 +2,14 @@
 
 import torch
 
-from ..quantize import quantize
+from ..quantize import quantize, random_gptq
 from .decoder import DecoderConfig
 
 
 def random_weights(cfg: DecoderConfig, dtype=torch.float32, group_size: int = 32, seed: int = 0,
-                   sym: bool = False, zero_offset: int = 0) -> dict:
+                   sym: bool = False, zero_offset: int = 0, fast: bool = False) -> dict:
+    """``fast``: draw the packed MLP tensors directly (``random_gptq``) instead of rounding float weights,
+    for benchmark-sized models."""
     g = torch.Generator().manual_seed(seed)
     d, hd = cfg.hidden, cfg.head_dim
 
@@ -15,6 +17,8 @@ def random_weights(cfg: DecoderConfig, dtype=torch.float32, group_size: int = 32
         return (torch.randn(k, n, generator=g) / k**0.5).to(dtype)
 
     def gptq(k: int, n: int, bias: bool):
+        if fast:
+            return random_gptq(k, n, group_size, torch.float16 if dtype == torch.float32 else dtype, bias, g)
         b = torch.randn(n, generator=g) * 0.1 if bias else None
         return quantize(torch.randn(k, n, generator=g) / k**0.5, group_size, sym=sym, zero_offset=zero_offset,
                         scale_dtype=torch.float16 if dtype == torch.float32 else dtype, bias=b, generator=g)
