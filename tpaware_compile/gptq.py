@@ -9,8 +9,11 @@ A GPTQ linear computes ``y = x @ W (+ bias)`` with ``W`` of shape ``[K, N]`` (in
 
     W[k, n] = (q[k, n] - (z[g, n] + zero_offset)) * scales[g, n],   g = g_idx[k]
 
-``zero_offset`` captures the two zero-point conventions of real checkpoints: GPTQ v1 (AutoGPTQ, GPTQModel's
-saved format) stores ``zero - 1``, so ``zero_offset = 1``; GPTQ v2 stores the zero itself, ``zero_offset = 0``.
+Zero points: GPTQ v2 stores the zero itself (``zero_offset = 0``). GPTQ v1 (AutoGPTQ, GPTQModel's saved
+format) stores ``zero - 1``, subtracting 0x11111111 from each whole qzeros word, so a zero of 0 borrows from
+the next nibble: ``checkpoint.py`` converts v1 words back exactly on load, and everything downstream sees v2.
+``zero_offset = 1`` reads v1 nibble by nibble (zero = nibble + 1), as old v1 kernels did: exact only where no
+zero is 0, which ``quantize(zero_offset=1)`` guarantees; it exists so kernels can serve such weights as stored.
 """
 
 from dataclasses import dataclass, replace
@@ -97,8 +100,7 @@ class GPTQWeight:
         """[K] int32: every row's group, whether stored (g_idx) or implied (contiguous groups)."""
         if self.g_idx is not None:
             return self.g_idx
-        rows = torch.arange(self.in_features, device=self.qweight.device, dtype=torch.int32)
-        return (rows + self.group_offset) // self.group_size
+        return contiguous_group_index(self.in_features, self.group_size, self.group_offset, self.qweight.device)
 
     def replace(self, **changes) -> "GPTQWeight":
         return replace(self, **changes)
@@ -165,11 +167,21 @@ def _expect(t, name, ndim, dtypes, shape=None) -> None:
 def dequantize(w: GPTQWeight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """[K, N] weights in ``dtype`` (default: the scales' dtype). (q - z) is a small integer, so one rounding of
     the exact fp32 product gives the same bits as a product computed in fp16 or bf16."""
-    g = w.group_index().long()
-    q = unpack_rows(w.qweight)  # [K, N]
-    z = unpack_cols(w.qzeros)[g] + w.zero_offset  # [K, N]
-    out = (q - z).to(torch.float32) * w.scales[g].to(torch.float32)
-    return out.to(dtype or w.scales.dtype)
+    return dequantize_unchecked(w.qweight, w.qzeros, w.scales, w.group_index(), w.zero_offset, dtype)
+
+
+def dequantize_unchecked(qweight, qzeros, scales, group_index, zero_offset: int = 0, dtype=None) -> torch.Tensor:
+    """``dequantize`` on raw tensors that the caller vouches for (the custom op's hot path skips validation)."""
+    g = group_index.long()
+    q = unpack_rows(qweight)  # [K, N]
+    z = unpack_cols(qzeros)[g] + zero_offset  # [K, N]
+    out = (q - z).to(torch.float32) * scales[g].to(torch.float32)
+    return out.to(dtype or scales.dtype)
+
+
+def contiguous_group_index(k: int, group_size: int, group_offset: int, device=None) -> torch.Tensor:
+    """[K] int32: the group of every row when groups are contiguous runs of group_size rows."""
+    return (torch.arange(k, device=device, dtype=torch.int32) + group_offset) // group_size
 
 
 def reference_matmul(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:

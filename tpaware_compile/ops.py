@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .gptq import GPTQWeight, reference_matmul
+from .gptq import GPTQWeight, contiguous_group_index, dequantize_unchecked
 
 
 @torch.library.custom_op("tpaware::gptq_mm", mutates_args=())
@@ -23,8 +23,10 @@ def gptq_mm(
     group_offset: int,
     zero_offset: int,
 ) -> torch.Tensor:  # [..., N] in x.dtype
-    w = GPTQWeight(qweight, qzeros, scales, g_idx, group_size, zero_offset, group_offset)
-    return reference_matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.out_features)
+    k = qweight.shape[0] * 8
+    groups = g_idx if g_idx is not None else contiguous_group_index(k, group_size, group_offset, qweight.device)
+    w = dequantize_unchecked(qweight, qzeros, scales, groups, zero_offset, torch.float32)  # [K, N]
+    return (x.to(torch.float32) @ w).to(x.dtype)  # the reference: dequantize, then matmul in fp32
 
 
 @gptq_mm.register_fake

@@ -1,54 +1,23 @@
 """Load a Hugging Face-format GPTQ checkpoint (Llama or GPTBigCode) into a tensor-parallel ``Decoder``.
 
 Reads ``config.json`` (its ``quantization_config``, or ``quantize_config.json`` beside it) and memory-mapped
-safetensors (one file or an index of shards; never pickle). GPTQ v1 checkpoints (``checkpoint_format``
-"gptq", zero - 1 stored) are converted to v2 on load the way the format defines it: one wrapping int32 add
-of 0x11111111 per qzeros word, which also undoes the borrow that a stored zero of -1 leaves in the next
-nibble. Attention projections are dequantized to dense weights (the backend rewrites only the MLPs).
+safetensors (one file or an index of shards; never pickle). Layers are read by ``checkpoint.py`` (v1 zeros
+converted to v2). Attention projections are dequantized to dense weights: the backend rewrites only the MLPs.
 """
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 
+from ..checkpoint import check_quant_config, load_quant_config, read_gptq_linear
 from ..gptq import GPTQWeight, dequantize
 from .decoder import Decoder, DecoderConfig, Parallel
 
-V1_TO_V2 = 0x11111111  # +1 in each of the 8 nibbles of a qzeros word
-
-
 class CheckpointError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    bits: int
-    group_size: int
-    desc_act: bool
-    sym: bool
-    checkpoint_format: str  # "gptq" (v1) or "gptq_v2"
-
-
-def read_quant_config(path: str) -> QuantConfig:
-    cfg = _read_json(os.path.join(path, "config.json"))
-    q = cfg.get("quantization_config")
-    if q is None and os.path.exists(os.path.join(path, "quantize_config.json")):
-        q = _read_json(os.path.join(path, "quantize_config.json"))
-    if q is None:
-        raise CheckpointError(f"{path}: no quantization_config in config.json and no quantize_config.json")
-    if q.get("quant_method", "gptq") != "gptq":
-        raise CheckpointError(f"{path}: quant_method {q.get('quant_method')!r} is not supported (gptq only)")
-    if q.get("bits") != 4:
-        raise CheckpointError(f"{path}: bits={q.get('bits')} is not supported (4-bit only)")
-    fmt = q.get("checkpoint_format", "gptq")
-    if fmt not in ("gptq", "gptq_v2"):
-        raise CheckpointError(f"{path}: checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
-    return QuantConfig(4, int(q["group_size"]), bool(q.get("desc_act", False)), bool(q.get("sym", True)), fmt)
 
 
 class Tensors:
@@ -73,6 +42,12 @@ class Tensors:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def keys(self):
+        return self._where.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.get(name)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise CheckpointError(f"missing tensor {name!r}")
@@ -82,27 +57,21 @@ class Tensors:
             raise CheckpointError(f"tensor {name!r}: cannot read its data: {e}") from e
 
 
-def read_gptq_linear(t: Tensors, prefix: str, qc: QuantConfig) -> GPTQWeight:
-    """The GPTQ layer at ``prefix`` (e.g. ``model.layers.0.mlp.down_proj``) as a v2 GPTQWeight."""
-    qzeros = t.get(f"{prefix}.qzeros")
-    if qc.checkpoint_format == "gptq":
-        qzeros = _add_int32_wrapping(qzeros, V1_TO_V2)
-    qweight = t.get(f"{prefix}.qweight")
-    k = qweight.shape[0] * 8
-    g_idx = t.get(f"{prefix}.g_idx").to(torch.int32) if f"{prefix}.g_idx" in t else None
-    group_size = k if qc.group_size == -1 else qc.group_size
-    if g_idx is None:
-        g_idx = torch.arange(k, dtype=torch.int32) // group_size
-    bias = t.get(f"{prefix}.bias") if f"{prefix}.bias" in t else None
+def read_linear(t: "Tensors", prefix: str, qc: dict) -> GPTQWeight:
+    """The GPTQ layer at ``prefix`` as a v2 GPTQWeight, errors naming the layer."""
     try:
-        return GPTQWeight(qweight, qzeros, t.get(f"{prefix}.scales"), g_idx, group_size, bias=bias)
-    except ValueError as e:
-        raise CheckpointError(f"{prefix}: {e}") from e
+        return read_gptq_linear(t, prefix, qc)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{prefix}: {e.args[0] if e.args else e}") from e
 
 
-def _add_int32_wrapping(words: torch.Tensor, value: int) -> torch.Tensor:
-    v = (words.to(torch.int64) + value) % 2**32
-    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+def read_quant_config(path: str) -> dict:
+    try:
+        qc = load_quant_config(path)
+        check_quant_config(qc)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return qc
 
 
 def decoder_config(path: str, max_seq: Optional[int] = None) -> DecoderConfig:
@@ -135,7 +104,7 @@ def load_checkpoint(path: str, par: Parallel = Parallel(), dtype: torch.dtype = 
     weights = {
         "embed": embed,
         "attn": [_attention(t, names["layer"].format(i), cfg, qc, dtype) for i in range(cfg.layers)],
-        "mlp": [{ours: read_gptq_linear(t, names["layer"].format(i) + theirs, qc)
+        "mlp": [{ours: read_linear(t, names["layer"].format(i) + theirs, qc)
                  for ours, theirs in names["mlp"].items()} for i in range(cfg.layers)],
         "lm_head": (embed if tied else t.get("lm_head.weight").to(dtype)).t().contiguous(),
     }
@@ -164,15 +133,15 @@ def _load_norm(t: Tensors, prefix: str, norm) -> None:
         norm.bias.copy_(t.get(f"{prefix}.bias"))
 
 
-def _dense(t: Tensors, prefix: str, qc: QuantConfig, dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _dense(t: Tensors, prefix: str, qc: dict, dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """[in, out] weight (dequantized when quantized) and bias of the linear at ``prefix``."""
     bias = t.get(f"{prefix}.bias").to(dtype) if f"{prefix}.bias" in t else None
     if f"{prefix}.qweight" in t:
-        return dequantize(read_gptq_linear(t, prefix, qc), torch.float32).to(dtype), bias
+        return dequantize(read_linear(t, prefix, qc), torch.float32).to(dtype), bias
     return t.get(f"{prefix}.weight").t().to(dtype).contiguous(), bias
 
 
-def _attention(t: Tensors, prefix: str, cfg: DecoderConfig, qc: QuantConfig, dtype) -> Dict[str, torch.Tensor]:
+def _attention(t: Tensors, prefix: str, cfg: DecoderConfig, qc: dict, dtype) -> Dict[str, torch.Tensor]:
     if cfg.family == "llama":
         return {f"w{n}": _dense(t, f"{prefix}self_attn.{n}_proj", qc, dtype)[0] for n in "qkvo"}
     qkv, qkv_bias = _dense(t, f"{prefix}attn.c_attn", qc, dtype)  # fused [D, D + 2 * kv_heads * hd]
