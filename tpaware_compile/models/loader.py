@@ -1,8 +1,9 @@
-"""Load a Hugging Face-format GPTQ checkpoint (Llama or GPTBigCode) into a tensor-parallel ``Decoder``.
+"""Load a Hugging Face-format quantized checkpoint (Llama or GPTBigCode; GPTQ, or llm-compressor's
+compressed-tensors pack-quantized) into a tensor-parallel ``Decoder``.
 
 Reads ``config.json`` (its ``quantization_config``, or ``quantize_config.json`` beside it) and memory-mapped
-safetensors (one file or an index of shards; never pickle). Layers are read by ``checkpoint.py`` (v1 zeros
-converted to v2). Attention projections are dequantized to dense weights: the backend rewrites only the MLPs.
+safetensors (one file or an index of shards; never pickle). Layers are read by ``checkpoint.py`` (GPTQ, v1
+zeros converted to v2) or ``compressed.py`` (pack-quantized). Attention projections are dequantized to dense weights: the backend rewrites only the MLPs.
 """
 
 import json
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoint import check_quant_config, load_quant_config, read_gptq_linear
+from ..compressed import CompressedScheme, compressed_scheme, is_compressed_config, read_compressed_linear
 from ..gptq import GPTQWeight, dequantize
 from .decoder import Decoder, DecoderConfig, Parallel
 
@@ -57,17 +59,26 @@ class Tensors:
             raise CheckpointError(f"tensor {name!r}: cannot read its data: {e}") from e
 
 
-def read_linear(t: "Tensors", prefix: str, qc: dict) -> GPTQWeight:
-    """The GPTQ layer at ``prefix`` as a v2 GPTQWeight, errors naming the layer."""
+def read_linear(t: "Tensors", prefix: str, qc) -> GPTQWeight:
+    """The quantized layer at ``prefix`` as a v2 GPTQWeight, errors naming the layer."""
     try:
+        if isinstance(qc, CompressedScheme):
+            return read_compressed_linear(t, prefix, qc)
         return read_gptq_linear(t, prefix, qc)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{prefix}: {e.args[0] if e.args else e}") from e
 
 
-def read_quant_config(path: str) -> dict:
+def is_quantized(t: "Tensors", prefix: str) -> bool:
+    return f"{prefix}.qweight" in t or f"{prefix}.weight_packed" in t
+
+
+def read_quant_config(path: str):
+    """GPTQ: the quantization config dict; llm-compressor pack-quantized: its CompressedScheme."""
     try:
         qc = load_quant_config(path)
+        if is_compressed_config(qc):
+            return compressed_scheme(qc)
         check_quant_config(qc)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from e
@@ -133,15 +144,15 @@ def _load_norm(t: Tensors, prefix: str, norm) -> None:
         norm.bias.copy_(t.get(f"{prefix}.bias"))
 
 
-def _dense(t: Tensors, prefix: str, qc: dict, dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _dense(t: Tensors, prefix: str, qc, dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """[in, out] weight (dequantized when quantized) and bias of the linear at ``prefix``."""
     bias = t.get(f"{prefix}.bias").to(dtype) if f"{prefix}.bias" in t else None
-    if f"{prefix}.qweight" in t:
+    if is_quantized(t, prefix):
         return dequantize(read_linear(t, prefix, qc), torch.float32).to(dtype), bias
     return t.get(f"{prefix}.weight").t().to(dtype).contiguous(), bias
 
 
-def _attention(t: Tensors, prefix: str, cfg: DecoderConfig, qc: dict, dtype) -> Dict[str, torch.Tensor]:
+def _attention(t: Tensors, prefix: str, cfg: DecoderConfig, qc, dtype) -> Dict[str, torch.Tensor]:
     if cfg.family == "llama":
         return {f"w{n}": _dense(t, f"{prefix}self_attn.{n}_proj", qc, dtype)[0] for n in "qkvo"}
     qkv, qkv_bias = _dense(t, f"{prefix}attn.c_attn", qc, dtype)  # fused [D, D + 2 * kv_heads * hd]
