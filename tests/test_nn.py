@@ -53,3 +53,24 @@ def test_bad_construction_raises():
         TPMLP.from_full("gelu", mlp_weights("gelu"), "N", 0, 1, fused=True)
     with pytest.raises(ValueError, match="divisible by world_size"):
         TPMLP.from_full("swiglu", weights, "N", 0, 5)
+
+
+def _triton_kernel_errors(rank, world):
+    """kernel="triton" runs the Triton kernels (here under the interpreter): sorted and per-row g_idx layouts,
+    eager and compiled, against the unsharded reference."""
+    errors = {}
+    for kind, fused in VARIANTS:
+        weights = mlp_weights(kind, inter=128, group_size=32, seed=5)
+        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(4)).half()
+        ref = reference_mlp(kind, weights, x)
+        for form in ("N", "L", "T"):
+            mlp = TPMLP.from_full(kind, weights, form, rank, world, fused=fused, kernel="triton")
+            errors[(kind, fused, form, "eager")] = rel_err(mlp(x), ref)
+        errors[(kind, fused, "T", "compiled")] = rel_err(torch.compile(mlp, backend="eager")(x), ref)
+    return errors
+
+
+@pytest.mark.interpreter
+def test_triton_kernel_option_under_interpreter(ranks):
+    for errors in ranks(2, interpret=True).run(_triton_kernel_errors):
+        assert max(errors.values()) < 1e-2, errors

@@ -36,6 +36,8 @@ class GPTQLinear(nn.Module):
     def __init__(self, w: GPTQWeight, kernel: str = "reference"):
         super().__init__()
         _check_choice(kernel, tuple(KERNEL_OPS), "kernel")
+        if kernel == "triton":
+            from .kernels import op  # noqa: F401  registers tpaware::gptq_mm_triton (imports triton: only on demand)
         self.kernel = kernel
         self.load(w)
 

@@ -1,0 +1,330 @@
+"""Benchmark the GPTQ int4 matmul kernels on the per-rank MLP shapes of Llama-70B and Granite-20B.
+
+    PYTHONPATH=. python bench/bench_kernels.py [--quick] [--sweep] [--out bench/results/kernels_<device>.json]
+
+Method (every provider the same way, in one run): per-call time of a CUDA graph of back-to-back calls that
+rotate over weight copies totalling >= 400 MB (weights come from DRAM, as in a decode step; x stays hot; no
+cache flush). Beside it: a same-run streaming floor (a kernel reading the same weight bytes with the same launch
+count, no arithmetic), the roof (fewest bytes / measured copy bandwidth) and triton's do_bench median
+(L2 flushed before every call), labelled do_bench_us.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from tpaware_compile.kernels import common, dequantize_sorted, gptq_mm_gidx, gptq_mm_sorted, pick_config
+
+GROUP = 128
+ROTATE_BYTES = 400e6
+CALLS = 60
+MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
+PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton")
+
+
+def header() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit, dirty = "", ""
+    commit = (commit or "uncommitted") + ("+dirty" if dirty else "")
+    return dict(device=f"{p.name} ({p.multi_processor_count} SMs)", torch=torch.__version__,
+                triton=triton.__version__, commit=commit)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy, counting read + write."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=20, rep=100, return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def roof_bytes(k, n, m) -> float:
+    return k * n / 2 + (k / GROUP) * n * 2.5 + m * k * 2 + m * n * 2
+
+
+def graph_us(fns) -> float:
+    """Median per-call time of a CUDA graph of CALLS calls rotating over fns (one per weight copy)."""
+    calls = max(CALLS, len(fns))
+    fns[0]()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside capture (allocator, autotuning, lazy init)
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_us(fns) -> float:
+    return triton.testing.do_bench(fns[0], warmup=5, rep=25, return_mode="median") * 1e3
+
+
+def copies_for(nbytes) -> int:
+    return max(2, int(-(-ROTATE_BYTES // nbytes)))
+
+
+def make_gptq(k, n, copies):
+    """Random sorted-group GPTQ tensors (asymmetric zeros, group 128), one set per copy."""
+    g = k // GROUP
+    out = []
+    for _ in range(copies):
+        qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+        qz = torch.randint(-2**31, 2**31 - 1, (g, n // 8), dtype=torch.int32, device="cuda")
+        sc = (torch.rand(g, n, device="cuda") * 0.01 + 1e-3).half()
+        out.append((qw, qz, sc))
+    return out
+
+
+@triton.jit
+def _stream_kernel(qw_ptr, sc_ptr, qz_ptr, out_ptr, N, K, G, words_per_split, groups_per_split,
+                   BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Reads this split's qweight, scales and qzeros once (16-byte loads along N), XORs, writes one word per
+    column: the memory-side ceiling of the GEMV's access pattern, with no arithmetic."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.int32)
+    w0 = pid_k * words_per_split
+    w1 = tl.minimum(w0 + words_per_split, K // 8)
+    for w in range(w0, w1, BLOCK_W):
+        rows = w + tl.arange(0, BLOCK_W)
+        acc ^= tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < w1)[:, None] & n_mask[None, :])
+    g0 = pid_k * groups_per_split
+    for g in range(g0, tl.minimum(g0 + groups_per_split, G)):
+        s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask).to(tl.int16, bitcast=True).to(tl.int32)
+        z = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask)
+        acc ^= (s ^ z)[None, :]
+    tl.store(out_ptr + pid_k * N + offs_n, tl.xor_sum(acc, axis=0), mask=n_mask)
+
+
+def floor_fns(copies, k, n, split_k, launches):
+    """Streaming floor: same weight bytes, same number of launches as tpaware (a second, tiny one if it has)."""
+    g = k // GROUP
+    sk = max(1, split_k)
+    gps = -(-g // sk)
+    wps = gps * GROUP // 8
+    part = torch.empty((sk, n), dtype=torch.int32, device="cuda")
+    red = torch.empty((2, n), dtype=torch.float32, device="cuda")
+    red_out = torch.empty((1, n), dtype=torch.float16, device="cuda")
+
+    def make(qw, qz, sc):
+        def f():
+            _stream_kernel[(triton.cdiv(n, 128), sk)](qw, sc, qz, part, n, k, g, wps, gps, BLOCK_N=128, BLOCK_W=32)
+            for _ in range(launches - 1):  # tiny kernels standing for x prep / split-K reduction
+                common.splitk_finish(red, red_out, 2)
+        return f
+
+    return [make(*c) for c in copies]
+
+
+def check_tpaware(copy, x) -> float:
+    """Relative error of the dispatched kernel against fp32 dequantize-then-matmul on this very shape and M:
+    every timed configuration is also a checked one."""
+    qw, qz, sc = copy
+    w = dequantize_sorted(qw, qz, sc, GROUP, 0, 0, torch.float32)
+    ref = x.float() @ w
+    y = gptq_mm_sorted(x, qw, qz, sc, GROUP, 0, 0).float()
+    err = ((y - ref).norm() / ref.norm()).item()
+    if not err < 2e-3:
+        print(f"WRONG RESULT: rel err {err} for M={x.shape[0]} K={x.shape[1]} N={qw.shape[1]}", flush=True)
+    return err
+
+
+def floor_split(k, n) -> int:
+    """The decode GEMV's split-K: its grid streams HBM best, so the floor uses it at every M."""
+    cfg = dict(BLOCK_K=128, SPLIT_K=max(1, 1024 // (n // 128)))  # ~8 programs of 4 warps per SM
+    return common.split_plan(k // cfg["BLOCK_K"], cfg["SPLIT_K"])[1]
+
+
+def launch_count(cfg, k) -> int:
+    """Kernels per tpaware call: dequant + cuBLAS; or [x prep +] matmul [+ split-K reduction]."""
+    if cfg["kind"] == "dequant":
+        return 2
+    split = common.split_plan(k // cfg["BLOCK_K"], cfg["SPLIT_K"])[1] > 1
+    return 1 + int(split) + int(cfg["kind"] == "gemv")
+
+
+def tpaware_fns(copies, x, cfg=None):
+    return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_sorted(x, qw, qz, sc, GROUP, 0, 0, config=cfg) for qw, qz, sc in copies]
+
+
+def cublas_fns(k, n, m):
+    ws = [torch.randn(k, n, device="cuda", dtype=torch.half) * 0.02 for _ in range(copies_for(k * n * 2))]
+    x = torch.randn(m, k, device="cuda", dtype=torch.half)
+    return [lambda w=w: torch.mm(x, w) for w in ws]
+
+
+def int4_fns(k, n, m):
+    """torch._weight_int4pack_mm (tinygemm) with its own packing, bf16 activations (what it supports)."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    fns = []
+    for _ in range(copies_for(roof_bytes(k, n, 0))):
+        w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        wp = torch._convert_weight_to_int4pack(w, 8)
+        sz = (torch.rand(k // GROUP, n, 2, device="cuda") * 0.01).to(torch.bfloat16)
+        fns.append(lambda wp=wp, sz=sz: torch._weight_int4pack_mm(x, wp, GROUP, sz))
+    return fns
+
+
+def gidx_fns(copies, x, k):
+    g_idx = (torch.randperm(k, device="cuda") // GROUP).to(torch.int32)
+    return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_gidx(x, qw, qz, sc, g_idx, 0) for qw, qz, sc in copies]
+
+
+def provider_fns(provider, copies, x, k, n, m):
+    if provider == "tpaware":
+        return tpaware_fns(copies, x)
+    if provider == "cublas_fp16":
+        return cublas_fns(k, n, m)
+    if provider == "torch_int4":
+        return int4_fns(k, n, m)
+    return gidx_fns(copies, x, k)
+
+
+def shapes(quick):
+    """Per-rank MLP shapes: up (column-parallel, hidden x inter/T) and down (row-parallel, inter/T x hidden)."""
+    for model, (hidden, inter) in MODELS.items():
+        for tp in (1, 2, 4, 8):
+            if quick and (model != "llama70b" or tp not in (1, 8)):
+                continue
+            yield model, tp, "up", hidden, inter // tp
+            yield model, tp, "down", inter // tp, hidden
+
+
+def ms_for(model, tp, quick):
+    ms = [1, 16] if quick else [1, 16, 64, 256]
+    if not quick and model == "llama70b" and tp in (1, 8):
+        ms += [512, 1024, 2048, 4096]  # where does fp16 overtake?
+    return ms
+
+
+def skip(provider, m, k, n):
+    """Baselines too slow to be worth graph time at large M."""
+    return (provider == "gidx_triton" and m > 256) or (provider == "torch_int4" and m > 256)
+
+
+def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
+    copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.half)
+        cfg = pick_config(m, k, n, GROUP, x.device)
+        floor = graph_us(floor_fns(copies, k, n, floor_split(k, n), launch_count(cfg, k)))
+        roof = roof_bytes(k, n, m) / bw * 1e6
+        for p in providers:
+            if skip(p, m, k, n):
+                continue
+            try:
+                fns = provider_fns(p, copies, x, k, n, m)
+                row = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m, provider=p, median_us=graph_us(fns),
+                           do_bench_us=bench_us(fns), roof_us=roof, floor_us=floor)
+            except Exception as e:  # a provider that cannot run this shape is a result, not a crash
+                print(f"{p} failed at K={k} N={n} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            row["pct_roof"] = 100 * roof / row["median_us"]
+            if p == "tpaware":
+                row["config"] = cfg
+                row["rel_err"] = check_tpaware(copies[0], x)
+            rows.append(row)
+            print(f"{model:10s} tp{tp} {layer:4s} K={k:5d} N={n:5d} M={m:4d} {p:12s} graph {row['median_us']:8.1f} "
+                  f"do_bench {row['do_bench_us']:8.1f} roof {roof:6.1f} floor {floor:6.1f} "
+                  f"({row['pct_roof']:.0f}% roof) {'err %.1e' % row.get('rel_err', 0)}", flush=True)
+            del fns
+        torch.cuda.empty_cache()
+
+
+def sweep_configs():
+    """(M, configs) tried per shape: the source of pick_config's table (bench/README.md has both rounds)."""
+    gemv = [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw)
+            for bn, bk, nw in ((256, 64, 4), (512, 32, 4), (128, 128, 4), (256, 128, 8)) for sk in (4, 8, 16)]
+    gemv += [dict(kind="gemv_plain", BLOCK_N=128, BLOCK_K=128, SPLIT_K=sk, num_warps=4) for sk in (4, 8)]
+    swap = [dict(kind="dot", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=sk, num_warps=4, num_stages=3)
+            for sk in (4, 8)]
+    plain = [dict(kind="dot", SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=sk, num_warps=4, num_stages=3)
+             for sk in (2, 4)]
+    return ((1, gemv), (32, swap + plain), (128, plain + [dict(kind="dequant")]))
+
+
+def sweep(bw):
+    res = []
+    for k, n in ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192)):
+        copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
+        for m, cfgs in sweep_configs():
+            x = torch.randn(m, k, device="cuda", dtype=torch.half)
+            roof = roof_bytes(k, n, m) / bw * 1e6
+            ref = graph_us(cublas_fns(k, n, m))
+            print(f"sweep K={k} N={n} M={m} cublas_fp16 {ref:.1f} us", flush=True)
+            for cfg in cfgs:
+                try:
+                    us = graph_us(tpaware_fns(copies, x, cfg))
+                except Exception as e:  # a config out of resources is a result, not a crash
+                    us = float("nan")
+                    print("config failed", cfg, type(e).__name__, str(e)[:200])
+                res.append(dict(K=k, N=n, M=m, cfg=cfg, graph_us=us, roof_us=roof, cublas_us=ref))
+                print(f"sweep K={k} N={n} M={m} {cfg} {us:.1f} us ({100 * roof / us:.0f}% roof)", flush=True)
+        del copies
+        torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    head = header()
+    print(head, flush=True)
+    bw = copy_bandwidth()
+    head["copy_TBps"] = bw / 1e12
+    head["method"] = __doc__.split("\n\n")[2].replace("\n", " ")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows, t0 = [], time.time()
+    dev = torch.cuda.get_device_name(0).replace(" ", "_")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernels_{dev}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    head["rows"] = rows
+    if args.sweep:
+        head["sweep"] = sweep(bw)
+    else:
+        for model, tp, layer, k, n in shapes(args.quick):
+            run_shape(model, tp, layer, k, n, ms_for(model, tp, args.quick), bw, args.providers.split(","), rows)
+            save(head, out, t0)  # after every shape: a run cut short still leaves its rows
+    save(head, out, t0)
+    print("wrote", out, f"in {head['seconds']:.0f} s")
+
+
+def save(head, out, t0):
+    head["seconds"] = time.time() - t0
+    with open(out, "w") as f:
+        json.dump(head, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

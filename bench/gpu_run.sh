@@ -1,0 +1,14 @@
+#!/bin/bash
+# One device-tool call: GPU tests, then the config sweep or the benchmark. Logs and results under $OUT.
+# usage: bench/gpu_run.sh [tests] [prod] [sweep] [quick] [full]
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > $OUT/nvidia_smi.txt 2>&1
+for step in "$@"; do
+  case $step in
+    tests) timeout 240 python -m pytest tests/test_kernels.py -m gpu -q --maxfail=8 -p no:cacheprovider 2>&1 | tail -60 > $OUT/pytest_gpu.log; tail -5 $OUT/pytest_gpu.log ;;
+    prod) timeout 110 python -m pytest tests/test_kernels.py -m gpu -k production -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_prod.log; tail -3 $OUT/pytest_prod.log ;;
+    sweep) timeout 300 python bench/bench_kernels.py --sweep --out $OUT/sweep.json > $OUT/sweep.log 2>&1; tail -3 $OUT/sweep.log ;;
+    quick) timeout 300 python bench/bench_kernels.py --quick --out $OUT/quick.json > $OUT/quick.log 2>&1; tail -50 $OUT/quick.log ;;
+    full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
+  esac
+done

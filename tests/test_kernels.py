@@ -1,0 +1,332 @@
+"""The Triton GPTQ kernels against gptq.reference_matmul, on fresh random inputs.
+
+`interpreter` tests run every kernel on CPU under TRITON_INTERPRET=1. triton.jit reads that variable when a
+kernel is decorated, i.e. when tpaware_compile.kernels is first imported, which another test module may already
+have done in this process; so the cases run in one child process started with the variable set (this file
+with --worker), and each test checks its case's result. `gpu` tests run the same cases, and more, in process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tpaware_compile import gptq  # noqa: E402
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-4}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def make_weight(k, n, group_size, group_offset, zero_offset, sym, scale_dtype, device="cpu", gen=None):
+    """Random contiguous-group GPTQ weight; group_size -1 is per-channel."""
+    group_size = k if group_size == -1 else group_size
+    g = -(-(k + group_offset) // group_size)
+    q = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=gen)
+    z = torch.full((g, n), 8, dtype=torch.int32) if sym else torch.randint(zero_offset, 16, (g, n), generator=gen,
+                                                                              dtype=torch.int32)
+    s = (torch.rand(g, n, generator=gen) * 0.02 + 1e-3).to(scale_dtype)
+    w = gptq.GPTQWeight(gptq.pack_rows(q), gptq.pack_cols(z - zero_offset), s, None, group_size, zero_offset,
+                        group_offset)
+    return w.replace(qweight=w.qweight.to(device), qzeros=w.qzeros.to(device), scales=w.scales.to(device))
+
+
+def interp_config(kind, n, group_size, k, split_k):
+    gs = k if group_size == -1 else group_size
+    from tpaware_compile.kernels.common import segment_rows
+    swap = kind != "dotplain"  # the un-swapped tensor-core kernel
+    return dict(kind="dot" if kind == "dotplain" else kind, SWAP=swap, BLOCK_M=16, BLOCK_N=min(128, n),
+                BLOCK_K=segment_rows(gs, 128), SPLIT_K=split_k)
+
+
+def _interp_cases():
+    """~40 small cases covering kernels x group sizes x offsets x zero conventions x sym x dtypes x ragged M."""
+    cases = []
+    combos = [(32, 16), (64, 0), (128, 64), (-1, 0), (64, 8), (128, 0), (32, 0), (128, 120)]
+    kinds = [("gemv", 1, 1), ("gemv", 3, 2), ("gemv_plain", 1, 2), ("gemv_plain", 3, 1), ("dot", 2, 1),
+             ("dot", 5, 2), ("dot", 17, 3), ("dequant", 4, 1), ("dotplain", 18, 2)]
+    for i, (gs, off) in enumerate(combos):
+        for j, (kind, m, sk) in enumerate(kinds):
+            dtype = ("fp16", "fp16", "bf16", "fp16", "fp32", "fp16", "bf16", "fp16", "bf16")[(i + j) % 9]
+            cases.append(dict(kind=kind, m=m, split_k=sk, k=256, n=64 if (i + j) % 3 else 128, gs=gs, off=off,
+                              zo=(i + j) % 2, sym=(i * 7 + j) % 4 == 0, dtype=dtype, seed=100 * i + j))
+    cases.append(dict(kind="gidx", m=3, split_k=1, k=256, n=64, gs=64, off=0, zo=1, sym=False, dtype="fp16", seed=7))
+    cases.append(dict(kind="gidx", m=1, split_k=1, k=256, n=64, gs=32, off=0, zo=0, sym=False, dtype="bf16", seed=8))
+    return cases
+
+
+CASES = _interp_cases()
+
+
+def case_id(c):
+    sym = "sym" if c["sym"] else "asym"
+    return (f"{c['kind']}-m{c['m']}-sk{c['split_k']}-gs{c['gs']}-off{c['off']}-v{2 - c['zo']}-{sym}-{c['dtype']}"
+            f"-n{c['n']}")
+
+
+def run_case(c, device="cpu", config=None):
+    """Relative error of the kernel against the reference on fresh inputs; NaN if any output is not finite."""
+    from tpaware_compile.kernels import gptq_mm_gidx, gptq_mm_sorted
+    gen = torch.Generator().manual_seed(c["seed"])
+    dtype = DTYPES[c["dtype"]]
+    w = make_weight(c["k"], c["n"], c["gs"], c["off"], c["zo"], c["sym"], dtype, device, gen)
+    x = torch.randn(c["m"], c["k"], generator=gen).to(dtype).to(device)
+    if c["kind"] == "gidx":
+        perm = torch.randperm(c["k"], generator=gen)
+        g_idx = w.group_index()[perm.to(device)]  # act-order: the same groups, rows shuffled
+        w = w.replace(g_idx=g_idx, qweight=gptq.pack_rows(gptq.unpack_rows(w.qweight)[perm.to(device)]),
+                      group_offset=0)
+        y = gptq_mm_gidx(x, w.qweight, w.qzeros, w.scales, w.g_idx, w.zero_offset)
+    else:
+        cfg = config if config is not None else (interp_config(c["kind"], c["n"], c["gs"], c["k"], c["split_k"])
+                                                 if device == "cpu" else None)
+        y = gptq_mm_sorted(x, w.qweight, w.qzeros, w.scales, w.group_size, w.group_offset, w.zero_offset, config=cfg)
+    ref = gptq.reference_matmul(x, w)
+    assert y.shape == ref.shape and y.dtype == ref.dtype, (y.shape, y.dtype)
+    if not torch.isfinite(y).all():
+        return float("nan")
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+SWIGLU_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo=zo, sym=False, dtype=dt, seed=50 + i)
+                for i, (kind, m, sk, gs, off, zo, dt) in enumerate([
+                    ("gemv", 1, 2, 64, 8, 1, "fp16"), ("gemv_plain", 2, 1, 32, 0, 0, "bf16"),
+                    ("dot", 5, 2, 128, 64, 1, "fp16"), ("dotplain", 20, 1, -1, 0, 0, "fp16"),
+                    ("dequant", 3, 1, 64, 0, 1, "bf16")])]
+
+
+def run_swiglu_case(c, device="cpu", config=None):
+    """silu(x @ W_gate) * (x @ W_up) of the fused kernels against the fp32 reference; relative error."""
+    from tpaware_compile.kernels import gptq_swiglu_sorted
+    gen = torch.Generator().manual_seed(c["seed"])
+    dtype = DTYPES[c["dtype"]]
+    gate, up = (make_weight(c["k"], c["n"], c["gs"], c["off"], c["zo"], c["sym"], dtype, device, gen) for _ in "gu")
+    x = torch.randn(c["m"], c["k"], generator=gen).to(dtype).to(device)
+    cfg = config if config is not None else (interp_config(c["kind"], c["n"], c["gs"], c["k"], c["split_k"])
+                                             if device == "cpu" else None)
+    y = gptq_swiglu_sorted(x, (gate.qweight, gate.qzeros, gate.scales), (up.qweight, up.qzeros, up.scales),
+                           gate.group_size, gate.group_offset, gate.zero_offset, config=cfg)
+    ref = torch.nn.functional.silu(gptq.reference_matmul(x.float(), gate)) * gptq.reference_matmul(x.float(), up)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    return ((y.float() - ref).norm() / ref.norm()).item() if torch.isfinite(y).all() else float("nan")
+
+
+def _op_checks() -> dict:
+    """The custom op on CPU under the interpreter: eager, opcheck (fake/schema), and through torch.compile."""
+    import tpaware_compile.kernels.op  # noqa: F401 registers tpaware::gptq_mm_fast
+    w = make_weight(256, 64, 64, 8, 1, False, torch.float16)
+    x = torch.randn(2, 3, 256).half()
+    args = (x, w.qweight, w.qzeros, w.scales, 64, 8, 1)
+    ref = gptq.reference_matmul(x.reshape(6, 256), w).reshape(2, 3, 64).float()
+    err = lambda y: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+    out = {"eager": err(torch.ops.tpaware.gptq_mm_fast(*args))}
+    torch.library.opcheck(torch.ops.tpaware.gptq_mm_fast.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    fn = torch.compile(lambda *a: torch.ops.tpaware.gptq_mm_fast(*a) * 2, backend="aot_eager", fullgraph=True)
+    out["compiled"] = err(fn(*args) / 2)
+    sw_args = (x, w.qweight, w.qzeros, w.scales, w.qweight, w.qzeros, w.scales, 64, 8, 1)
+    torch.library.opcheck(torch.ops.tpaware.gptq_swiglu_fast.default, sw_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    y = gptq.reference_matmul(x.reshape(6, 256).float(), w).reshape(2, 3, 64)
+    sw_ref = torch.nn.functional.silu(y) * y
+    sw = torch.ops.tpaware.gptq_swiglu_fast(*sw_args).float()
+    out["swiglu"] = ((sw - sw_ref).norm() / sw_ref.norm()).item()
+    return out
+
+
+def _worker():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from tpaware_compile.kernels import INTERPRET
+    assert INTERPRET, "kernels were not decorated in interpreter mode"
+    results = {}
+    for c in CASES:
+        try:
+            results[case_id(c)] = run_case(c)
+        except Exception as e:  # reported per case by the parent
+            results[case_id(c)] = f"{type(e).__name__}: {e}"
+    for c in SWIGLU_CASES:
+        try:
+            results["swiglu-" + case_id(c)] = run_swiglu_case(c)
+        except Exception as e:
+            results["swiglu-" + case_id(c)] = f"{type(e).__name__}: {e}"
+    results["dequant_exact"] = _dequant_exact("cpu")
+    try:
+        results["op"] = _op_checks()
+    except Exception as e:
+        results["op"] = f"{type(e).__name__}: {e}"
+    print("RESULTS" + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
+    assert lines, f"worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULTS"):])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernel_interpreter(case, interp_results):
+    err = interp_results[case_id(case)]
+    assert not isinstance(err, str), err
+    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", SWIGLU_CASES, ids=case_id)
+def test_swiglu_interpreter(case, interp_results):
+    err = interp_results["swiglu-" + case_id(case)]
+    assert not isinstance(err, str), err
+    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+
+
+@pytest.mark.interpreter
+def test_dequantize_bit_exact_interpreter(interp_results):
+    assert all(interp_results["dequant_exact"].values()), interp_results["dequant_exact"]
+
+
+@pytest.mark.gpu
+def test_dequantize_bit_exact_gpu():
+    res = _dequant_exact("cuda")
+    assert all(res.values()), res
+
+
+@pytest.mark.interpreter
+def test_fast_op_interpreter(interp_results):
+    res = interp_results["op"]
+    assert not isinstance(res, str), res
+    assert res["eager"] < 2e-3 and res["compiled"] < 2e-3 and res["swiglu"] < 2e-3, res
+
+
+def _dequant_exact(device) -> dict:
+    """dequantize_sorted (the large-M path and the benchmark's reference) against gptq.dequantize, bit for bit."""
+    from tpaware_compile.kernels import INTERPRET, dequantize_sorted
+    out = {}
+    for dtype in (torch.float16, torch.float32) if INTERPRET else tuple(DTYPES.values()):
+        for gs, off, zo in ((64, 8, 1), (32, 0, 0), (-1, 0, 1), (128, 120, 0)):
+            w = make_weight(256, 64, gs, off, zo, False, dtype, device)
+            got = dequantize_sorted(w.qweight, w.qzeros, w.scales, w.group_size, off, zo, dtype)
+            out[f"{dtype}-{gs}-{off}-{zo}"] = bool(torch.equal(got, gptq.dequantize(w, dtype)))
+    return out
+
+
+def test_rejects_bad_args():
+    from tpaware_compile.kernels import check_sorted_args
+    w = make_weight(256, 64, 64, 0, 0, False, torch.float16)
+    x = torch.randn(2, 256).half()
+    with pytest.raises(ValueError):
+        check_sorted_args(x[:, :128], w.qweight, w.qzeros, w.scales, 64, 0, 0)
+    with pytest.raises(ValueError):
+        check_sorted_args(x, w.qweight, w.qzeros, w.scales, 32, 0, 0)  # groups do not fit
+    with pytest.raises(ValueError):
+        check_sorted_args(x, w.qweight, w.qzeros, w.scales, 64, 4, 0)  # offset not a multiple of 8
+
+
+# ---------------------------------------------------------------- GPU: the same checks, for real, and more
+
+def _poison():
+    """Fill the caching allocator's free blocks with NaN, so outputs the kernels leave unwritten fail."""
+    junk = [torch.full((n,), float("nan"), device="cuda") for n in (2**12, 2**16, 2**20, 2**22, 2**24)]
+    del junk
+
+
+def _gpu_cases():
+    cases = []
+    i = 0
+    for dtype in DTYPES:
+        for gs, off in ((32, 8), (64, 0), (128, 64), (-1, 0), (128, 0)):
+            for m in (1, 2, 7, 16, 33, 100, 300):
+                i += 1
+                cases.append(dict(kind="auto", m=m, split_k=0, k=1024 if gs != -1 else 768, n=384, gs=gs, off=off,
+                                  zo=i % 2, sym=i % 5 == 0, dtype=dtype, seed=i))
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _gpu_cases(), ids=case_id)
+def test_kernel_gpu_dispatch(case):
+    _poison()
+    err = run_case(case, "cuda")
+    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,m,cfg", [
+    ("gemv", 1, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4)),
+    ("gemv", 5, dict(BLOCK_N=256, BLOCK_K=64, SPLIT_K=3, num_warps=8)),
+    ("gemv_plain", 1, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4)),
+    ("gemv_plain", 3, dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=2)),
+    ("dot", 16, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)),
+    ("dot", 37, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=2)),
+    ("dot", 130, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=8, num_stages=3)),
+    ("dot", 70, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=8, num_stages=3)),
+    ("dot", 300, dict(SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)),
+    ("dequant", 9, dict()),
+])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("gs,off", [(32, 16), (128, 64), (-1, 0)])
+def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off):
+    gs_rows = 1024 if gs == -1 else gs
+    bk = min(cfg.get("BLOCK_K", 8), gs_rows)
+    case = dict(kind=kind, m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m)
+    _poison()
+    err = run_case(case, "cuda", config=dict(cfg, kind=kind, BLOCK_K=bk))
+    assert err < TOL[DTYPES[dtype]], f"rel err {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if c["kind"] == "gidx"], ids=case_id)
+def test_gidx_gpu(case):
+    _poison()
+    assert run_case(case, "cuda") < TOL[DTYPES[case["dtype"]]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SWIGLU_CASES, ids=case_id)
+@pytest.mark.parametrize("m", [1, 16, 77, 300])
+def test_swiglu_gpu(case, m):
+    _poison()
+    c = dict(case, m=m, k=1024, n=512)
+    assert run_swiglu_case(c, "cuda") < TOL[DTYPES[c["dtype"]]]
+
+
+@pytest.mark.gpu
+def test_fast_op_gpu_compiled():
+    import tpaware_compile.kernels.op  # noqa: F401
+    w = make_weight(2048, 512, 128, 64, 1, False, torch.float16, "cuda")
+    args = lambda x: (x, w.qweight, w.qzeros, w.scales, 128, 64, 1)  # noqa: E731
+    fn = torch.compile(lambda x: torch.nn.functional.silu(torch.ops.tpaware.gptq_mm_fast(*args(x))), fullgraph=True)
+    for m in (1, 16, 77):
+        x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
+        ref = torch.nn.functional.silu(gptq.reference_matmul(x, w).float())
+        y = fn(x)
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 3e-3
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(8192, 28672), (28672, 8192), (3584, 8192), (8192, 3584)])
+@pytest.mark.parametrize("m", [1, 16, 33, 64, 256])
+@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 32, 16), ("bf16", 128, 0)])
+def test_production_configs_gpu(k, n, m, dtype, gs, off):
+    """The dispatch table's own configs (split-K, block shapes) on the real per-rank shapes."""
+    from tpaware_compile.kernels import gptq_mm_sorted
+    g = -(-(k + off) // gs)
+    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+    qz = torch.randint(-2**31, 2**31 - 1, (g, n // 8), dtype=torch.int32, device="cuda")
+    sc = (torch.rand(g, n, device="cuda") * 0.01 + 1e-3).to(DTYPES[dtype])
+    w = gptq.GPTQWeight(qw, qz, sc, None, gs, 1, off)
+    x = torch.randn(m, k, device="cuda").to(DTYPES[dtype])
+    _poison()
+    y = gptq_mm_sorted(x, qw, qz, sc, gs, off, 1)
+    ref = gptq.reference_matmul(x, w).float()
+    assert ((y.float() - ref).norm() / ref.norm()).item() < TOL[DTYPES[dtype]]

@@ -1,0 +1,169 @@
+"""Triton kernels for GPTQ int4 matmuls with contiguous (sorted) groups, and their one host entry.
+
+    gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> x @ W
+
+dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
+a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; the
+tensor-core kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
+``gptq_mm_gidx`` is the plain per-row g_idx kernel (gidx.py), the baseline for unsorted act-order weights.
+Under TRITON_INTERPRET=1 (CPU tests) one fixed config runs, and bf16 is computed through fp32 (the
+interpreter's bf16 arithmetic is wrong).
+"""
+
+from typing import Optional
+
+import torch
+
+from .common import is_interpreted, segment_rows
+from .gemm import _dot_kernel, dequant_mm, dequantize_sorted, dot_mm
+from .fused import swiglu
+from .gemv import gemv
+from .gemv_prep import gemv_prep
+from .gidx import gidx_mm
+
+INTERPRET = is_interpreted(_dot_kernel)  # decided when triton.jit ran, i.e. at this package's import
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GEMV_MAX_M = 1  # from M = 2 the tensor-core kernel wins: the GEMV would re-read the weights per row
+DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
+_SMS = {}
+
+__all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config", "INTERPRET"]
+
+
+def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
+    """Raise ValueError unless the tensors form one contiguous-group GPTQ weight that x can multiply."""
+    if x.dtype not in ACT_DTYPES or x.shape[-1] != qweight.shape[0] * 8:
+        raise ValueError(f"x: expected [..., {qweight.shape[0] * 8}] in {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError("qweight and qzeros must be int32 (GPTQ packing)")
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    g = -(-(k + group_offset) // group_size) if group_size > 0 else -1
+    if n % 8 or tuple(scales.shape) != (g, n) or tuple(qzeros.shape) != (g, n // 8):
+        raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit K={k}, N={n}, "
+                         f"group_size={group_size}, group_offset={group_offset}")
+    if group_size % 8 or group_offset % 8 or not 0 <= group_offset < group_size or zero_offset not in (0, 1):
+        raise ValueError(f"unsupported group_size={group_size} / group_offset={group_offset} "
+                         f"(multiples of 8 needed) / zero_offset={zero_offset}")
+    if not (qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("qweight, qzeros and scales must be contiguous")
+    if not (x.device == qweight.device == qzeros.device == scales.device):
+        raise ValueError("all tensors must be on one device")
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def pick_config(m: int, k: int, n: int, group_size: int, device) -> dict:
+    """Kernel and block sizes per shape (a table from the H100 sweep in bench/README.md)."""
+    if INTERPRET:  # one config, large blocks: the interpreter costs ~ms per program and step
+        kind = "gemv" if m <= GEMV_MAX_M else "dot"
+        return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
+    if m <= GEMV_MAX_M:
+        return _gemv_config(k, n, group_size, device)
+    if m <= DOT_MAX_M:
+        return _dot_config(m, k, n, group_size, device)
+    return dict(kind="dequant")
+
+
+def _gemv_config(k, n, group_size, device) -> dict:
+    """Table from the H100 sweeps (bench/README.md): the x-prepared GEMV with 8-16 columns per thread on large
+    shards, ~6 programs per SM; on small shards (TP 8) the plain GEMV, which saves the x-prep launch."""
+    sms = _num_sms(device)
+    if k * n <= 32 * 2**20:
+        tiles = -(-n // 128)
+        return dict(kind="gemv_plain", BLOCK_N=128, BLOCK_K=segment_rows(group_size, 128),
+                    SPLIT_K=max(1, 2 * sms // tiles), num_warps=4)
+    block_n, block_k = (512, 32) if n >= 16384 else (256, 64)
+    tiles = -(-n // block_n)
+    return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, block_k),
+                SPLIT_K=max(1, 6 * sms // tiles), num_warps=4)
+
+
+def _dot_config(m, k, n, group_size, device) -> dict:
+    if m <= 32:  # swapped: the weight tile is the MMA's 64+ side
+        block_n, block_m = 64, (16 if m <= 16 else 32)
+        tiles = -(-n // block_n) * -(-m // block_m)
+        want = 4 if tiles >= 100 else 12
+        return dict(kind="dot", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, 128),
+                    SPLIT_K=want, num_warps=4, num_stages=3)
+    # un-swapped: the dequantized tile is the B operand straight from shared memory
+    return dict(kind="dot", SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=segment_rows(group_size, 64), SPLIT_K=4,
+                num_warps=4, num_stages=3)
+
+
+def gptq_mm_sorted(
+    x: torch.Tensor,  # [..., K] fp16 / bf16 / fp32
+    qweight: torch.Tensor,  # [K/8, N] int32
+    qzeros: torch.Tensor,  # [G, N/8] int32
+    scales: torch.Tensor,  # [G, N]
+    group_size: int,
+    group_offset: int = 0,
+    zero_offset: int = 0,
+    config: Optional[dict] = None,
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """x @ W for contiguous groups (g_idx None), on the fastest kernel for this M."""
+    check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
+    lead, k, n = x.shape[:-1], x.shape[-1], qweight.shape[1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, n)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device)
+    xc, out_dtype = _interpreter_upcast(x2)
+    args = (qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype)
+    if cfg["kind"] == "gemv":
+        y = gemv_prep(xc, *args, cfg)
+    elif cfg["kind"] == "gemv_plain":
+        y = gemv(xc, *args, cfg)
+    elif cfg["kind"] == "dot":
+        y = dot_mm(xc, *args, cfg)
+    else:
+        y = dequant_mm(xc, *args)
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+def gptq_swiglu_sorted(
+    x: torch.Tensor,  # [..., K]
+    gate: tuple,  # (qweight [K/8, N], qzeros [G, N/8], scales [G, N]) of gate_proj
+    up: tuple,  # the same for up_proj: same shapes, same groups, same row order as gate
+    group_size: int,
+    group_offset: int = 0,
+    zero_offset: int = 0,
+    config: Optional[dict] = None,
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """silu(x @ W_gate) * (x @ W_up), one epilogue kernel for both (fused.py)."""
+    for w in (gate, up):
+        check_sorted_args(x, *w, group_size, group_offset, zero_offset)
+    if any(a.shape != b.shape for a, b in zip(gate, up)):
+        raise ValueError("gate and up must have the same shapes")
+    lead, k, n = x.shape[:-1], x.shape[-1], gate[0].shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, n)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device)
+    xc, out_dtype = _interpreter_upcast(x2)
+    y = swiglu(xc, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg)
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+def _interpreter_upcast(x2):
+    """(activations to compute with, output dtype): the interpreter's bf16 arithmetic and casts are wrong,
+    so there bf16 runs as fp32 end to end and is cast back by torch."""
+    if INTERPRET and x2.dtype == torch.bfloat16:
+        return x2.float(), torch.float32
+    return x2, x2.dtype
+
+
+def gptq_mm_gidx(x, qweight, qzeros, scales, g_idx, zero_offset: int = 0) -> torch.Tensor:
+    """x @ W with per-row groups g_idx [K] (act-order as stored): the plain baseline kernel."""
+    lead, k, n = x.shape[:-1], x.shape[-1], qweight.shape[1]
+    x2 = x.reshape(-1, k).contiguous()
+    xc, out_dtype = _interpreter_upcast(x2)
+    return gidx_mm(xc, qweight, qzeros, scales, g_idx, zero_offset, out_dtype).to(x.dtype).reshape(*lead, n)

@@ -1,0 +1,112 @@
+"""Pieces shared by the GPTQ kernels: nibble unpacking, the split-K reduction and small host helpers.
+
+Dequantization uses the mantissa trick: a nibble ``q`` shifted into the top of a float's mantissa and OR-ed
+with the bits of 1.0 is the float ``1 + q/16`` exactly (fp32, fp16 and bf16 all have >= 4 mantissa bits),
+with no int-to-float instruction. The affine part is then applied once per group and output column:
+
+    sum_k x_k (q_k - z) s = 16 s * sum_k x_k f_k  -  s (16 + z) * sum_k x_k,      f_k = 1 + q_k / 16
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# float format -> (bits of 1.0, left shift that puts a nibble at the top 4 mantissa bits)
+_MANTISSA = {torch.float32: (0x3F800000, 19), torch.float16: (0x3C00, 6), torch.bfloat16: (0x3F80, 3)}
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def mantissa_args(dtype: torch.dtype):
+    """(one_bits, MANTISSA_SHIFT) for the dot operand dtype. one_bits is passed at run time: as a constant
+    ptxas splits the OR into two instructions."""
+    return _MANTISSA[dtype]
+
+
+def tl_dtype(dtype: torch.dtype):
+    return _TL_DTYPE[dtype]
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under TRITON_INTERPRET=1 (read by triton.jit at import time)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def segment_rows(group_size: int, block_k_max: int) -> int:
+    """Rows per K-step: a power of two dividing group_size, so a step never straddles two groups."""
+    return math.gcd(group_size, block_k_max)
+
+
+def split_plan(n_segs: int, want_splits: int):
+    """(segments per split, number of splits) covering n_segs segments with at most want_splits programs."""
+    want = max(1, min(want_splits, n_segs))
+    per = triton.cdiv(n_segs, want)
+    return per, triton.cdiv(n_segs, per)
+
+
+@triton.jit
+def nibble_floats(words, one_bits, SHIFTS, MANTISSA_SHIFT: tl.constexpr, DTYPE: tl.constexpr):
+    """int32 words (any shape) and SHIFTS (broadcastable, 4 * nibble index) -> floats 1 + q/16 in DTYPE."""
+    # The shift amounts are compile-time per register, so this is one shift and one LOP3 per weight.
+    bits = ((words >> SHIFTS) << MANTISSA_SHIFT) & (tl.constexpr(0xF) << MANTISSA_SHIFT) | one_bits
+    if MANTISSA_SHIFT == 19:  # fp32; an early return would still compile the code after it
+        out = bits.to(tl.float32, bitcast=True)
+    else:
+        out = bits.to(tl.int16).to(DTYPE, bitcast=True)
+    return out
+
+
+@triton.jit
+def load_group(qz_ptr, sc_ptr, g, offs_n, n_mask, N):
+    """Group g's scales [BN] and packed zero words [BN] (each word read for its 8 columns; L1 serves repeats)."""
+    s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+    zw = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0)
+    return s, zw
+
+
+@triton.jit
+def affine_factors(s, zw, offs_n, zero_offset):
+    """Per-column (16 s, s (16 + z)) in fp32: the two factors of the per-group correction."""
+    z = ((zw >> ((offs_n % 8) * 4)) & 0xF) + zero_offset
+    s = s.to(tl.float32)
+    return 16.0 * s, s * (16 + z).to(tl.float32)
+
+
+@triton.jit
+def group_affine(qz_ptr, sc_ptr, g, offs_n, n_mask, N, zero_offset):
+    """Per-column (16 s, s (16 + z)) of group g, fp32."""
+    s, zw = load_group(qz_ptr, sc_ptr, g, offs_n, n_mask, N)
+    return affine_factors(s, zw, offs_n, zero_offset)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr,  # [SPLIT_K, M*N] fp32 partial sums
+    out_ptr,  # [M*N] in the output dtype
+    MN,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + i * MN + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_buffers(m: int, n: int, split_k: int, dtype: torch.dtype, device):
+    """(buffer the kernel writes, final output). Without split-K they are one tensor."""
+    out = torch.empty((m, n), dtype=dtype, device=device)
+    if split_k == 1:
+        return out, out
+    return torch.empty((split_k, m, n), dtype=torch.float32, device=device), out
+
+
+def splitk_finish(part: torch.Tensor, out: torch.Tensor, split_k: int) -> torch.Tensor:
+    """Sum the split-K partials into ``out`` (deterministic: no atomics, no memset)."""
+    if split_k > 1:
+        mn, block = out.numel(), 1024
+        _splitk_reduce_kernel[(triton.cdiv(mn, block),)](part, out, mn, SPLIT_K=split_k, BLOCK=block)
+    return out

@@ -1,0 +1,61 @@
+"""SwiGLU gate/up: ``silu(x @ W_gate) * (x @ W_up)`` with the activation applied in the split-K reduction.
+
+Both matmuls write fp32 partials into one buffer [2, SPLIT_K, M, N] and a single epilogue kernel sums them and
+applies silu(gate) * up, so the intermediate never round-trips through x's dtype and the separate elementwise
+kernel disappears. For decode the activation is prepared once for both (gemv_prep.py). Gate and up must share
+x's row order (the same act-order permutation, or none); callers fall back to two gptq_mm calls otherwise.
+Large M (dequantize + cuBLAS) runs the two matmuls and the activation unfused.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .common import split_plan
+from .gemm import dequant_mm, launch_dot
+from .gemv import launch_gemv
+from .gemv_prep import launch_gemv_prep, prepare_x
+
+
+@triton.jit
+def _silu_mul_reduce_kernel(
+    part_ptr,  # [2, SPLIT_K, M*N] fp32 partials: gate, then up
+    out_ptr,  # [M*N] in the output dtype
+    MN,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    g = tl.zeros([BLOCK], dtype=tl.float32)
+    u = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(SPLIT_K):
+        g += tl.load(part_ptr + i * MN + offs, mask=mask, other=0.0)
+        u += tl.load(part_ptr + (SPLIT_K + i) * MN + offs, mask=mask, other=0.0)
+    y = g / (1.0 + tl.exp(-g)) * u  # silu(g) * u in fp32
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg):
+    """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype."""
+    m, k = x.shape
+    n = gate[0].shape[1]
+    if cfg["kind"] == "dequant":
+        g, u = (dequant_mm(x, *w, group_size, group_offset, zero_offset, torch.float32) for w in (gate, up))
+        return (F.silu(g) * u).to(out_dtype)
+    per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
+    part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
+    prep = prepare_x(x, cfg["BLOCK_K"], group_offset) if cfg["kind"] == "gemv" else None
+    for i, w in enumerate((gate, up)):
+        args = (*w, group_size, group_offset, zero_offset, part[i], per, cfg)
+        if prep is not None:
+            launch_gemv_prep(prep, k, *args)
+        elif cfg["kind"] == "gemv_plain":
+            launch_gemv(x, *args)
+        else:
+            launch_dot(x, *args)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    block = 1024
+    _silu_mul_reduce_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLIT_K=split_k, BLOCK=block)
+    return out
