@@ -12,7 +12,6 @@ count, no arithmetic), the roof (fewest bytes / measured copy bandwidth) and tri
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -22,23 +21,13 @@ import triton.language as tl
 
 from tpaware_compile.kernels import common, dequantize_sorted, gptq_mm_gidx, gptq_mm_sorted, pick_config
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import graph_us, header  # noqa: E402
+
 GROUP = 128
 ROTATE_BYTES = 400e6
-CALLS = 60
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
 PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton")
-
-
-def header() -> dict:
-    p = torch.cuda.get_device_properties(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit, dirty = "", ""
-    commit = (commit or "uncommitted") + ("+dirty" if dirty else "")
-    return dict(device=f"{p.name} ({p.multi_processor_count} SMs)", torch=torch.__version__,
-                triton=triton.__version__, commit=commit)
 
 
 def copy_bandwidth() -> float:
@@ -51,34 +40,6 @@ def copy_bandwidth() -> float:
 
 def roof_bytes(k, n, m) -> float:
     return k * n / 2 + (k / GROUP) * n * 2.5 + m * k * 2 + m * n * 2
-
-
-def graph_us(fns) -> float:
-    """Median per-call time of a CUDA graph of CALLS calls rotating over fns (one per weight copy)."""
-    calls = max(CALLS, len(fns))
-    fns[0]()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm up outside capture (allocator, autotuning, lazy init)
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def bench_us(fns) -> float:

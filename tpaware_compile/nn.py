@@ -11,7 +11,7 @@ The MLP is ``down(act(x @ A))`` with A = gate and up (SwiGLU: silu(gate) * up) o
 Every form computes the same function; only the layout of the weights and the run-time steps differ.
 """
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
