@@ -1,6 +1,6 @@
 """Custom ops, so Dynamo captures each quantized matmul as one node that the passes can find and lower.
 
-``tpaware::gptq_mm`` is the reference (dequantize, then fp32 matmul), on every device. The lowering pass
+``tpaware::gptq_mm`` is the reference (dequantize, then matmul; accumulated in fp64), on every device. The lowering pass
 swaps it for the fast op of ``kernels/`` where one applies. Bias stays outside the op: it is an ordinary add
 that Inductor fuses, and a row-parallel layer must add it after the AllReduce anyway.
 """
@@ -25,8 +25,10 @@ def gptq_mm(
 ) -> torch.Tensor:  # [..., N] in x.dtype
     k = qweight.shape[0] * 8
     groups = g_idx if g_idx is not None else contiguous_group_index(k, group_size, group_offset, qweight.device)
-    w = dequantize_unchecked(qweight, qzeros, scales, groups, zero_offset, torch.float32)  # [K, N]
-    return (x.to(torch.float32) @ w).to(x.dtype)  # the reference: dequantize, then matmul in fp32
+    # fp64 accumulation: a column's result must not depend on where it sits (BLAS blocks by position), or a
+    # rewrite that only permutes columns would change bits; one final rounding makes it position-independent
+    w = dequantize_unchecked(qweight, qzeros, scales, groups, zero_offset, torch.float64)  # [K, N]
+    return (x.to(torch.float64) @ w).to(x.dtype)
 
 
 @gptq_mm.register_fake

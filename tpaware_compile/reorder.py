@@ -96,15 +96,16 @@ def narrow_rows(w: GPTQWeight, start: int, length: int) -> GPTQWeight:
     shard keeps only the groups it touches and a group offset; with g_idx it keeps the full scales and zeros.
     The bias is dropped: a row-parallel layer adds it once after the reduction."""
     _check_range(start, length, w.in_features, "rows")
-    qweight = w.qweight[start // PACK : (start + length) // PACK].contiguous()
+    # clone, not contiguous(): a row slice is already contiguous, and a view would keep the whole parent alive
+    qweight = w.qweight[start // PACK : (start + length) // PACK].clone()
     if w.g_idx is not None:
-        return w.replace(qweight=qweight, g_idx=w.g_idx[start : start + length].contiguous(), bias=None)
+        return w.replace(qweight=qweight, g_idx=w.g_idx[start : start + length].clone(), bias=None)
     first = (start + w.group_offset) // w.group_size
     last = (start + length - 1 + w.group_offset) // w.group_size
     return w.replace(
         qweight=qweight,
-        qzeros=w.qzeros[first : last + 1].contiguous(),
-        scales=w.scales[first : last + 1].contiguous(),
+        qzeros=w.qzeros[first : last + 1].clone(),
+        scales=w.scales[first : last + 1].clone(),
         group_offset=(start + w.group_offset) % w.group_size,
         bias=None,
     )
