@@ -1,8 +1,9 @@
-"""Lower reference ``tpaware::gptq_mm`` nodes to the Triton op ``tpaware::gptq_mm_fast``.
+"""Lower reference ``tpaware::gptq_mm`` nodes to the project's Triton kernels.
 
-Only contiguous-group weights (g_idx None, what the TP-aware rewrite leaves behind) have a fast kernel; a node
-that still carries a g_idx keeps the reference op, and the report says so. On CPU the reference stays unless
-the Triton interpreter runs (tests), since the fast op would only call the reference there too.
+Contiguous-group weights (g_idx None, what the TP-aware rewrite leaves behind) go to ``tpaware::gptq_mm_fast``,
+which takes no g_idx at all; a weight that still carries a g_idx goes to the per-row g_idx kernel
+(``tpaware::gptq_mm_triton``). On CPU the reference stays unless the Triton interpreter runs (tests): there the
+Triton ops would only call the reference too.
 """
 
 from typing import List, Optional
@@ -28,11 +29,16 @@ def lower_gptq_mm(gm: GraphModule, mode: str = "auto") -> List[str]:
     for node in gm.graph.find_nodes(op="call_function", target=GPTQ_MM[1]) + \
             gm.graph.find_nodes(op="call_function", target=GPTQ_MM[0]):
         reason = _skip_reason(node, mode, kernels.INTERPRET)
-        if reason is None:
-            x, qweight, qzeros, scales, _g_idx, group_size, group_offset, zero_offset = node.args
+        if reason is not None:
+            choices.append(f"{node.name}: reference ({reason})")
+        elif node.args[4] is None:
+            x, qweight, qzeros, scales, _, group_size, group_offset, zero_offset = node.args
             node.target = torch.ops.tpaware.gptq_mm_fast.default
             node.args = (x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
-        choices.append(f"{node.name}: {'triton gptq_mm_fast' if reason is None else 'reference (' + reason + ')'}")
+            choices.append(f"{node.name}: triton, sorted groups (gptq_mm_fast)")
+        else:
+            node.target = torch.ops.tpaware.gptq_mm_triton.default
+            choices.append(f"{node.name}: triton, per-row g_idx (gptq_mm_triton)")
     gm.recompile()
     return choices
 
@@ -40,8 +46,6 @@ def lower_gptq_mm(gm: GraphModule, mode: str = "auto") -> List[str]:
 def _skip_reason(node: Node, mode: str, interpreted: bool) -> Optional[str]:
     if mode == "never":
         return "lowering off"
-    if node.args[4] is not None:
-        return "weight keeps a g_idx"
     if mode == "always" or interpreted:
         return None
     device = _device(node.args[0])

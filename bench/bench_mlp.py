@@ -1,0 +1,187 @@
+"""Per-layer latency of a tensor-parallel GPTQ act-order MLP: form N eager and with Inductor, form L, and
+``backend="tpaware"``, beside the AllGather + permutation and the AllReduce alone.
+
+    torchrun --nproc-per-node T bench/bench_mlp.py [--quick] --out bench/results/mlp_<device>.json   # NCCL
+    python bench/bench_mlp.py --single-gpu --out ...   # one rank's compute path at TP 2/4/8 shard shapes
+    python bench/bench_mlp.py --cpu-check              # 2 gloo ranks, tiny shapes: every variant runs and agrees
+
+Every variant runs under CUDA graphs (bench/timing.py), rotating over MLP copies whose weights total at
+least 400 MB per rank, and names the matmul kernel it uses. Before timing, every variant's output is checked
+against form N eager on the same input. Rank 0 writes the results.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import graph_us, header, wall_us  # noqa: E402
+
+from tpaware_compile.collectives import all_gather_last_dim, all_reduce_sum  # noqa: E402
+from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
+from tpaware_compile.nn import TPMLP  # noqa: E402
+from tpaware_compile.quantize import random_gptq  # noqa: E402
+
+MODELS = {"llama70b": ("swiglu", 8192, 28672), "granite20b": ("gelu", 6144, 24576)}
+TINY = {"tiny_swiglu": ("swiglu", 64, 256), "tiny_gelu": ("gelu", 64, 256)}
+M_ALL = (1, 2, 4, 8, 16, 32, 64, 128)
+ROTATE_BYTES = 400e6
+
+
+def full_weights(kind, hidden, inter, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    gs = 128 if hidden >= 1024 else 32  # tiny validation shapes need groups that fit
+
+    def layer(k, n, bias=False):
+        return random_gptq(k, n, gs, scale_dtype=dtype, bias=bias, generator=g)
+
+    if kind == "gelu":
+        return {"fc": layer(hidden, inter, True), "proj": layer(inter, hidden, True)}
+    gate = layer(hidden, inter)
+    return {"gate": gate, "up": layer(hidden, inter).replace(g_idx=gate.g_idx), "down": layer(inter, hidden)}
+
+
+def build(kind, hidden, inter, form, rank, world, device, dtype, kernel, copies):
+    """``copies`` MLPs with different weights, on ``device``."""
+    mlps = []
+    for c in range(copies):
+        w = {n: _to(v, device) for n, v in full_weights(kind, hidden, inter, 100 + c, dtype).items()}
+        mlps.append(TPMLP.from_full(kind, w, form, rank, world, kernel=kernel).to(device))
+    return mlps
+
+
+def _to(w, device):
+    return w.replace(**{f: getattr(w, f).to(device) for f in ("qweight", "qzeros", "scales", "g_idx", "bias")
+                        if getattr(w, f) is not None})
+
+
+def copies_for(hidden, inter, world) -> int:
+    per_rank = 3 * hidden * inter / world / 2  # int4 bytes of gate + up + down (fc + proj is less)
+    return max(2, int(-(-ROTATE_BYTES // per_rank)))
+
+
+def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies):
+    """name -> (list of callables on x, matmul kernel description)."""
+    args = (kind, hidden, inter)
+    eager_n = build(*args, "N", rank, world, device, dtype, kernel, copies)
+    out = {"formN_eager": (eager_n, f"{kernel}: gate/up g_idx, down sorted")}
+    out["formN_inductor"] = ([torch.compile(m, backend="inductor") for m in eager_n],
+                             f"{kernel} (opaque custom op under Inductor)")
+    out["formL"] = (build(*args, "L", rank, world, device, dtype, kernel, copies), f"{kernel}: down per-row g_idx")
+    tpaware = build(*args, "N", rank, world, device, dtype, kernel, copies)
+    out["tpaware"] = ([torch.compile(m, backend="tpaware") for m in tpaware], "tpaware lowering (see report)")
+    return out
+
+
+def comm_fns(mlp, hidden, inter, world, m, device, dtype):
+    h = torch.randn(m, inter // world, device=device, dtype=dtype)
+    y = torch.randn(m, hidden, device=device, dtype=dtype)
+
+    def gather_perm():
+        return all_gather_last_dim(h, world)[..., mlp.perm].chunk(world, dim=-1)[mlp.rank]
+
+    def reduce():
+        return all_reduce_sum(y.clone(), world).clone()  # the clone waits for the collective, as a user would
+
+    return {"allgather_perm": [gather_perm], "allreduce": [reduce]}
+
+
+def check(fns_by_variant, x, tol):
+    """Relative error of every variant's first copy against form N eager's first copy, on one input."""
+    ref = fns_by_variant["formN_eager"][0][0](x).float()
+    errors = {}
+    for name, (mlps, _) in fns_by_variant.items():
+        for i, mlp in enumerate(mlps):
+            want = fns_by_variant["formN_eager"][0][i](x).float() if i else ref
+            err = float((mlp(x).float() - want).abs().max() / want.abs().max())
+            errors[name] = max(errors.get(name, 0.0), err)
+    bad = {k: e for k, e in errors.items() if not e < tol}
+    if bad:
+        raise RuntimeError(f"variants disagree with form N eager: {bad}")
+    return errors
+
+
+def _check_rewritten(mlps):
+    """Every tpaware copy was converted by the backend (a silent eager fallback would time the wrong thing)."""
+    unconverted = [i for i, m in enumerate(mlps) if m._orig_mod.form != "T"]
+    if unconverted:
+        raise RuntimeError(f"tpaware did not rewrite copies {unconverted}: see the rewrite report")
+
+
+def run(rank, world, device, models, ms, kernel, out_path, timer):
+    raise_recompile_limit(1024)  # one compile per weight copy, or Dynamo falls back to eager unseen
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows = []
+    for model, (kind, hidden, inter) in models.items():
+        copies = copies_for(hidden, inter, world) if device.type == "cuda" else 1
+        found = variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies)
+        for m in ms:
+            # the input of a TP MLP is replicated: every rank draws the same x
+            x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(m)).to(device, dtype)
+            errors = check(found, x, 2e-2 if dtype == torch.float16 else 1e-4)
+            _check_rewritten(found["tpaware"][0])
+            timed = {name: ([lambda f=f: f(x) for f in mlps], desc) for name, (mlps, desc) in found.items()}
+            timed.update({k: (v, "-") for k, v in comm_fns(found["formN_eager"][0][0], hidden, inter, world, m,
+                                                           device, dtype).items()})
+            for name, (fns, desc) in timed.items():
+                rows.append(dict(model=model, tp=world, M=m, variant=name, median_us=timer(fns), kernel=desc,
+                                 max_rel_err=errors.get(name)))
+                _log(rank, rows[-1])
+    if rank == 0 and out_path:
+        with open(out_path, "w") as f:
+            json.dump(dict(header(), rows=rows), f, indent=1)
+    return rows
+
+
+def _log(rank, row):
+    if rank == 0:
+        print(f"{row['model']:>12} tp{row['tp']} M={row['M']:<4} {row['variant']:<15} {row['median_us']:9.1f} us"
+              f"  {row['kernel']}", flush=True)
+
+
+def _cpu_check_rank(rank, world, device, out_path):
+    run(rank, world, device, TINY, (1, 3), "reference", out_path, wall_us)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="Llama-70B only, M in {1, 16}")
+    p.add_argument("--single-gpu", action="store_true", help="one rank's compute path at TP 2/4/8 shard shapes")
+    p.add_argument("--cpu-check", action="store_true", help="2 gloo ranks on tiny shapes: validation only")
+    p.add_argument("--kernel", default="triton", choices=["triton", "reference"])
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if a.cpu_check:
+        from tpaware_compile.launch import launch
+
+        launch(2, _cpu_check_rank, a.out)
+        return
+    models = {"llama70b": MODELS["llama70b"]} if a.quick else MODELS
+    ms = (1, 16) if a.quick else M_ALL
+    if a.single_gpu:
+        return single_gpu(models, ms, a.kernel, a.out)
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(rank)
+    try:
+        run(rank, world, torch.device("cuda", rank), models, ms, a.kernel, a.out, graph_us)
+    finally:
+        dist.destroy_process_group()
+
+
+def single_gpu(models, ms, kernel, out_path):
+    """No collectives: at TP t one rank computes an MLP of intermediate size I/t; time that at world 1."""
+    rows = []
+    for tp in (2, 4, 8):
+        shard = {f"{k}_tp{tp}": (kind, h, i // tp) for k, (kind, h, i) in models.items()}
+        rows += run(0, 1, torch.device("cuda"), shard, ms, kernel, None, graph_us)
+    with open(out_path or os.devnull, "w") as f:
+        json.dump(dict(header(), mode="single-gpu compute path (no collectives)", rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

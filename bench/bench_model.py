@@ -1,0 +1,147 @@
+"""Per-token decode latency and prefill throughput of a Llama-shaped act-order GPTQ model on one GPU (TP 1):
+eager, ``backend="inductor"`` and ``backend="tpaware"``.
+
+    python bench/bench_model.py [--quick] --out bench/results/model_<device>.json
+    python bench/bench_model.py --cpu-check     # a tiny model on CPU: every variant runs and agrees
+
+Decode steps run as a CUDA graph of one step (static token, position and KV cache), replayed many times;
+prefill is timed with events. Eager and Inductor use the Triton kernels through ``kernel="triton"`` (per-row
+g_idx for act-order layers, sorted groups where the layout allows), never the fp32 reference; each row names
+its kernel. Weights are random packed tensors (``random_weights(fast=True)``): speed does not depend on values.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import header  # noqa: E402
+
+from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
+from tpaware_compile.models import Decoder, DecoderConfig, Parallel, random_weights  # noqa: E402
+
+SHAPES = {
+    "llama2-7b": DecoderConfig(vocab=32000, hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, max_seq=1024),
+    "llama2-13b": DecoderConfig(vocab=32000, hidden=5120, inter=13824, layers=40, heads=40, kv_heads=40, max_seq=1024),
+}
+TINY = {"tiny": DecoderConfig(vocab=256, hidden=128, inter=384, layers=2, heads=4, kv_heads=2, max_seq=64)}
+VARIANTS = {"eager": None, "inductor": "inductor", "tpaware": "tpaware"}
+
+
+def build(cfg, variant, device, dtype, kernel):
+    model = Decoder(cfg, Parallel(kernel=kernel), random_weights(cfg, dtype, group_size=128, fast=True))
+    model = model.to(device)
+    return model if VARIANTS[variant] is None else torch.compile(model, backend=VARIANTS[variant])
+
+
+@torch.no_grad()
+def decode_step_us(model, device, prompt_len, steps):
+    """Median per-token latency of one decode step replayed as a CUDA graph (wall time on CPU)."""
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.tensor([prompt_len], device=device)
+    step = lambda: model(token, pos)  # noqa: E731
+    for _ in range(3):
+        step()  # compile and warm up
+    if device.type != "cuda":
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - t) * 1e6 / steps
+    graph = _capture(step)
+    times = []
+    for i in range(steps):
+        pos.fill_(prompt_len + i % 64)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _capture(step):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+@torch.no_grad()
+def prefill_tokens_per_s(model, device, prompt_len, vocab, reps):
+    tokens = torch.randint(0, vocab, (1, prompt_len), device=device)
+    pos = torch.arange(prompt_len, device=device)
+    model(tokens, pos)  # compile
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        model(tokens, pos)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return prompt_len / sorted(times)[len(times) // 2]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def check_agreement(models, cfg, device, tol):
+    tokens = torch.randint(0, cfg.vocab, (1, 8), device=device)
+    pos = torch.arange(8, device=device)
+    ref = models["eager"](tokens, pos).float()
+    for name, m in models.items():
+        err = float((m(tokens, pos).float() - ref).abs().max() / ref.abs().max())
+        if not err < tol:
+            raise RuntimeError(f"{name} disagrees with eager: relative error {err:.3g}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="Llama-2-7B shapes only")
+    p.add_argument("--cpu-check", action="store_true", help="tiny model on CPU: validation only, no claims")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    raise_recompile_limit(64)  # three variants, two graphs each (prefill, decode), plus the retraces
+    cuda = not a.cpu_check
+    device, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
+    shapes = TINY if a.cpu_check else ({"llama2-7b": SHAPES["llama2-7b"]} if a.quick else SHAPES)
+    kernel = "triton" if cuda else "reference"
+    prompt = min(a.prompt, 32) if a.cpu_check else a.prompt
+    rows = []
+    for name, cfg in shapes.items():
+        models = {v: build(cfg, v, device, dtype, kernel) for v in VARIANTS}
+        check_agreement(models, cfg, device, 2e-2 if cuda else 1e-4)
+        for variant, model in models.items():
+            row = dict(model=name, tp=1, variant=variant, kernel=_kernel_name(variant, kernel),
+                       decode_us_per_token=decode_step_us(model, device, prompt, 50 if cuda else 3),
+                       prefill_tokens_per_s=prefill_tokens_per_s(model, device, prompt, cfg.vocab, 5 if cuda else 1))
+            rows.append(row)
+            print(f"{name:>11} {variant:<9} decode {row['decode_us_per_token']:9.1f} us/token   prefill "
+                  f"{row['prefill_tokens_per_s']:10.0f} tokens/s   {row['kernel']}", flush=True)
+        del models
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(header(), prompt=prompt, rows=rows), f, indent=1)
+
+
+def _kernel_name(variant, kernel):
+    if variant == "tpaware":
+        return "tpaware rewrite + lowering (see the rewrite report)"
+    return f"{kernel}: per-row g_idx for act-order layers, sorted for form N's down"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The registered backend: ``torch.compile(model, backend="tpaware", options={...})``.
+
+Backend keys (all start with ``tpaware.``; the rest of ``options`` are Inductor config, e.g. ``triton.cudagraphs``):
+
+    tpaware.hand_off    "inductor" (default) or "eager": what runs the graph after our passes (a graph that
+                        converted project modules in place runs eagerly once: Dynamo retraces it in form T)
+    tpaware.report      print the rewrite report of each graph (also: TPAWARE_REPORT=1)
+    tpaware.timeout_s   bound on every compile-time collective (default 300)
+    tpaware.probe_rtol  tolerance of the old-vs-new probe check (default 1e-4); tpaware.probe_seed its input
+    tpaware.allow_group_offset  shards may share a boundary group (default True; False skips such MLPs)
+    tpaware.lower       passes/lower.py mode: "auto" (default), "always" or "never"
+    tpaware.fail_rank   failure injection for tests: that rank raises during the exchange
+    tpaware.keep_graph  keep the rewritten graph and its inputs on the report (tests, debugging; holds memory)
+"""
+
+import os
+from typing import Callable, List
+
+import torch
+from torch.fx import GraphModule
+
+from . import report as _report
+from .passes.rewrite import RewriteOptions, rewrite_graph
+
+_PREFIX = "tpaware."
+_REWRITE_KEYS = {"timeout_s", "probe_rtol", "probe_seed", "allow_group_offset", "fail_rank"}
+
+
+def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_) -> Callable:
+    ours, inductor = _split_options(options or {})
+    rep = _report.new_report()
+    rewrite_opts = RewriteOptions(**{k: v for k, v in ours.items() if k in _REWRITE_KEYS})
+    pending = rewrite_graph(gm, example_inputs, rewrite_opts, rep)
+    _lower(gm, rep, ours.get("lower", "auto"))
+    if ours.get("keep_graph"):
+        rep.graph_module, rep.example_inputs = gm, list(example_inputs)
+    rep.hand_off = _choose_hand_off(ours.get("hand_off", "inductor"), rep)
+    if ours.get("report") or os.environ.get("TPAWARE_REPORT") == "1":
+        print(rep.table(), flush=True)
+    if not pending:
+        return _hand_off(gm, example_inputs, rep.hand_off, inductor, mode)
+    gm, example_inputs, keep = _drop_unused_inputs(gm, example_inputs)
+    return _select(_hand_off(gm, example_inputs, rep.hand_off, inductor, mode), keep, pending)
+
+
+def _choose_hand_off(how: str, rep) -> str:
+    # Converting our modules to form T fails Dynamo's guards (the MLP's ``form``): such a graph runs once and is
+    # retraced in form T, so compiling it with Inductor would be wasted time.
+    return "eager" if any(r.weights == "in place" for r in rep.applied) else how
+
+
+def _split_options(options: dict):
+    known = _REWRITE_KEYS | {"hand_off", "report", "lower", "keep_graph"}
+    unknown = [k for k in options if k.startswith(_PREFIX) and k[len(_PREFIX):] not in known]
+    if unknown:
+        raise ValueError(f"tpaware: unknown backend options {unknown}")
+    ours = {k[len(_PREFIX):]: v for k, v in options.items() if k.startswith(_PREFIX)}
+    return ours, {k: v for k, v in options.items() if not k.startswith(_PREFIX)}
+
+
+def _lower(gm: GraphModule, rep, mode: str) -> None:
+    """Hook for passes/lower.py (owned elsewhere): ``lower_gptq_mm(gm, mode)`` swaps gptq_mm calls that have
+    g_idx None for the fast op and returns one "node: kernel" line per call, which the report keeps."""
+    try:
+        from .passes.lower import lower_gptq_mm
+    except ImportError:  # lowering not available: the reference op stays
+        return
+    rep.set_kernels(lower_gptq_mm(gm, mode))
+
+
+def _hand_off(gm: GraphModule, example_inputs, how: str, inductor: dict, mode) -> Callable:
+    if how == "eager":
+        return gm.forward
+    if how != "inductor":
+        raise ValueError(f"tpaware.hand_off must be 'inductor' or 'eager', got {how!r}")
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches.update(inductor)
+    # A fresh GraphModule: Inductor looks up Dynamo's parameter sources by module, and our constants have none.
+    return compile_fx(GraphModule(gm, gm.graph), example_inputs, config_patches=patches)
+
+
+def _drop_unused_inputs(gm: GraphModule, example_inputs):
+    """The old weights are no longer read by the rewritten graph; their modules may now hold other shapes or
+    None (converted in place), so stop passing them instead of making Inductor guard on them. Works on a copy:
+    Dynamo decides what to pass from its own graph's placeholders."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    keep = [i for i, n in enumerate(phs) if n.users or not isinstance(example_inputs[i], torch.Tensor)]
+    for i, n in enumerate(phs):
+        if i not in keep:
+            graph.erase_node(n)
+    graph.lint()
+    return GraphModule(gm, graph), [example_inputs[i] for i in keep], keep
+
+
+def _select(fn: Callable, keep: List[int], pending: List[Callable]) -> Callable:
+    """Call ``fn`` on the inputs it still reads. On the first call, first convert the project's modules in place:
+    not earlier, since Dynamo builds its guards from the modules as traced after the backend returns (the
+    conversion then fails them once, and the retrace finds form T with nothing left to rewrite)."""
+
+    def convert_once():
+        while pending:
+            pending.pop(0)()
+
+    # Dynamo calls compiled graphs with one argument per input (Inductor's aot forward too, whatever its
+    # copied _boxed_call attribute says), so the wrapper is unboxed.
+    def run(*args):
+        convert_once()
+        return fn(*[args[i] for i in keep])
+
+    return run

@@ -1,0 +1,185 @@
+"""One guarded rewrite per matched MLP: forms N / L / U -> the TP-aware target (DESIGN.md §1-2).
+
+Order of work, in the style of micro_pipeline_tp: canonicalize, find every candidate, run local guards
+(early returns with a reason), let the ranks of each process group agree on a hash of the whole plan, then
+per candidate: exchange weights, probe old against new, agree on the verdict, and only then touch the graph
+(and the project's own modules, converted in place so eager after compile stays right and a recompile
+finds form T with nothing left to do).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..compat import resolve_group
+from ..report import M, RewriteReport, RewriteRow
+from .canonicalize import canonicalize
+from .exchange import Target, exchange
+from .match import Candidate, Linear, Orphan, find_candidates, find_orphans
+from .owners import find_owners
+from .probe import probe_error
+from .sync import RewriteAborted, Sync, digest
+
+
+@dataclass
+class RewriteOptions:
+    timeout_s: float = 300.0  # bound on every collective the backend issues at compile time
+    probe_rtol: float = 1e-4  # max |old - new| / max |old| accepted by the probe check
+    probe_seed: int = 0
+    allow_group_offset: bool = True  # shards may share a boundary group (the kernel takes a group offset)
+    fail_rank: Optional[int] = None  # failure injection for tests: this rank raises during the exchange
+
+
+def rewrite_graph(gm: GraphModule, example_inputs, opts: RewriteOptions, report: RewriteReport) -> List[Callable]:
+    """Rewrite every MLP that passes its guards; fill one report row per candidate. Returns the pending in-place
+    module conversions (empty: graph unchanged); the backend runs them on the compiled graph's first call,
+    after Dynamo has built its guards from the modules as traced."""
+    canonicalize(gm)
+    values = placeholder_values(gm, example_inputs)
+    cands = find_candidates(gm)
+    for c in cands:
+        _local_guards(c, values, opts)
+    _agree_on_plans(cands, values, opts)
+    rows = [_row(c) for c in cands]
+    report.rows.extend(rows)
+    report.rows.extend(_orphan_row(o) for o in find_orphans(gm, cands))
+    done = [_rewrite_one(gm, c, values, opts, row) for c, row in zip(cands, rows) if c.reason is None]
+    done = [d for d in done if d is not None]
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
+def placeholder_values(gm: GraphModule, example_inputs) -> Dict[Node, torch.Tensor]:
+    # Dynamo hands parameters and buffers to the backend as inputs whose examples are the real tensors.
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n: v for n, v in zip(phs, example_inputs) if isinstance(v, torch.Tensor)}
+
+
+def _local_guards(c: Candidate, values, opts: RewriteOptions) -> None:
+    if c.reason:
+        return
+    linears: List[Linear] = [*c.cols, c.down]
+    if any(t is not None and t not in values for lin in linears for t in lin.tensors.values()):
+        return c.skip("weights computed at run time (not module buffers)")
+    if any(not isinstance(i, int) for lin in linears for i in lin.ints):
+        return c.skip("group arguments of a gptq_mm are not constants")
+    width = c.h_local.meta["example_value"].shape[-1]
+    if not isinstance(width, int) or width % 8:
+        return c.skip(f"dims not divisible: intermediate size per rank {width} is not a multiple of 8")
+    if c.perm is not None:
+        _perm_guards(c, values[c.perm.args[2]], width)
+    if not c.reason and c.form in ("L", "U") and not opts.allow_group_offset:
+        groups = width * c.world // c.down.ints[0]
+        if groups % c.world or (width % c.down.ints[0]):
+            c.skip(f"dims not divisible: {groups} groups over {c.world} ranks (allow_group_offset is off)")
+
+
+def _perm_guards(c: Candidate, perm: torch.Tensor, width: int) -> None:
+    size = width * c.world if c.form == "N" else width
+    rows = torch.arange(size, device=perm.device)
+    if perm.dim() != 1 or perm.numel() != size or not torch.equal(torch.sort(perm.long()).values, rows):
+        return c.skip(f"permutation buffer is not a permutation of range({size})")
+    if c.world == 1 and torch.equal(perm.long(), rows):
+        c.skip("identity permutation: nothing to fold")
+
+
+def _agree_on_plans(cands: List[Candidate], values, opts: RewriteOptions) -> None:
+    """Before any exchange, the ranks of each group agree on a hash of their whole plan (rank-independent parts)."""
+    groups = sorted({c.group for c in cands if c.group is not None})
+    for name in groups:
+        mine = [c for c in cands if c.group == name]
+        sync = Sync(resolve_group(name), opts.timeout_s)
+        if not sync.same(digest(*[p for c in mine for p in _plan_parts(c, values)]), "rewrite plan agreement"):
+            for c in mine:
+                c.skip("ranks disagree on the rewrite plan")
+
+
+def _plan_parts(c: Candidate, values) -> list:
+    shapes = [tuple(values[q].shape) for q in (col.tensors["qweight"] for col in c.cols) if q in values]
+    parts = [c.name, c.form, c.kind, c.world, c.reason, c.fused, shapes]
+    if c.reason is None and c.perm is not None and c.form == "N":
+        parts.append(values[c.perm.args[2]])
+    if c.reason is None and c.form in ("L", "U"):
+        parts += [values[c.down.tensors["scales"]], values[c.down.tensors["qzeros"]]]
+    return parts
+
+
+def _row(c: Candidate) -> RewriteRow:
+    return RewriteRow(mlp=c.name, layers=c.layers, kind=c.kind, form=c.form, tp=c.world, reason=c.reason or "",
+                      down_node=c.down.node.name)
+
+
+def _orphan_row(o: Orphan) -> RewriteRow:
+    reason = "MLP split by a graph break: no down projection after the runtime permutation in this graph"
+    return RewriteRow(mlp=o.name, layers="?", kind="?", form="N/L", tp=0, reason=reason)
+
+
+def _rewrite_one(gm: GraphModule, c: Candidate, values, opts: RewriteOptions, row: RewriteRow
+                 ) -> Optional[Callable]:
+    sync = Sync(None if c.group is None else resolve_group(c.group), opts.timeout_s)
+    target = exchange(c, values, sync, fail=opts.fail_rank == c.rank)
+    try:
+        err, why = probe_error(c, values, target, sync, opts.probe_seed), ""
+    except RewriteAborted:
+        raise
+    except Exception as e:  # e.g. symbolic sizes the interpreter cannot replay; same graph, same error on every rank
+        err, why = float("inf"), f"probe check could not run ({type(e).__name__}: {e})"
+    if not sync.all_ok(err <= opts.probe_rtol, "probe verdict"):
+        row.reason = why or f"probe check failed: old and new MLP differ (max rel err {err:.2e} on this rank)"
+        return None
+    owners = find_owners(c, values)
+    if owners is not None and owners.applicable(target):
+        row.weights, convert = "in place", (lambda: owners.convert(c, target))
+    else:
+        row.weights, row.private_bytes, convert = "private copy", _private_bytes(c, target), (lambda: None)
+    _commit_graph(gm, c, target)
+    _fill_row(row, c)
+    return convert
+
+
+def _private_bytes(c: Candidate, t: Target) -> int:
+    down = 0 if c.form == "N" else t.down.nbytes()
+    return sum(w.nbytes() for w in t.cols) + sum(v.numel() * v.element_size() for v in t.aligned.values()) + down
+
+
+def _fill_row(row: RewriteRow, c: Candidate) -> None:
+    h = c.h_local.meta["example_value"]
+    row.applied = True
+    row.collectives_removed = 1 if c.gather is not None else 0
+    # The removed AllGather brought (world - 1) ranks' [M, I / world] activations to this rank on every call.
+    row.comm_removed = (c.world - 1) * h.shape[-1] * h.element_size() * M if c.gather is not None else 0 * M
+    row.kernels = "down: gptq_mm, sorted groups, no g_idx" + ("" if c.form == "N" else f" (was g_idx, form {c.form})")
+
+
+def _commit_graph(gm: GraphModule, c: Candidate, t: Target) -> None:
+    for col, w in zip(c.cols, t.cols):
+        _set_weight(gm, col, w, f"{c.name}.{col.path or col.node.name}", keep_g_idx=True)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for ph, v in t.aligned.items():
+        with gm.graph.inserting_before(min((u for u in ph.users if u in c.act_nodes), key=order.get)):
+            const = _constant(gm, f"{c.name}.{ph.name}", v)
+        for n in c.act_nodes:
+            n.replace_input_with(ph, const)
+    if c.form != "N":
+        _set_weight(gm, c.down, t.down, f"{c.name}.{c.down.path or c.down.node.name}", keep_g_idx=False)
+    c.down.node.update_arg(0, c.h_local)
+    for n in c.dead_nodes:  # users first; DCE would keep the collectives, so erase them by hand
+        gm.graph.erase_node(n)
+
+
+def _set_weight(gm: GraphModule, lin: Linear, w, prefix: str, keep_g_idx: bool) -> None:
+    with gm.graph.inserting_before(lin.node):
+        qweight, qzeros, scales = (_constant(gm, f"{prefix}.{k}", getattr(w, k))
+                                   for k in ("qweight", "qzeros", "scales"))
+    g_idx = lin.node.args[4] if keep_g_idx else None
+    lin.node.args = (lin.node.args[0], qweight, qzeros, scales, g_idx, w.group_size, w.group_offset, w.zero_offset)
+
+
+def _constant(gm: GraphModule, name: str, value: torch.Tensor) -> Node:
+    name = "_tpaware_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+    gm.register_buffer(name, value, persistent=False)
+    return gm.graph.get_attr(name)
