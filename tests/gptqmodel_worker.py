@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast rather than reach for 
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from tiny_tokenizer import make_tokenizer  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 256
 LOGIT_TOKENS = [1, 17, 42, 99, 5, 230, 64, 128, 7, 200, 33, 150]
@@ -35,7 +35,7 @@ def make_source_model(path: str, sym: bool) -> None:
     if not sym:
         _force_zero_zero_points(model)
     model.save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
+    make_tokenizer(VOCAB).save_pretrained(path)
 
 
 def _force_zero_zero_points(model) -> None:
@@ -45,15 +45,6 @@ def _force_zero_zero_points(model) -> None:
         mlp = model.model.layers[0].mlp
         for mod in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             mod.weight[:5].abs_()  # HF Linear weight is [out, in]: output features 0..4 become non-negative
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over made-up words, so GPTQModel finds a tokenizer without any download."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 def calibration(n: int = 32, length: int = 64) -> list:

@@ -20,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from tiny_tokenizer import make_tokenizer  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 256
 HIDDEN, INTERMEDIATE, LAYERS = 128, 256, 2
@@ -50,15 +50,6 @@ def _skew_some_columns(model) -> None:
                 mod.weight[5:10] = -mod.weight[5:10].abs()
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over made-up words: llm-compressor wants a processor, and nothing may be downloaded."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
 def calibration(n: int = 32, length: int = 64):
     """Random token ids, already tokenized: GPTQ needs a non-degenerate Hessian, not meaningful text."""
     from datasets import Dataset
@@ -80,7 +71,7 @@ def recipe(sym: bool, group_size: int):
 def quantize(dst: str, sym: bool, group_size: int) -> None:
     from llmcompressor import oneshot
 
-    model, tok = make_source_model(sym), make_tokenizer()
+    model, tok = make_source_model(sym), make_tokenizer(VOCAB)
     data = calibration()
     oneshot(model=model, tokenizer=tok, dataset=data, recipe=recipe(sym, group_size),
             num_calibration_samples=len(data), max_seq_length=64, output_dir=dst)

@@ -1,17 +1,11 @@
 """Real act-order checkpoints written by GPTQModel 7.6.0 are read (tpaware_compile/checkpoint.py) and dequantized
 bit for bit as GPTQModel itself dequantizes them.
 
-GPTQModel pins numpy and transformers versions of its own, so it lives in a separate venv that sees the system
-torch (--system-site-packages: no second torch download). The venv is built on first use and cached under
-~/.cache (about 2 minutes; later runs reuse it); TPAWARE_GPTQMODEL_VENV overrides the location. The worker
-(gptqmodel_worker.py) runs in that venv as a subprocess, quantizes a tiny random Llama on CPU, and writes the
-checkpoint plus GPTQModel's own dequantized weights; this file, in the main environment, compares.
-See tests/REQUIREMENTS_NOTE.txt.
+GPTQModel lives in its own cached venv (library_venv.py; about 3 minutes to build on a fresh machine,
+TPAWARE_GPTQMODEL_VENV overrides the location). The worker (gptqmodel_worker.py) runs there, quantizes a tiny
+random Llama on CPU, and writes the checkpoint, GPTQModel's own dequantized weights and its own logits.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,42 +13,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library_venv import library_python, run_worker
 from tpaware_compile.checkpoint import checkpoint_format, load_quant_config, read_gptq_linear, v1_to_v2_qzeros
 from tpaware_compile.gptq import dequantize, pack_cols, unpack_cols
 from tpaware_compile.reorder import shard_rows, sort_rows
 
 GPTQMODEL = "gptqmodel==7.6.0"
-TORCH = "torch==" + torch.__version__.split("+")[0]  # on the same pip line, or pip fetches a CUDA torch
 CASES = ["sym-32-gptq", "asym-32-gptq", "asym-64-gptq_v2"]
 WORKER = Path(__file__).with_name("gptqmodel_worker.py")
-_DEFAULT_VENV = Path.home() / ".cache" / "tpaware_compile" / f"venv-{GPTQMODEL}-{TORCH}".replace("==", "-")
-
-
-def _venv() -> Path:
-    return Path(os.environ.get("TPAWARE_GPTQMODEL_VENV", _DEFAULT_VENV))
-
-
-def ensure_gptqmodel_venv() -> Path:
-    """The venv's python, building the venv first if it is missing or half-built (no marker file)."""
-    venv = _venv()
-    python, marker = venv / "bin" / "python", venv / ".tpaware-installed"
-    if marker.exists() and marker.read_text() == f"{GPTQMODEL} {TORCH}":
-        return python
-    subprocess.run(["rm", "-rf", str(venv)], check=True)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", GPTQMODEL, TORCH], check=True)
-    marker.write_text(f"{GPTQMODEL} {TORCH}")
-    return python
 
 
 @pytest.fixture(scope="module")
 def gptqmodel_out(tmp_path_factory) -> Path:
     """Run GPTQModel once for every case; returns the folder holding one subfolder per case."""
-    python = ensure_gptqmodel_venv()
+    python = library_python(GPTQMODEL, "TPAWARE_GPTQMODEL_VENV")
     out = tmp_path_factory.mktemp("gptqmodel")
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([str(python), str(WORKER), str(out), *CASES], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"GPTQModel worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    run_worker(python, WORKER, out, CASES, GPTQMODEL_CPU_WORKERS="2")  # the CI machine has 2 cores
     return out
 
 

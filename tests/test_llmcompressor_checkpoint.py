@@ -2,18 +2,13 @@
 ``weight_g_idx``) are read by tpaware_compile/compressed.py and dequantized bit for bit as the library itself
 decompresses them.
 
-llm-compressor pins transformers, compressed-tensors and friends of its own, so it lives in a separate venv that sees
-the system torch (--system-site-packages, torch pinned on the same pip line so pip never pulls a CUDA build). The venv
-is built on first use and cached under ~/.cache (about 1.5 minutes; later runs reuse it); TPAWARE_LLMCOMPRESSOR_VENV
-overrides the location. The worker (llmcompressor_worker.py) runs in that venv as a subprocess, quantizes a tiny random
+llm-compressor lives in its own cached venv (library_venv.py; about 1.5 minutes to build on a fresh machine,
+TPAWARE_LLMCOMPRESSOR_VENV overrides the location). The worker (llmcompressor_worker.py) runs in that venv as a subprocess, quantizes a tiny random
 Llama on CPU and writes the checkpoint, the library's own dequantized weights and its own logits; this file, in the
 main environment, compares.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,39 +16,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library_venv import library_python, run_worker
 from tpaware_compile.compressed import (CompressedFormatError, CompressedScheme, compressed_scheme,
                                         is_compressed_config, read_compressed_linear)
 from tpaware_compile.gptq import dequantize, pack_rows, unpack_cols
 
 LLMCOMPRESSOR = "llmcompressor==0.13.0"
-TORCH = "torch==" + torch.__version__.split("+")[0]  # on the same pip line, or pip fetches a CUDA torch
 CASES = ["sym-32", "asym-32", "asym-64"]
 PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 WORKER = Path(__file__).with_name("llmcompressor_worker.py")
-_DEFAULT_VENV = Path.home() / ".cache" / "tpaware_compile" / f"venv-{LLMCOMPRESSOR}-{TORCH}".replace("==", "-")
-
-
-def ensure_llmcompressor_venv() -> Path:
-    """The venv's python, building the venv first if it is missing or half-built (no marker file)."""
-    venv = Path(os.environ.get("TPAWARE_LLMCOMPRESSOR_VENV", _DEFAULT_VENV))
-    python, marker = venv / "bin" / "python", venv / ".tpaware-installed"
-    if marker.exists() and marker.read_text() == f"{LLMCOMPRESSOR} {TORCH}":
-        return python
-    subprocess.run(["rm", "-rf", str(venv)], check=True)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", LLMCOMPRESSOR, TORCH], check=True)
-    marker.write_text(f"{LLMCOMPRESSOR} {TORCH}")
-    return python
 
 
 @pytest.fixture(scope="module")
 def library_out(tmp_path_factory) -> Path:
     """Run llm-compressor once for every case; returns the folder holding one subfolder per case."""
-    python = ensure_llmcompressor_venv()
+    python = library_python(LLMCOMPRESSOR, "TPAWARE_LLMCOMPRESSOR_VENV")
     out = tmp_path_factory.mktemp("llmcompressor")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([str(python), str(WORKER), str(out), *CASES], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"llm-compressor worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    run_worker(python, WORKER, out, CASES)
     return out
 
 
