@@ -151,11 +151,15 @@ def test_read_names_missing_and_bad_tensors():
 
 # ---- the whole model: our loader and decoder against GPTQModel's own forward ----
 
-def _our_logits(rank, world, path, tokens):
+def _our_logits(rank, world, path, tokens, compiled=False):
     from tpaware_compile.models import Parallel
     from tpaware_compile.models.loader import load_checkpoint
 
     model = load_checkpoint(path, Parallel(rank, world, form="N"), dtype=torch.float32, max_seq=32)
+    if compiled:
+        from tpaware_compile.backend import tpaware
+
+        model = torch.compile(model, backend=tpaware, options={"tpaware.hand_off": "eager"})
     with torch.no_grad():
         return model(tokens, torch.arange(tokens.shape[1]))
 
@@ -164,7 +168,7 @@ def _our_logits(rank, world, path, tokens):
 def test_loaded_model_logits_match_gptqmodel(gptqmodel_out, ranks, case):
     theirs = load_file(gptqmodel_out / case / "gptqmodel_logits.safetensors")
     path = str(gptqmodel_out / case / "quantized")
-    for world in (1, 2, 4):
-        for ours in ranks(world).run(_our_logits, path, theirs["tokens"]):
-            assert float((ours - theirs["logits"]).abs().max()) < 1e-2, (case, world)
-            assert torch.equal(ours.argmax(-1), theirs["logits"].argmax(-1)), (case, world)
+    for world, compiled in ((1, False), (2, False), (4, False), (1, True), (2, True), (4, True)):
+        for ours in ranks(world).run(_our_logits, path, theirs["tokens"], compiled):
+            assert float((ours - theirs["logits"]).abs().max()) < 1e-2, (case, world, compiled)
+            assert torch.equal(ours.argmax(-1), theirs["logits"].argmax(-1)), (case, world, compiled)
