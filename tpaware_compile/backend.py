@@ -14,6 +14,8 @@ Backend keys (all start with ``tpaware.``; the rest of ``options`` are Inductor 
 """
 
 import os
+import warnings
+import weakref
 from typing import Callable, List
 
 import torch
@@ -30,7 +32,15 @@ def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_)
     ours, inductor = _split_options(options or {})
     rep = _report.new_report()
     rewrite_opts = RewriteOptions(**{k: v for k, v in ours.items() if k in _REWRITE_KEYS})
+    original = _copy(gm)  # before surgery: what runs if this graph is reused for another module instance
     pending = rewrite_graph(gm, example_inputs, rewrite_opts, rep)
+    if rep.applied:
+        return _bind_to_instance(_finish(gm, example_inputs, ours, inductor, mode, rep, pending),
+                                 example_inputs, _retired_inputs(gm, example_inputs), original)
+    return _finish(gm, example_inputs, ours, inductor, mode, rep, pending)
+
+
+def _finish(gm, example_inputs, ours, inductor, mode, rep, pending) -> Callable:
     _lower(gm, rep, ours.get("lower", "auto"))
     if ours.get("keep_graph"):
         rep.graph_module, rep.example_inputs = gm, list(example_inputs)
@@ -41,6 +51,40 @@ def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_)
         return _hand_off(gm, example_inputs, rep.hand_off, inductor, mode)
     gm, example_inputs, keep = _drop_unused_inputs(gm, example_inputs)
     return _select(_hand_off(gm, example_inputs, rep.hand_off, inductor, mode), keep, pending)
+
+
+def _copy(gm: GraphModule) -> GraphModule:
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return GraphModule(gm, graph)
+
+
+def _retired_inputs(gm: GraphModule, example_inputs) -> List[int]:
+    """Indices of the weight inputs the rewritten graph no longer reads (it holds their new layout instead)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, n in enumerate(phs) if not n.users and isinstance(example_inputs[i], torch.Tensor)]
+
+
+def _bind_to_instance(fn: Callable, example_inputs, retired: List[int], original: GraphModule) -> Callable:
+    """The rewritten graph holds one module instance's weights in their new layout. Dynamo shares a graph
+    between instances of one module class with equal shapes, so a call whose weight inputs are not the tensors
+    this graph was rewritten from comes from another instance: run the original graph for it (correct,
+    unrewritten) and say so once, rather than compute with the first instance's weights."""
+    refs = [(i, weakref.ref(example_inputs[i])) for i in retired]
+    boxed = getattr(fn, "_boxed_call", False)
+    warned = []
+
+    def run(*args):
+        if all(ref() is args[i] for i, ref in refs):
+            return fn(list(args)) if boxed else fn(*args)
+        if not warned:
+            warned.append(True)
+            warnings.warn("tpaware: a graph rewritten for one module instance was reused by Dynamo for another "
+                          "instance of the same code; that instance runs unrewritten (reference kernels). Compile "
+                          "the whole model once, or give each instance its own compiled code.")
+        return original.forward(*args)
+
+    return run
 
 
 def _choose_hand_off(how: str, rep) -> str:
