@@ -237,6 +237,7 @@ def _our_logits(rank, world, path, tokens, compiled=False):
     if compiled:
         from tpaware_compile.backend import tpaware
 
+        torch._dynamo.reset()  # a fresh cache: this rank process compiled other checkpoints' models before
         model = torch.compile(model, backend=tpaware, options={"tpaware.hand_off": "eager"})
     with torch.no_grad():
         return model(tokens, torch.arange(tokens.shape[1]))
