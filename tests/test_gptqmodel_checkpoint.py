@@ -159,10 +159,15 @@ def _our_logits(rank, world, path, tokens, compiled=False):
     if compiled:
         from tpaware_compile.backend import tpaware
 
+        from tpaware_compile.report import clear_reports, last_reports
+
         torch._dynamo.reset()  # a fresh cache: this rank process compiled other checkpoints' models before
+        clear_reports()
         model = torch.compile(model, backend=tpaware, options={"tpaware.hand_off": "eager"})
     with torch.no_grad():
-        return model(tokens, torch.arange(tokens.shape[1]))
+        logits = model(tokens, torch.arange(tokens.shape[1]))
+    assert not compiled or any(r.applied for r in last_reports()), "the checkpoint's MLPs were not rewritten"
+    return logits
 
 
 @pytest.mark.parametrize("case", CASES)
