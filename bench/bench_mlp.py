@@ -72,9 +72,22 @@ def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies):
     out["formN_inductor"] = ([torch.compile(m, backend="inductor") for m in eager_n],
                              f"{kernel} (opaque custom op under Inductor)")
     out["formL"] = (build(*args, "L", rank, world, device, dtype, kernel, copies), f"{kernel}: down per-row g_idx")
-    tpaware = build(*args, "N", rank, world, device, dtype, kernel, copies)
-    out["tpaware"] = ([torch.compile(m, backend="tpaware") for m in tpaware], "tpaware lowering (see report)")
+    out["tpaware"] = (convert_each(build(*args, "N", rank, world, device, dtype, kernel, copies), hidden, device,
+                                   dtype), "tpaware lowering (see report)")
     return out
+
+
+def convert_each(mlps, hidden, device, dtype):
+    """Compile and run each copy once on a fresh Dynamo cache, so each is rewritten in place with its own weights
+    (Dynamo would otherwise hand later copies the first copy's graph, which runs them unrewritten). Converted
+    copies then share one retraced form-T graph."""
+    x = torch.zeros(1, hidden, device=device, dtype=dtype)
+    compiled = []
+    for m in mlps:
+        torch._dynamo.reset()
+        compiled.append(torch.compile(m, backend="tpaware"))
+        compiled[-1](x)
+    return compiled
 
 
 def comm_fns(mlp, hidden, inter, world, m, device, dtype):
@@ -117,7 +130,7 @@ def run(rank, world, device, models, ms, kernel, out_path, timer):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     rows = []
     for model, (kind, hidden, inter) in models.items():
-        copies = copies_for(hidden, inter, world) if device.type == "cuda" else 1
+        copies = copies_for(hidden, inter, world) if device.type == "cuda" else 2  # 2: rotation runs on CPU too
         found = variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies)
         for m in ms:
             # the input of a TP MLP is replicated: every rank draws the same x
