@@ -1,6 +1,8 @@
 #!/bin/bash
-# One device-tool call: GPU tests, then the config sweep or the benchmark. Logs and results under $OUT.
-# usage: bench/gpu_run.sh [tests] [prod] [sweep] [quick] [full]
+# One device-tool call: GPU tests, then benchmarks. Logs and results under $OUT.
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [mlp1]
+#   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
+#   model:   bench_model.py --quick (Llama-2-7B shapes, TP 1)     mlp1: bench_mlp.py --single-gpu --quick
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > $OUT/nvidia_smi.txt 2>&1
 for step in "$@"; do
@@ -9,6 +11,9 @@ for step in "$@"; do
     prod) timeout 110 python -m pytest tests/test_kernels.py -m gpu -k production -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_prod.log; tail -3 $OUT/pytest_prod.log ;;
     sweep) timeout 300 python bench/bench_kernels.py --sweep --out $OUT/sweep.json > $OUT/sweep.log 2>&1; tail -3 $OUT/sweep.log ;;
     quick) timeout 300 python bench/bench_kernels.py --quick --out $OUT/quick.json > $OUT/quick.log 2>&1; tail -50 $OUT/quick.log ;;
+    backend) timeout 240 python -m pytest tests/test_backend_gpu.py tests/test_nn.py tests/test_lower.py -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_backend.log; tail -3 $OUT/pytest_backend.log ;;
+    model) timeout 400 python bench/bench_model.py --quick --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
+    mlp1) timeout 400 python bench/bench_mlp.py --single-gpu --quick --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
   esac
 done
