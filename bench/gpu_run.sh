@@ -11,7 +11,7 @@ for step in "$@"; do
     prod) timeout 110 python -m pytest tests/test_kernels.py -m gpu -k production -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_prod.log; tail -3 $OUT/pytest_prod.log ;;
     sweep) timeout 300 python bench/bench_kernels.py --sweep --out $OUT/sweep.json > $OUT/sweep.log 2>&1; tail -3 $OUT/sweep.log ;;
     quick) timeout 300 python bench/bench_kernels.py --quick --out $OUT/quick.json > $OUT/quick.log 2>&1; tail -50 $OUT/quick.log ;;
-    backend) timeout 240 python -m pytest tests/test_backend_gpu.py tests/test_nn.py tests/test_lower.py -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_backend.log; tail -3 $OUT/pytest_backend.log ;;
+    backend) timeout 240 python -m pytest tests/test_backend_gpu.py tests/test_instances.py -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_backend.log; tail -3 $OUT/pytest_backend.log ;;
     model) timeout 400 python bench/bench_model.py --quick --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
     mlp1) timeout 400 python bench/bench_mlp.py --single-gpu --quick --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
