@@ -52,6 +52,8 @@ def compile_decoder(rank, world, family="llama", form="N", fused=False, collecti
     out["forms"] = [blk.mlp.form for blk in model.blocks]
     out["reports"] = [r.to_dict() for r in R.all_reports()]
     out["graph"] = graph_summary(R.all_reports()[0])
+    out["g_idx_none"] = [gptq_g_idx(rep) for rep in R.all_reports()]  # rewritten graph, then the form-T retrace
+    out["in_perm"] = [blk.mlp.in_perm is not None for blk in model.blocks]
     out["memory"] = weight_bytes(model, R.all_reports()) / weight_bytes(eager, [])
     return out
 
@@ -68,8 +70,13 @@ def graph_summary(rep) -> dict:
     mlps = []
     for down in [n for n in gm.graph.nodes if n.name in {r.down_node for r in rep.rows}]:
         path = _path_to_columns(down)
+        cols = _columns(path)
         mlps.append({
             "g_idx_is_none": down.args[4] is None,
+            "cols_g_idx_none": [c.args[4] is None for c in cols],
+            # the folded act-order of the first layers: they read index_select(x, -1, P1), P1 a constant
+            "cols_read_permuted_x": all(c.args[0].target is torch.index_select and c.args[0].args[2].op == "get_attr"
+                                        for c in cols),
             "scales_groups": tensor(down.args[3]).shape[0],
             "group_offset": down.args[6],
             "collectives": [str(n.target) for n in path + list(down.users) if "c10d" in str(n.target)],
@@ -92,6 +99,17 @@ def _flat(args):
             yield from _flat(a)
         else:
             yield a
+
+
+def _columns(path) -> list:
+    """The column-parallel gptq_mm calls that feed the path to down."""
+    found = {a for n in path for a in _flat(n.args) if isinstance(a, torch.fx.Node) and "gptq_mm" in str(a.target)}
+    return sorted(found, key=lambda n: n.name)
+
+
+def gptq_g_idx(rep) -> list:
+    """g_idx is None, for every quantized matmul of a kept graph."""
+    return [n.args[4] is None for n in rep.graph_module.graph.nodes if "gptq_mm" in str(n.target)]
 
 
 def _path_to_columns(down) -> list:
@@ -199,6 +217,17 @@ def compile_mlp(rank, world, module: nn.Module, hand_off="eager", shape=(1, 4, 6
 def foreign_case(rank, world, variant="", hand_off="eager"):
     mlp = TPMLP.from_full("swiglu", mlp_weights(), "N", rank, world, dist.group.WORLD if world > 1 else None)
     return compile_mlp(rank, world, ForeignMLP(mlp, variant), hand_off)
+
+
+def distinct_g_idx_case(rank, world, form):
+    weights = mlp_weights()
+    weights["up"] = quantize(torch.randn(64, INTER, generator=torch.Generator().manual_seed(8)) / 8, GROUP,
+                             act_order=True, generator=torch.Generator().manual_seed(9))
+    assert not torch.equal(weights["up"].g_idx, weights["gate"].g_idx)
+    mlp = TPMLP.from_full("swiglu", weights, form, rank, world, dist.group.WORLD)
+    out = compile_mlp(rank, world, mlp)
+    out["in_perm"] = mlp.in_perm is not None
+    return out
 
 
 def identity_case(rank, world):

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mlp_cases import mlp_weights, rel_err
-from tpaware_compile.nn import FORMS, TPMLP, reference_mlp
+from tpaware_compile.nn import FORMS, GPTQLinear, TPMLP, reference_mlp
+from tpaware_compile.reorder import stable_argsort
 
 VARIANTS = [("swiglu", False), ("swiglu", True), ("gelu", False)]
 
@@ -41,6 +42,20 @@ def test_shards_starting_inside_a_group(ranks):
     # inter 192 over 4 ranks = 48 rows a rank, groups of 64: shards 1 and 2 start mid-group
     for errors in ranks(4).run(_form_errors, torch.float32, "functional", 0, 64, 192):
         assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("kind,fused", VARIANTS)
+def test_form_t_folds_the_first_layer_act_order(kind, fused):
+    """Form T (the backend's target): every layer has contiguous groups; the first layers' act-order P1 is the
+    in_perm buffer that forward applies to x. The other forms keep their g_idx and have no in_perm."""
+    weights = mlp_weights(kind, seed=7)
+    first = weights["fc" if kind == "gelu" else "gate"]
+    for rank in (0, 1):  # building a shard needs no process group
+        mlp = TPMLP.from_full(kind, weights, "T", rank, 2, fused=fused)
+        assert torch.equal(mlp.in_perm, stable_argsort(first.g_idx))
+        assert all(m.g_idx is None for m in mlp.modules() if isinstance(m, GPTQLinear))
+    for form in "NLU":
+        assert TPMLP.from_full(kind, weights, form, 0, 2, fused=fused).in_perm is None
 
 
 def test_bad_construction_raises():

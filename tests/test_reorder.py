@@ -8,7 +8,8 @@ import torch
 from tpaware_compile.gptq import GPTQWeight, dequantize, reference_matmul
 from tpaware_compile.quantize import quantize
 from tpaware_compile.reorder import (cat_cols, drop_contiguous_g_idx, narrow_cols, narrow_rows, permute_cols,
-                                     permute_rows, shard_cols, shard_rows, sort_rows, stable_argsort)
+                                     permute_rows, shard_cols, shard_rows, sort_rows, sort_shared_rows,
+                                     stable_argsort)
 
 F32 = torch.float32
 
@@ -71,6 +72,28 @@ def test_drop_contiguous_g_idx_only_when_contiguous():
     contiguous = w.replace(g_idx=(torch.arange(w.in_features) // w.group_size).int())
     dropped = drop_contiguous_g_idx(contiguous)
     assert dropped.g_idx is None and torch.equal(_deq(dropped), _deq(contiguous))
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])  # per-channel (-1): one group, P1 is the identity
+def test_sort_shared_rows_folds_one_act_order(group_size):
+    """gate and up share g_idx: both rows sorted by the one P1, g_idx dropped, bitwise the rows of the originals."""
+    gate = _weight(group_size=group_size, seed=9)
+    up = _weight(group_size=group_size, seed=10).replace(g_idx=gate.g_idx)
+    (sg, su), p1, why = sort_shared_rows([gate, up])
+    assert why == "" and torch.equal(p1, stable_argsort(gate.g_idx))
+    assert sg.g_idx is None and su.g_idx is None and sg.group_offset == 0
+    assert torch.equal(_deq(sg), _deq(gate)[p1]) and torch.equal(_deq(su), _deq(up)[p1])
+
+
+def test_sort_shared_rows_leaves_what_it_cannot_fold():
+    gate, up = _weight(seed=11), _weight(seed=12)  # two act-orders: one x[P1] cannot serve both
+    ws, p1, why = sort_shared_rows([gate, up])
+    assert p1 is None and ws[0] is gate and ws[1] is up and "different g_idx" in why
+    sorted_gate = sort_rows(gate)[0]
+    assert sort_shared_rows([sorted_gate])[1:] == (None, "already contiguous groups")
+    contiguous = gate.replace(g_idx=(torch.arange(gate.in_features) // gate.group_size).int())
+    (dropped,), p1, why = sort_shared_rows([contiguous])  # identity P1: g_idx dropped, no run-time permute
+    assert p1 is None and why == "" and dropped.g_idx is None
 
 
 @pytest.mark.parametrize("zero_offset", [0, 1])

@@ -32,5 +32,6 @@ def _rank_main(rank, world, port, timeout_s, fn, args):
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, device, *args)
+        dist.barrier()  # no rank tears the group down while a peer still has collectives in flight
     finally:
         dist.destroy_process_group()

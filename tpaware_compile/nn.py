@@ -6,6 +6,8 @@
     U     sharded as stored (kernel reads scales[g_idx]) nothing                           full
     T     TP-aware target: as N, and gate/up (fc)        nothing                           sharded
           output columns permuted by P2 before sharding
+          and rows sorted by their act-order P1, input
+          x[..., P1] (``in_perm``; None: nothing folded)
 
 The MLP is ``down(act(x @ A))`` with A = gate and up (SwiGLU: silu(gate) * up) or fc (GELU, with biases).
 Every form computes the same function; only the layout of the weights and the run-time steps differ.
@@ -20,7 +22,8 @@ from torch import nn
 from . import ops  # noqa: F401  registers torch.ops.tpaware.gptq_mm
 from .collectives import STYLES, all_gather_last_dim, all_reduce_sum
 from .gptq import GPTQWeight, dequantize
-from .reorder import cat_cols, permute_cols, permute_rows, shard_cols, shard_rows, sort_rows, stable_argsort
+from .reorder import (cat_cols, permute_cols, permute_rows, shard_cols, shard_rows, sort_rows, sort_shared_rows,
+                      stable_argsort)
 
 FORMS = ("N", "L", "U", "T")
 KINDS = ("swiglu", "gelu")
@@ -71,6 +74,8 @@ class TPMLP(nn.Module):
             raise ValueError("fused=True applies to kind='swiglu' (gate_up) only")
         self.kind, self.form, self.rank, self.world, self.group = kind, form, rank, world, group
         self.fused, self.collectives, self.gather_dim, self.kernel = fused, collectives, gather_dim, kernel
+        # form T only: the first layers' act-order P1, folded into their rows so every matmul has sorted groups
+        self.register_buffer("in_perm", None)
 
     @classmethod
     def from_full(cls, kind: str, weights: Dict[str, GPTQWeight], form: str, rank: int, world: int,
@@ -86,7 +91,7 @@ class TPMLP(nn.Module):
 
     def _set_first_layers(self, ws, p2: torch.Tensor) -> None:
         if self.form == "T":
-            ws = [permute_cols(w, p2) for w in ws]
+            ws, self.in_perm, _ = sort_shared_rows([permute_cols(w, p2) for w in ws])
         shards = [shard_cols(w, self.rank, self.world) for w in ws]
         if self.fused:
             self.gate_up = GPTQLinear(cat_cols(shards), self.kernel)
@@ -116,6 +121,8 @@ class TPMLP(nn.Module):
         return y + self.out_bias.to(y.dtype) if self.out_bias is not None else y
 
     def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_perm is not None:  # the first layers' rows are sorted by P1: x must follow (a local permute)
+            x = x.index_select(-1, self.in_perm)
         if self.kind == "gelu":
             return F.gelu(self.fc(x), approximate="tanh")
         if self.fused:

@@ -11,10 +11,13 @@ How each tensor moves (W is [K, N]; rows = input features K, columns = output fe
     narrow_rows,     rows[a/8:b/8]             full                      full            g_idx[a:b]      -
       with g_idx
 
+sort_shared_rows folds the act-order of the first layer(s) of an MLP: their rows sorted by the P1 they
+share, paired with a run-time ``x[..., P1]``.
+
 Row-parallel shards keep no bias: it is added once, after the AllReduce.
 """
 
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,6 +51,25 @@ def drop_contiguous_g_idx(w: GPTQWeight) -> GPTQWeight:
     if not torch.equal(w.g_idx.long(), rows // w.group_size):
         return w
     return w.replace(g_idx=None, group_offset=0)
+
+
+def sort_shared_rows(ws: Sequence[GPTQWeight]) -> Tuple[List[GPTQWeight], Optional[torch.Tensor], str]:
+    """Fold the act-order of layers that read one input (gate and up, or fc): rows of each sorted by the one
+    P1 = stable_argsort(g_idx) they share, so ``x[..., P1] @ W[P1]`` runs on contiguous groups (g_idx None).
+    Returns (weights, P1, why): P1 is None when nothing is folded (why says so; an identity P1 only drops
+    g_idx and needs no run-time permutation). Layers with different g_idx are left as they are: one x[P1]
+    cannot serve two orders."""
+    if all(w.g_idx is None for w in ws):
+        return list(ws), None, "already contiguous groups"
+    first = ws[0].group_index()
+    if any(not torch.equal(w.group_index(), first) or w.group_size != ws[0].group_size for w in ws[1:]):
+        return list(ws), None, "layers reading x have different g_idx"
+    perm = stable_argsort(first)
+    folded = [drop_contiguous_g_idx(permute_rows(w, perm)) for w in ws]
+    if any(w.g_idx is not None for w in folded):  # groups of unequal sizes: sorting leaves no plain runs
+        return list(ws), None, "sorted groups are not runs of group_size rows"
+    identity = torch.equal(perm, torch.arange(perm.numel(), device=perm.device))
+    return folded, None if identity else perm, ""
 
 
 def permute_cols(w: GPTQWeight, perm: torch.Tensor) -> GPTQWeight:

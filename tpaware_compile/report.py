@@ -28,7 +28,7 @@ class RewriteRow:
     reason: str = ""  # why skipped (empty when applied)
     collectives_removed: int = 0  # per call
     comm_removed: sympy.Expr = sympy.Integer(0)  # bytes received per rank per call, in terms of M
-    kernels: str = ""  # what the down projection runs after the rewrite
+    kernels: str = ""  # what the first layers and the down projection run after the rewrite
     weights: str = ""  # "in place" (project modules converted) or "private copy"
     private_bytes: int = 0  # bytes of the private copy held by the compiled graph
     down_node: str = ""  # name of the down projection's node (to attach the lowering's kernel choice)
@@ -60,11 +60,13 @@ class RewriteReport:
         return [r for r in self.rows if not r.applied]
 
     def set_kernels(self, choices: List[str]) -> None:
-        """Lowering lines ("node: kernel") -> the kernels column of each row, by its down node."""
+        """Lowering lines ("node: kernel") -> the down part of each row's kernels column, by its down node; the
+        first layers' part (e.g. "gate/up: sorted via x[P1]; ") stays."""
         by_node = dict(line.split(": ", 1) for line in choices if ": " in line)
         for r in self.rows:
             if r.down_node in by_node:
-                r.kernels = f"down: {by_node[r.down_node]}"
+                first = r.kernels.split("down: ", 1)[0]
+                r.kernels = f"{first}down: {by_node[r.down_node]}"
 
     def table(self) -> str:
         head = ["mlp", "layers", "kind", "form", "TP", "status", "coll. removed", "bytes removed/call", "@M=1",

@@ -5,6 +5,8 @@ down rows P2[R_r]. We all-gather the shards of one layer (transient: one full la
 target with the exact transforms of reorder.py:
 
     cols  full -> permute_cols(P2) -> shard_cols(r)           (fused gate_up: each half on its own)
+          -> rows sorted by their shared act-order P1, locally (column-parallel shards hold all K rows);
+             the graph then reads x[..., P1], so every matmul of the MLP has contiguous groups
     down  full -> permute_rows(P2) -> drop g_idx -> shard_rows(r)   (sharded scales/zeros, maybe a group offset)
 
 P2 = stable argsort of the full down g_idx: the graph's perm buffer for form N (checked to be a permutation),
@@ -13,7 +15,7 @@ only down qweight rows and g_idx travel.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch.fx import Node
@@ -30,6 +32,8 @@ class Target:
     cols: List[GPTQWeight]  # new weights of cand.cols, in order
     aligned: Dict[Node, torch.Tensor]  # new per-column vectors (biases), by their placeholder
     down: GPTQWeight  # new down shard (unchanged object for form N)
+    p1: Optional[torch.Tensor] = None  # [H] permutation of x folded into the cols' rows (None: not folded)
+    p1_note: str = ""  # why the cols keep their g_idx, when they do
 
 
 def exchange(cand: Candidate, values: Dict[Node, torch.Tensor], sync: Sync, fail: bool = False) -> Target:
@@ -46,8 +50,9 @@ def exchange(cand: Candidate, values: Dict[Node, torch.Tensor], sync: Sync, fail
         down = reorder.shard_rows(reorder.drop_contiguous_g_idx(reorder.permute_rows(down, p2)), cand.rank, cand.world)
         down = own_storage(down)
     cols = [own_storage(_target_cols(c.weight(values), p2, cand, sync)) for c in cand.cols]
+    cols, p1, note = reorder.sort_shared_rows(cols)
     aligned = {ph: _target_vector(values[ph], p2, cand, sync) for ph in cand.aligned}
-    return Target(p2, cols, aligned, down)
+    return Target(p2, cols, aligned, down, p1, note)
 
 
 def own_storage(w: GPTQWeight) -> GPTQWeight:

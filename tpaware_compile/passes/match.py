@@ -2,7 +2,8 @@
 
 A candidate is anchored at a down projection (a ``tpaware::gptq_mm`` node) and read backwards:
 
-    x -> gptq_mm (gate, up | gate_up | fc) -> elementwise activation = h_local          (column-parallel)
+    x -> [index_select(-1, P1)]                                                        (form T, folded act-order)
+      -> gptq_mm (gate, up | gate_up | fc) -> elementwise activation = h_local          (column-parallel)
       -> [all_gather -> wait -> narrow(dim 0) x world -> cat(-1)]                       (form N, TP > 1)
       -> [index_select(-1, perm)]                                                       (forms N, L)
       -> [narrow(-1, rank * I_r, I_r)]                                                  (form N)
@@ -123,7 +124,12 @@ class Candidate:
 
 def find_candidates(gm: GraphModule) -> List[Candidate]:
     found = [_match_down(n) for n in gm.graph.nodes if n.op == "call_function" and n.target is GPTQ_MM]
-    return [c for c in found if c is not None]
+    found = [c for c in found if c is not None]
+    # Form T's gate/up read x[..., P1] (the folded act-order of their rows): that index_select makes them look
+    # like a down projection after a runtime permutation. A layer that another MLP uses as its column-parallel
+    # layer is no down projection, so such a failed reading is dropped rather than reported.
+    cols = {col.node for c in found for col in c.cols}
+    return [c for c in found if c.reason is None or c.down.node not in cols]
 
 
 @dataclass

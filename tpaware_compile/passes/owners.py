@@ -29,6 +29,8 @@ class Owners:
 
     def applicable(self, target: Target) -> bool:
         has_bias = [m.weight().bias is not None for m in self.cols]
+        if target.p1 is not None and not hasattr(self.mlp, "in_perm"):
+            return False  # the module cannot apply the folded input permutation: keep a private copy
         return all(has == (j in self.bias_of.values()) for j, has in enumerate(has_bias))
 
     def convert(self, c: Candidate, t: Target) -> None:
@@ -40,6 +42,8 @@ class Owners:
             m.load(w.replace(bias=bias))
         if c.form != "N":  # form N's down is already the target shard
             self.down.load(t.down.replace(bias=self.down.weight().bias))
+        if hasattr(self.mlp, "in_perm"):  # the cols' rows are sorted by P1 (or not, with None): x must follow
+            self.mlp.in_perm = t.p1
         self.mlp.form = "T"
 
 

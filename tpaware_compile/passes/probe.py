@@ -50,6 +50,7 @@ def _run_new(cand: Candidate, values, x: torch.Tensor, target: Target) -> torch.
     env = dict(values)
     env.update(target.aligned)
     cols = {c.node for c in cand.cols}
+    x = x if target.p1 is None else x.index_select(-1, target.p1)  # what the new graph feeds the sorted rows
     for col, w in zip(cand.cols, target.cols):
         env[col.node] = mm(x, w)
     for n in _nodes_in_order(cand):

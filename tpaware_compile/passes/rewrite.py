@@ -137,27 +137,40 @@ def _rewrite_one(gm: GraphModule, c: Candidate, values, opts: RewriteOptions, ro
     else:
         row.weights, row.private_bytes, convert = "private copy", _private_bytes(c, target), (lambda: None)
     _commit_graph(gm, c, target)
-    _fill_row(row, c)
+    _fill_row(row, c, target)
     return convert
 
 
 def _private_bytes(c: Candidate, t: Target) -> int:
     down = 0 if c.form == "N" else t.down.nbytes()
-    return sum(w.nbytes() for w in t.cols) + sum(v.numel() * v.element_size() for v in t.aligned.values()) + down
+    p1 = 0 if t.p1 is None else t.p1.numel() * t.p1.element_size()
+    return sum(w.nbytes() for w in t.cols) + sum(v.numel() * v.element_size() for v in t.aligned.values()) + down + p1
 
 
-def _fill_row(row: RewriteRow, c: Candidate) -> None:
+def _fill_row(row: RewriteRow, c: Candidate, t: Target) -> None:
     h = c.h_local.meta["example_value"]
     row.applied = True
     row.collectives_removed = 1 if c.gather is not None else 0
     # The removed AllGather brought (world - 1) ranks' [M, I / world] activations to this rank on every call.
     row.comm_removed = (c.world - 1) * h.shape[-1] * h.element_size() * M if c.gather is not None else 0 * M
-    row.kernels = "down: gptq_mm, sorted groups, no g_idx" + ("" if c.form == "N" else f" (was g_idx, form {c.form})")
+    down = "down: gptq_mm, sorted groups, no g_idx" + ("" if c.form == "N" else f" (was g_idx, form {c.form})")
+    row.kernels = f"{_first_layers_kernel(row, t)}; {down}"
+
+
+def _first_layers_kernel(row: RewriteRow, t: Target) -> str:
+    names = "/".join(row.layers.split(", ")[:-1])  # named before the commit: new weights have no module path
+    if t.p1 is not None:
+        return f"{names}: sorted via x[P1]"
+    if all(w.g_idx is None for w in t.cols):
+        return f"{names}: sorted groups"
+    return f"{names}: per-row g_idx kept ({t.p1_note})"
 
 
 def _commit_graph(gm: GraphModule, c: Candidate, t: Target) -> None:
-    for col, w in zip(c.cols, t.cols):
-        _set_weight(gm, col, w, f"{c.name}.{col.path or col.node.name}", keep_g_idx=True)
+    for col, w in zip(c.cols, t.cols):  # a g_idx left on the target is the unchanged one the graph already reads
+        _set_weight(gm, col, w, f"{c.name}.{col.path or col.node.name}", keep_g_idx=w.g_idx is not None)
+    if t.p1 is not None:
+        _permute_input(gm, c, t.p1)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for ph, v in t.aligned.items():
         with gm.graph.inserting_before(min((u for u in ph.users if u in c.act_nodes), key=order.get)):
@@ -169,6 +182,20 @@ def _commit_graph(gm: GraphModule, c: Candidate, t: Target) -> None:
     c.down.node.update_arg(0, c.h_local)
     for n in c.dead_nodes:  # users first; DCE would keep the collectives, so erase them by hand
         gm.graph.erase_node(n)
+
+
+def _permute_input(gm: GraphModule, c: Candidate, p1: torch.Tensor) -> None:
+    """One ``index_select(x, -1, P1)`` read by every column layer (their rows are sorted by P1); x's other
+    readers (the residual) keep the original order."""
+    x = c.cols[0].node.args[0]
+    with gm.graph.inserting_before(c.cols[0].node):
+        perm = _constant(gm, f"{c.name}.in_perm", p1)
+        xp = gm.graph.call_function(torch.index_select, (x, -1, perm))
+    for key in ("example_value", "val"):  # same shape, dtype and device as x: later passes read them
+        if key in x.meta:
+            xp.meta[key] = x.meta[key]
+    for col in c.cols:
+        col.node.update_arg(0, xp)
 
 
 def _set_weight(gm: GraphModule, lin: Linear, w, prefix: str, keep_g_idx: bool) -> None:
