@@ -104,6 +104,14 @@ def splitk_buffers(m: int, n: int, split_k: int, dtype: torch.dtype, device):
     return torch.empty((split_k, m, n), dtype=torch.float32, device=device), out
 
 
+def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
+    """Plan split-K over x's K (group offset included), run ``launch`` once into the partials, reduce."""
+    per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
+    part, out = splitk_buffers(x.shape[0], qweight.shape[1], split_k, out_dtype, x.device)
+    launch(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg)
+    return splitk_finish(part, out, split_k)
+
+
 def splitk_finish(part: torch.Tensor, out: torch.Tensor, split_k: int) -> torch.Tensor:
     """Sum the split-K partials into ``out`` (deterministic: no atomics, no memset)."""
     if split_k > 1:

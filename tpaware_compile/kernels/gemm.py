@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (group_affine, load_group, mantissa_args, nibble_floats, segment_rows, split_plan,
-                     splitk_buffers, splitk_finish, tl_dtype)
+from .common import (group_affine, load_group, mantissa_args, nibble_floats, segment_rows, split_k_matmul,
+                     tl_dtype)
 
 
 @triton.jit
@@ -108,10 +108,8 @@ def _dot_kernel_plain(
 
 def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
     """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype."""
-    per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
-    part, out = splitk_buffers(x.shape[0], qweight.shape[1], split_k, out_dtype, x.device)
-    launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg)
-    return splitk_finish(part, out, split_k)
+    return split_k_matmul(launch_dot, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
+                          cfg)
 
 
 def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg):

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import affine_factors, load_group, mantissa_args, nibble_floats, split_plan, splitk_buffers, splitk_finish
+from .common import affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -71,10 +71,8 @@ def _load_words(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, live):
 
 def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
     """x [M, K] (row-contiguous) -> [M, N] in out_dtype. cfg: BLOCK_N, BLOCK_K, SPLIT_K (wanted), num_warps."""
-    per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
-    part, out = splitk_buffers(x.shape[0], qweight.shape[1], split_k, out_dtype, x.device)
-    launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg)
-    return splitk_finish(part, out, split_k)
+    return split_k_matmul(launch_gemv, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
+                          cfg)
 
 
 def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg):
