@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library_logits import assert_logits_match
 from library_venv import library_python, run_worker
 from tpaware_compile.checkpoint import checkpoint_format, load_quant_config, read_gptq_linear, v1_to_v2_qzeros
 from tpaware_compile.gptq import dequantize, pack_cols, unpack_cols
@@ -151,30 +152,8 @@ def test_read_names_missing_and_bad_tensors():
 
 # ---- the whole model: our loader and decoder against GPTQModel's own forward ----
 
-def _our_logits(rank, world, path, tokens, compiled=False):
-    from tpaware_compile.models import Parallel
-    from tpaware_compile.models.loader import load_checkpoint
-
-    model = load_checkpoint(path, Parallel(rank, world, form="N"), dtype=torch.float32, max_seq=32)
-    if compiled:
-        from tpaware_compile.backend import tpaware
-
-        from tpaware_compile.report import clear_reports, last_reports
-
-        torch._dynamo.reset()  # a fresh cache: this rank process compiled other checkpoints' models before
-        clear_reports()
-        model = torch.compile(model, backend=tpaware, options={"tpaware.hand_off": "eager"})
-    with torch.no_grad():
-        logits = model(tokens, torch.arange(tokens.shape[1]))
-    assert not compiled or any(r.applied for r in last_reports()), "the checkpoint's MLPs were not rewritten"
-    return logits
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_loaded_model_logits_match_gptqmodel(gptqmodel_out, ranks, case):
     theirs = load_file(gptqmodel_out / case / "gptqmodel_logits.safetensors")
     path = str(gptqmodel_out / case / "quantized")
-    for world, compiled in ((1, False), (2, False), (4, False), (1, True), (2, True), (4, True)):
-        for ours in ranks(world).run(_our_logits, path, theirs["tokens"], compiled):
-            assert float((ours - theirs["logits"]).abs().max()) < 1e-2, (case, world, compiled)
-            assert torch.equal(ours.argmax(-1), theirs["logits"].argmax(-1)), (case, world, compiled)
+    assert_logits_match(ranks, path, theirs, case)

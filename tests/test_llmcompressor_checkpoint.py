@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library_logits import assert_logits_match
 from library_venv import library_python, run_worker
 from tpaware_compile.compressed import (CompressedFormatError, CompressedScheme, compressed_scheme,
                                         is_compressed_config, read_compressed_linear)
@@ -228,31 +229,8 @@ def test_missing_and_misshapen_tensors_are_named():
 
 # ---- the whole model: our loader and decoder against the library's own forward ----
 
-def _our_logits(rank, world, path, tokens, compiled=False):
-    from tpaware_compile.models import Parallel
-    from tpaware_compile.models.loader import load_checkpoint
-
-    model = load_checkpoint(path, Parallel(rank, world, form="N"), dtype=torch.float32, batch=tokens.shape[0],
-                            max_seq=32)
-    if compiled:
-        from tpaware_compile.backend import tpaware
-
-        from tpaware_compile.report import clear_reports, last_reports
-
-        torch._dynamo.reset()  # a fresh cache: this rank process compiled other checkpoints' models before
-        clear_reports()
-        model = torch.compile(model, backend=tpaware, options={"tpaware.hand_off": "eager"})
-    with torch.no_grad():
-        logits = model(tokens, torch.arange(tokens.shape[1]))
-    assert not compiled or any(r.applied for r in last_reports()), "the checkpoint's MLPs were not rewritten"
-    return logits
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_loaded_model_logits_match_library(library_out, ranks, case):
     theirs = load_file(library_out / case / "library_logits.safetensors")
     path = str(library_out / case / "quantized")
-    for world, compiled in ((1, False), (2, False), (4, False), (1, True), (2, True), (4, True)):
-        for ours in ranks(world).run(_our_logits, path, theirs["tokens"], compiled):
-            assert float((ours - theirs["logits"]).abs().max()) < 1e-2, (case, world, compiled)
-            assert torch.equal(ours.argmax(-1), theirs["logits"].argmax(-1)), (case, world, compiled)
+    assert_logits_match(ranks, path, theirs, case)
