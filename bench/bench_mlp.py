@@ -125,10 +125,12 @@ def _check_rewritten(mlps):
         raise RuntimeError(f"tpaware did not rewrite copies {unconverted}: see the rewrite report")
 
 
-def run(rank, world, device, models, ms, kernel, out_path, timer):
+def run(rank, world, device, models, ms, kernel, out_path, timer, rows=None, meta=None):
+    """Time every variant; rank 0 rewrites ``out_path`` after each row (a run cut short keeps what it measured).
+    ``rows`` and ``meta`` let several runs share one result file."""
     raise_recompile_limit(1024)  # one compile per weight copy, or Dynamo falls back to eager unseen
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    rows = []
+    rows = [] if rows is None else rows
     for model, (kind, hidden, inter) in models.items():
         copies = copies_for(hidden, inter, world) if device.type == "cuda" else 2  # 2: rotation runs on CPU too
         found = variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies)
@@ -144,10 +146,14 @@ def run(rank, world, device, models, ms, kernel, out_path, timer):
                 rows.append(dict(model=model, tp=world, M=m, variant=name, median_us=timer(fns), kernel=desc,
                                  max_rel_err=errors.get(name)))
                 _log(rank, rows[-1])
-    if rank == 0 and out_path:
-        with open(out_path, "w") as f:
-            json.dump(dict(header(), rows=rows), f, indent=1)
+                if rank == 0 and out_path:
+                    _write(out_path, rows, meta)
     return rows
+
+
+def _write(path, rows, meta):
+    with open(path, "w") as f:
+        json.dump(dict(header(), **(meta or {}), rows=rows), f, indent=1)
 
 
 def _log(rank, row):
@@ -188,12 +194,10 @@ def main():
 
 def single_gpu(models, ms, kernel, out_path):
     """No collectives: at TP t one rank computes an MLP of intermediate size I/t; time that at world 1."""
-    rows = []
+    rows, meta = [], dict(mode="single-gpu compute path (no collectives)")
     for tp in (2, 4, 8):
         shard = {f"{k}_tp{tp}": (kind, h, i // tp) for k, (kind, h, i) in models.items()}
-        rows += run(0, 1, torch.device("cuda"), shard, ms, kernel, None, graph_us)
-    with open(out_path or os.devnull, "w") as f:
-        json.dump(dict(header(), mode="single-gpu compute path (no collectives)", rows=rows), f, indent=1)
+        run(0, 1, torch.device("cuda"), shard, ms, kernel, out_path, graph_us, rows, meta)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 #!/bin/bash
 # One device-tool call: GPU tests, then benchmarks. Logs and results under $OUT.
-# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [mlp1]
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [mlp1] [mlp1full] [mlptp] [demo]
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
-#   model:   bench_model.py --quick (Llama-2-7B shapes, TP 1)     mlp1: bench_mlp.py --single-gpu --quick
+#   model:   bench_model.py --quick (Llama-2-7B shapes, TP 1)     modelfull: Llama-2-7B and 13B
+#   mlp1:    bench_mlp.py --single-gpu --quick                    mlp1full: every model and M
+#   mlptp:   bench_mlp.py under torchrun over every visible GPU (NCCL, NVLink multicast off)
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > $OUT/nvidia_smi.txt 2>&1
 for step in "$@"; do
   case $step in
@@ -14,6 +17,11 @@ for step in "$@"; do
     backend) timeout 240 python -m pytest tests/test_backend_gpu.py tests/test_instances.py -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_backend.log; tail -3 $OUT/pytest_backend.log ;;
     model) timeout 400 python bench/bench_model.py --quick --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
     mlp1) timeout 400 python bench/bench_mlp.py --single-gpu --quick --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
+    modelfull) timeout ${MODEL_TIMEOUT:-540} python bench/bench_model.py --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
+    mlp1full) timeout ${MLP_TIMEOUT:-540} python bench/bench_mlp.py --single-gpu --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
+    mlptp) gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+      timeout ${MLP_TIMEOUT:-540} torchrun --standalone --nproc-per-node $gpus bench/bench_mlp.py --out $OUT/mlp_tp$gpus.json > $OUT/mlp_tp$gpus.log 2>&1; tail -20 $OUT/mlp_tp$gpus.log ;;
+    demo) timeout 300 python -m tpaware_compile demo > $OUT/demo.log 2>&1; tail -15 $OUT/demo.log ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
   esac
 done
