@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import header  # noqa: E402
 
+from tpaware_compile.backend import tpaware  # the function: the bench needs no installed entry point  # noqa: E402
 from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
 from tpaware_compile.models import Decoder, DecoderConfig, Parallel, random_weights  # noqa: E402
 
@@ -29,7 +30,7 @@ SHAPES = {
     "llama2-13b": DecoderConfig(vocab=32000, hidden=5120, inter=13824, layers=40, heads=40, kv_heads=40, max_seq=1024),
 }
 TINY = {"tiny": DecoderConfig(vocab=256, hidden=128, inter=384, layers=2, heads=4, kv_heads=2, max_seq=64)}
-VARIANTS = {"eager": None, "inductor": "inductor", "tpaware": "tpaware"}
+VARIANTS = {"eager": None, "inductor": "inductor", "tpaware": tpaware}
 
 
 def build(cfg, variant, device, dtype, kernel):

@@ -21,7 +21,8 @@ for step in "$@"; do
     mlp1full) timeout ${MLP_TIMEOUT:-540} python bench/bench_mlp.py --single-gpu --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
     mlptp) gpus=$(python -c "import torch; print(torch.cuda.device_count())")
       timeout ${MLP_TIMEOUT:-540} torchrun --standalone --nproc-per-node $gpus bench/bench_mlp.py --out $OUT/mlp_tp$gpus.json > $OUT/mlp_tp$gpus.log 2>&1; tail -20 $OUT/mlp_tp$gpus.log ;;
-    demo) timeout 300 python -m tpaware_compile demo > $OUT/demo.log 2>&1; tail -15 $OUT/demo.log ;;
+    demo) python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/pip.log 2>&1  # the demo uses the entry point
+      timeout 300 python -m tpaware_compile demo > $OUT/demo.log 2>&1; tail -15 $OUT/demo.log ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
   esac
 done
