@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device-tool call: GPU tests, then benchmarks. Logs and results under $OUT.
-# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [mlp1] [mlp1full] [mlptp] [demo]
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [mlp1] [mlp1full] [mlptp] [demo] [gidx]
+#   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
 #   model:   bench_model.py --quick (Llama-2-7B shapes, TP 1)     modelfull: Llama-2-7B and 13B
 #   mlp1:    bench_mlp.py --single-gpu --quick                    mlp1full: every model and M
@@ -11,6 +12,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 for step in "$@"; do
   case $step in
     tests) timeout 240 python -m pytest tests/test_kernels.py -m gpu -q --maxfail=8 -p no:cacheprovider 2>&1 | tail -60 > $OUT/pytest_gpu.log; tail -5 $OUT/pytest_gpu.log ;;
+    gidx) timeout 200 python -m pytest tests/test_kernels.py -m gpu -k gidx -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_gidx.log; tail -3 $OUT/pytest_gidx.log ;;
     prod) timeout 110 python -m pytest tests/test_kernels.py -m gpu -k production -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_prod.log; tail -3 $OUT/pytest_prod.log ;;
     sweep) timeout 300 python bench/bench_kernels.py --sweep --out $OUT/sweep.json > $OUT/sweep.log 2>&1; tail -3 $OUT/sweep.log ;;
     quick) timeout 300 python bench/bench_kernels.py --quick --out $OUT/quick.json > $OUT/quick.log 2>&1; tail -50 $OUT/quick.log ;;
@@ -20,7 +22,7 @@ for step in "$@"; do
     modelfull) timeout ${MODEL_TIMEOUT:-540} python bench/bench_model.py --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
     mlp1full) timeout ${MLP_TIMEOUT:-540} python bench/bench_mlp.py --single-gpu --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
     mlptp) gpus=$(python -c "import torch; print(torch.cuda.device_count())")
-      timeout ${MLP_TIMEOUT:-540} torchrun --standalone --nproc-per-node $gpus bench/bench_mlp.py --out $OUT/mlp_tp$gpus.json > $OUT/mlp_tp$gpus.log 2>&1; tail -20 $OUT/mlp_tp$gpus.log ;;
+      timeout ${MLP_TIMEOUT:-540} torchrun --standalone --nproc-per-node $gpus bench/bench_mlp.py $MLP_ARGS --out $OUT/mlp_tp$gpus.json > $OUT/mlp_tp$gpus.log 2>&1; tail -20 $OUT/mlp_tp$gpus.log ;;
     demo) python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/pip.log 2>&1  # the demo uses the entry point
       timeout 300 python -m tpaware_compile demo > $OUT/demo.log 2>&1; tail -15 $OUT/demo.log ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;

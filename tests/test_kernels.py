@@ -53,8 +53,11 @@ def _interp_cases():
             dtype = ("fp16", "fp16", "bf16", "fp16", "fp32", "fp16", "bf16", "fp16", "bf16")[(i + j) % 9]
             cases.append(dict(kind=kind, m=m, split_k=sk, k=256, n=64 if (i + j) % 3 else 128, gs=gs, off=off,
                               zo=(i + j) % 2, sym=(i * 7 + j) % 4 == 0, dtype=dtype, seed=100 * i + j))
-    cases.append(dict(kind="gidx", m=3, split_k=1, k=256, n=64, gs=64, off=0, zo=1, sym=False, dtype="fp16", seed=7))
-    cases.append(dict(kind="gidx", m=1, split_k=1, k=256, n=64, gs=32, off=0, zo=0, sym=False, dtype="bf16", seed=8))
+    # per-row g_idx: split-K, ragged M and N tiles, K not a multiple of the 64-row step, per-channel
+    for i, (m, sk, k, n, gs, dtype) in enumerate([(3, 1, 256, 64, 64, "fp16"), (1, 2, 256, 64, 32, "bf16"),
+                                                  (17, 3, 264, 96, 32, "fp16"), (1, 4, 200, 64, -1, "fp32")]):
+        cases.append(dict(kind="gidx", m=m, split_k=sk, k=k, n=n, gs=gs, off=0, zo=i % 2, sym=i == 3, dtype=dtype,
+                          seed=7 + i))
     return cases
 
 
@@ -79,7 +82,9 @@ def run_case(c, device="cpu", config=None):
         g_idx = w.group_index()[perm.to(device)]  # act-order: the same groups, rows shuffled
         w = w.replace(g_idx=g_idx, qweight=gptq.pack_rows(gptq.unpack_rows(w.qweight)[perm.to(device)]),
                       group_offset=0)
-        y = gptq_mm_gidx(x, w.qweight, w.qzeros, w.scales, w.g_idx, w.zero_offset)
+        cfg = config if config is not None else (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=c["split_k"],
+                                                      num_warps=4, num_stages=1) if device == "cpu" else None)
+        y = gptq_mm_gidx(x, w.qweight, w.qzeros, w.scales, w.g_idx, w.zero_offset, config=cfg)
     else:
         cfg = config if config is not None else (interp_config(c["kind"], c["n"], c["gs"], c["k"], c["split_k"])
                                                  if device == "cpu" else None)
@@ -282,9 +287,11 @@ def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [c for c in CASES if c["kind"] == "gidx"], ids=case_id)
-def test_gidx_gpu(case):
+@pytest.mark.parametrize("m", [1, 16, 77, 300])  # 300: the dequantize + cuBLAS path
+def test_gidx_gpu(case, m):
     _poison()
-    assert run_case(case, "cuda") < TOL[DTYPES[case["dtype"]]]
+    c = dict(case, m=m, k=case["k"] * 4, n=case["n"] * 8)
+    assert run_case(c, "cuda") < TOL[DTYPES[c["dtype"]]]
 
 
 @pytest.mark.gpu

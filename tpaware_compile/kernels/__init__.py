@@ -5,7 +5,7 @@
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; the
 tensor-core kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
-``gptq_mm_gidx`` is the plain per-row g_idx kernel (gidx.py), the baseline for unsorted act-order weights.
+``gptq_mm_gidx`` is the per-row g_idx kernel (gidx.py) for act-order weights as stored: the baseline.
 Under TRITON_INTERPRET=1 (CPU tests) one fixed config runs, and bf16 is computed through fp32 (the
 interpreter's bf16 arithmetic is wrong).
 """
@@ -19,7 +19,7 @@ from .gemm import _dot_kernel, dequant_mm, dequantize_sorted, dot_mm
 from .fused import swiglu
 from .gemv import gemv
 from .gemv_prep import gemv_prep
-from .gidx import gidx_mm
+from .gidx import gidx_config, gidx_dequant_mm, gidx_mm
 
 INTERPRET = is_interpreted(_dot_kernel)  # decided when triton.jit ran, i.e. at this package's import
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -161,9 +161,19 @@ def _interpreter_upcast(x2):
     return x2, x2.dtype
 
 
-def gptq_mm_gidx(x, qweight, qzeros, scales, g_idx, zero_offset: int = 0) -> torch.Tensor:
-    """x @ W with per-row groups g_idx [K] (act-order as stored): the plain baseline kernel."""
+def gptq_mm_gidx(x, qweight, qzeros, scales, g_idx, zero_offset: int = 0, config: Optional[dict] = None):
+    """x @ W with per-row groups g_idx [K] (act-order as stored): the baseline kernel, dequantize + cuBLAS above
+    DOT_MAX_M tokens."""
     lead, k, n = x.shape[:-1], x.shape[-1], qweight.shape[1]
     x2 = x.reshape(-1, k).contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, n)
     xc, out_dtype = _interpreter_upcast(x2)
-    return gidx_mm(xc, qweight, qzeros, scales, g_idx, zero_offset, out_dtype).to(x.dtype).reshape(*lead, n)
+    m = x2.shape[0]
+    if m > DOT_MAX_M and not INTERPRET and config is None:
+        y = gidx_dequant_mm(xc, qweight, qzeros, scales, g_idx, zero_offset, out_dtype)
+    else:
+        cfg = config or (dict(BLOCK_M=16, BLOCK_N=min(64, n), BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1)
+                         if INTERPRET else gidx_config(m, n, _num_sms(x.device)))
+        y = gidx_mm(xc, qweight, qzeros, scales, g_idx, zero_offset, out_dtype, cfg)
+    return y.to(x.dtype).reshape(*lead, n)
