@@ -46,12 +46,12 @@ def full_weights(kind, hidden, inter, seed, dtype):
     return {"gate": gate, "up": layer(hidden, inter).replace(g_idx=gate.g_idx), "down": layer(inter, hidden)}
 
 
-def build(kind, hidden, inter, form, rank, world, device, dtype, kernel, copies):
+def build(kind, hidden, inter, form, rank, world, device, dtype, kernel, copies, presort):
     """``copies`` MLPs with different weights, on ``device``."""
     mlps = []
     for c in range(copies):
         w = {n: _to(v, device) for n, v in full_weights(kind, hidden, inter, 100 + c, dtype).items()}
-        mlps.append(TPMLP.from_full(kind, w, form, rank, world, kernel=kernel).to(device))
+        mlps.append(TPMLP.from_full(kind, w, form, rank, world, kernel=kernel, presort=presort).to(device))
     return mlps
 
 
@@ -65,16 +65,19 @@ def copies_for(hidden, inter, world) -> int:
     return max(2, int(-(-ROTATE_BYTES // per_rank)))
 
 
-def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies):
-    """name -> (list of callables on x, matmul kernel description)."""
-    args = (kind, hidden, inter)
-    eager_n = build(*args, "N", rank, world, device, dtype, kernel, copies)
-    out = {"formN_eager": (eager_n, f"{kernel}: gate/up g_idx, down sorted")}
+def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, presort):
+    """name -> (list of callables on x, matmul kernel description). ``presort``: the first layers run as vLLM
+    runs act-order column-parallel layers (rows sorted at load, x[..., P1]); else on the per-row g_idx kernel."""
+    def make(form):
+        return build(kind, hidden, inter, form, rank, world, device, dtype, kernel, copies, presort)
+
+    first = "gate/up sorted via x[P1]" if presort else "gate/up per-row g_idx"
+    eager_n = make("N")
+    out = {"formN_eager": (eager_n, f"{kernel}: {first}, down sorted")}
     out["formN_inductor"] = ([torch.compile(m, backend="inductor") for m in eager_n],
-                             f"{kernel} (opaque custom op under Inductor)")
-    out["formL"] = (build(*args, "L", rank, world, device, dtype, kernel, copies), f"{kernel}: down per-row g_idx")
-    out["tpaware"] = (convert_each(build(*args, "N", rank, world, device, dtype, kernel, copies), hidden, device,
-                                   dtype), "tpaware lowering (see report)")
+                             f"{kernel} (opaque custom op under Inductor): {first}, down sorted")
+    out["formL"] = (make("L"), f"{kernel}: {first}, down per-row g_idx (rank-local act-order)")
+    out["tpaware"] = (convert_each(make("N"), hidden, device, dtype), "tpaware lowering (see report)")
     return out
 
 
@@ -126,7 +129,7 @@ def _check_rewritten(mlps):
         raise RuntimeError(f"tpaware did not rewrite copies {unconverted}: see the rewrite report")
 
 
-def run(rank, world, device, models, ms, kernel, out_path, timer, rows=None, meta=None):
+def run(rank, world, device, models, ms, kernel, out_path, timer, rows=None, meta=None, presort=True):
     """Time every variant; rank 0 rewrites ``out_path`` after each row (a run cut short keeps what it measured).
     ``rows`` and ``meta`` let several runs share one result file."""
     raise_recompile_limit(1024)  # one compile per weight copy, or Dynamo falls back to eager unseen
@@ -134,7 +137,7 @@ def run(rank, world, device, models, ms, kernel, out_path, timer, rows=None, met
     rows = [] if rows is None else rows
     for model, (kind, hidden, inter) in models.items():
         copies = copies_for(hidden, inter, world) if device.type == "cuda" else 2  # 2: rotation runs on CPU too
-        found = variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies)
+        found = variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, presort)
         for m in ms:
             # the input of a TP MLP is replicated: every rank draws the same x
             x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(m)).to(device, dtype)
@@ -173,6 +176,8 @@ def main():
     p.add_argument("--single-gpu", action="store_true", help="one rank's compute path at TP 2/4/8 shard shapes")
     p.add_argument("--cpu-check", action="store_true", help="2 gloo ranks on tiny shapes: validation only")
     p.add_argument("--kernel", default="triton", choices=["triton", "reference"])
+    p.add_argument("--per-row-first", action="store_true",
+                   help="eager forms run gate/up (fc) on the per-row g_idx kernel instead of presorted rows")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.cpu_check:
@@ -183,22 +188,23 @@ def main():
     models = {"llama70b": MODELS["llama70b"]} if a.quick else MODELS
     ms = (1, 16) if a.quick else M_ALL
     if a.single_gpu:
-        return single_gpu(models, ms, a.kernel, a.out)
+        return single_gpu(models, ms, a.kernel, a.out, not a.per_row_first)
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank)
     try:
-        run(rank, world, torch.device("cuda", rank), models, ms, a.kernel, a.out, graph_us)
+        run(rank, world, torch.device("cuda", rank), models, ms, a.kernel, a.out, graph_us,
+            meta=dict(presort=not a.per_row_first), presort=not a.per_row_first)
     finally:
         dist.destroy_process_group()
 
 
-def single_gpu(models, ms, kernel, out_path):
+def single_gpu(models, ms, kernel, out_path, presort):
     """No collectives: at TP t one rank computes an MLP of intermediate size I/t; time that at world 1."""
-    rows, meta = [], dict(mode="single-gpu compute path (no collectives)")
+    rows, meta = [], dict(mode="single-gpu compute path (no collectives)", presort=presort)
     for tp in (2, 4, 8):
         shard = {f"{k}_tp{tp}": (kind, h, i // tp) for k, (kind, h, i) in models.items()}
-        run(0, 1, torch.device("cuda"), shard, ms, kernel, out_path, graph_us, rows, meta)
+        run(0, 1, torch.device("cuda"), shard, ms, kernel, out_path, graph_us, rows, meta, presort)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ eager, ``backend="inductor"`` and ``backend="tpaware"``.
     python bench/bench_model.py --cpu-check     # a tiny model on CPU: every variant runs and agrees
 
 Decode steps run as a CUDA graph of one step (static token, position and KV cache), replayed many times;
-prefill is timed with events. Eager and Inductor use the Triton kernels through ``kernel="triton"`` (per-row
-g_idx for act-order layers, sorted groups where the layout allows), never the fp32 reference; each row names
-its kernel. Weights are random packed tensors (``random_weights(fast=True)``): speed does not depend on values.
+prefill is timed with events. Eager and Inductor use the Triton kernels through ``kernel="triton"`` with
+``presort=True`` (act-order gate/up rows sorted at load and x permuted at run time, as vLLM runs them; down is
+sorted in form N at TP 1), never the fp32 reference; each row names its kernel. Weights are random packed
+tensors (``random_weights(fast=True)``): speed does not depend on values.
 """
 
 import argparse
@@ -34,7 +35,8 @@ VARIANTS = {"eager": None, "inductor": "inductor", "tpaware": tpaware}
 
 
 def build(cfg, variant, device, dtype, kernel):
-    model = Decoder(cfg, Parallel(kernel=kernel), random_weights(cfg, dtype, group_size=128, fast=True))
+    # presort: act-order gate/up run as vLLM runs them (rows sorted at load, x[..., P1]): the best eager path
+    model = Decoder(cfg, Parallel(kernel=kernel, presort=True), random_weights(cfg, dtype, group_size=128, fast=True))
     model = model.to(device)
     return model if VARIANTS[variant] is None else torch.compile(model, backend=VARIANTS[variant])
 
@@ -141,7 +143,7 @@ def main():
 def _kernel_name(variant, kernel):
     if variant == "tpaware":
         return "tpaware rewrite + lowering (see the rewrite report)"
-    return f"{kernel}: per-row g_idx for act-order layers, sorted for form N's down"
+    return f"{kernel}: gate/up sorted via x[P1] (presort), down sorted (form N at TP 1)"
 
 
 if __name__ == "__main__":

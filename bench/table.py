@@ -1,6 +1,7 @@
-"""Markdown tables from a bench_kernels.py result file.
+"""Markdown tables from a result file of bench_kernels.py (rows by provider) or bench_mlp.py (rows by variant).
 
     python bench/table.py bench/results/kernels_<device>.json
+    python bench/table.py bench/results/mlp_<...>.json
 """
 
 import json
@@ -12,6 +13,10 @@ PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton")
 
 def main(path):
     d = json.load(open(path))
+    (mlp_table if "variant" in d["rows"][0] else kernel_table)(d)
+
+
+def kernel_table(d):
     print(f"{d['device']}, torch {d['torch']}, triton {d['triton']}, commit {d['commit']}, "
           f"copy bandwidth {d['copy_TBps']:.2f} TB/s. Times in us, CUDA-graph per-call "
           "(do_bench median in brackets).\n")
@@ -34,6 +39,25 @@ def main(path):
 
 def _cell(r):
     return f"{r['median_us']:.1f} ({r['do_bench_us']:.1f})" if r else "-"
+
+
+MLP_VARIANTS = ("formN_eager", "formN_inductor", "formL", "tpaware", "allgather_perm", "allreduce")
+
+
+def mlp_table(d):
+    """One row per model, TP and M; the headline (b)/(d) and the gain (b) - (d) beside AllGather + permutation."""
+    print(f"{d['device']}, torch {d['torch']}, triton {d['triton']}, commit {d['commit']}"
+          f"{', ' + d['mode'] if 'mode' in d else ''}. Median us per MLP call, CUDA graphs.\n")
+    cells = defaultdict(dict)
+    for r in d["rows"]:
+        cells[(r["model"], r["tp"], r["M"])][r["variant"]] = r["median_us"]
+    print("| model | TP | M | " + " | ".join(MLP_VARIANTS) + " | (b)/(d) | (b)-(d) | (b)-(d) / allgather_perm |")
+    print("|---" * (len(MLP_VARIANTS) + 6) + "|")
+    for (model, tp, m), row in cells.items():
+        b, dd, ag = row.get("formN_inductor"), row.get("tpaware"), row.get("allgather_perm")
+        cols = [model, tp, m] + [f"{row[v]:.1f}" if v in row else "-" for v in MLP_VARIANTS]
+        cols += [f"{b / dd:.2f}x", f"{b - dd:.1f}", f"{(b - dd) / ag:.1f}"] if b and dd and ag else ["-"] * 3
+        print("| " + " | ".join(str(c) for c in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Per-call time = one CUDA graph of ``calls`` back-to-back calls rotating over ``f
 so the weights come from DRAM as in a decode step), replayed several times; the median replay / calls.
 """
 
+import os
 import subprocess
 import time
 
@@ -11,6 +12,9 @@ import torch
 
 
 def git_commit() -> str:
+    """HEAD (+dirty), or $TPAWARE_COMMIT where the checkout's metadata is not the code's (a copied tree)."""
+    if os.environ.get("TPAWARE_COMMIT"):
+        return os.environ["TPAWARE_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,

@@ -31,13 +31,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compile_decoder(rank, world, family="llama", form="N", fused=False, collectives="functional",
-                    hand_off="eager", zero_offset=0, dtype="float32", dynamic=None, **options):
+                    hand_off="eager", zero_offset=0, dtype="float32", dynamic=None, presort=False, **options):
     """Eager and compiled twins of one small decoder; returns a summary of prefill, decode and eager-after."""
     torch._dynamo.reset()
     R.clear_reports()
     cfg = config(family)
     w = random_weights(cfg, dtype=getattr(torch, dtype), group_size=GROUP, seed=0, zero_offset=zero_offset)
-    par = Parallel(rank=rank, world=world, form=form, collectives=collectives, fused=fused)
+    par = Parallel(rank=rank, world=world, form=form, collectives=collectives, fused=fused, presort=presort)
     eager, model = Decoder(cfg, par, w), Decoder(cfg, par, w)
     opts = {"tpaware.hand_off": hand_off, "tpaware.keep_graph": True, **options}
     compiled = torch.compile(model, backend=tpaware, options=opts, dynamic=dynamic)
@@ -74,9 +74,10 @@ def graph_summary(rep) -> dict:
         mlps.append({
             "g_idx_is_none": down.args[4] is None,
             "cols_g_idx_none": [c.args[4] is None for c in cols],
-            # the folded act-order of the first layers: they read index_select(x, -1, P1), P1 a constant
-            "cols_read_permuted_x": all(c.args[0].target is torch.index_select and c.args[0].args[2].op == "get_attr"
-                                        for c in cols),
+            # the folded act-order of the first layers: they read index_select(x, -1, P1), P1 a constant the
+            # rewrite added (get_attr) or a presorted module's own in_perm (placeholder)
+            "cols_read_permuted_x": all(c.args[0].target is torch.index_select for c in cols),
+            "cols_p1_source": sorted({c.args[0].args[2].op for c in cols if c.args[0].target is torch.index_select}),
             "scales_groups": tensor(down.args[3]).shape[0],
             "group_offset": down.args[6],
             "collectives": [str(n.target) for n in path + list(down.users) if "c10d" in str(n.target)],

@@ -60,6 +60,7 @@ def test_rewritten_graph(cells, cell):
             assert mlp["g_idx_is_none"] and mlp["permutations"] == []
             # the first layers too: rows sorted by their act-order P1, fed x[..., P1] by one index_select
             assert mlp["cols_g_idx_none"] and all(mlp["cols_g_idx_none"]) and mlp["cols_read_permuted_x"]
+            assert mlp["cols_p1_source"] == ["get_attr"]
             assert mlp["scales_groups"] == C.expected_groups(rank, world)
             expected = ["_c10d_functional.all_reduce.default"] if world > 1 else []
             assert mlp["collectives"] == expected
@@ -88,6 +89,30 @@ def test_report_and_conversion(cells, cell):
         assert all(row["kernels"].startswith(f"{first_layers}: sorted via x[P1]; down: ") for row in first)
         assert all(all(g) for g in r["g_idx_none"]), r["g_idx_none"]  # every gptq_mm of both graphs
         assert r["memory"] <= 1.02
+
+
+@pytest.mark.parametrize("cell", [("llama", "N", 2), ("gptbigcode", "L", 2), ("llama", "U", 1)], ids=_id)
+def test_presorted_first_layers(cells, cell):
+    """Modules whose first layers are already sorted by P1 and read x[P1] (``presort``, as vLLM runs act-order
+    column-parallel layers): the rewrite leaves that permutation where it is, only permutes columns, and the
+    converted module keeps its in_perm, so eager after compile stays correct."""
+    family, form, world = cell
+    for r in cells(*cell, presort=True):
+        if form == "N":
+            assert r["equal"] == [True, True] and r["eager_after_equal"], r["err"]
+        else:
+            assert max(r["err"]) < 1e-5 and r["eager_after_err"] < 1e-5, r["err"]
+        assert r["graph"]["all_gathers"] == 0
+        for mlp in r["graph"]["mlps"]:
+            assert mlp["g_idx_is_none"] and mlp["permutations"] == []
+            assert all(mlp["cols_g_idx_none"]) and mlp["cols_read_permuted_x"]
+            assert mlp["cols_p1_source"] == ["placeholder"]  # the module's own x[P1], left in place
+        first = r["reports"][0]["rows"]
+        assert [row["applied"] for row in first] == [True, True]
+        assert all(": sorted groups; down: " in row["kernels"] for row in first)
+        assert all(row["reason"].startswith("already TP-aware") for row in r["reports"][1]["rows"])
+        assert r["forms"] == ["T", "T"] and r["in_perm"] == [True, True]
+        assert all(all(g) for g in r["g_idx_none"]) and r["memory"] <= 1.02
 
 
 @pytest.mark.parametrize("form", ["N", "L"])

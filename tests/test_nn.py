@@ -15,12 +15,12 @@ def _form_errors(rank, world, dtype, collectives, gather_dim, group_size, inter)
         weights = mlp_weights(kind, inter=inter, group_size=group_size, seed=7)
         x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(rank * 0 + 11)).to(dtype)
         ref = reference_mlp(kind, weights, x)
-        for form in FORMS:
+        for form, presort in [(f, False) for f in FORMS] + [(f, True) for f in "NLU"]:
             mlp = TPMLP.from_full(kind, weights, form, rank, world, fused=fused,
-                                  collectives=collectives, gather_dim=gather_dim)
+                                  collectives=collectives, gather_dim=gather_dim, presort=presort)
             y = mlp(x)
             assert y.dtype == dtype and y.shape == ref.shape
-            errors[(kind, fused, form)] = rel_err(y, ref)
+            errors[(kind, fused, form, presort)] = rel_err(y, ref)
     return errors
 
 
@@ -56,6 +56,12 @@ def test_form_t_folds_the_first_layer_act_order(kind, fused):
         assert all(m.g_idx is None for m in mlp.modules() if isinstance(m, GPTQLinear))
     for form in "NLU":
         assert TPMLP.from_full(kind, weights, form, 0, 2, fused=fused).in_perm is None
+        # presort: the same sorted first layers as form T's, less its column permutation; down as the form has it
+        mlp = TPMLP.from_full(kind, weights, form, 0, 2, fused=fused, presort=True)
+        assert torch.equal(mlp.in_perm, stable_argsort(first.g_idx))
+        firsts = [mlp.gate_up] if fused else [getattr(mlp, n) for n in (("fc",) if kind == "gelu" else ("gate", "up"))]
+        assert all(m.g_idx is None for m in firsts)
+        assert (getattr(mlp, "proj" if kind == "gelu" else "down").g_idx is None) == (form == "N")
 
 
 def test_bad_construction_raises():

@@ -11,6 +11,11 @@
 
 The MLP is ``down(act(x @ A))`` with A = gate and up (SwiGLU: silu(gate) * up) or fc (GELU, with biases).
 Every form computes the same function; only the layout of the weights and the run-time steps differ.
+
+``presort=True`` gives forms N, L and U form T's first layers without its column permutation: rows sorted by
+P1 at load, x[..., P1] at run time. That is how vLLM and exllama run a column-parallel act-order layer
+(its input is replicated, so the permutation is local); the sorted-group kernels then serve those layers, and
+what still separates the forms is the down projection and the AllGather, the part the rewrite removes.
 """
 
 from typing import Dict
@@ -64,7 +69,8 @@ class TPMLP(nn.Module):
     """One rank's share of a tensor-parallel GPTQ MLP. Build it with ``TPMLP.from_full``."""
 
     def __init__(self, kind: str, form: str, rank: int, world: int, group=None, fused: bool = False,
-                 collectives: str = "functional", gather_dim: int = 0, kernel: str = "reference"):
+                 collectives: str = "functional", gather_dim: int = 0, kernel: str = "reference",
+                 presort: bool = False):
         super().__init__()
         _check_choice(kind, KINDS, "kind")
         _check_choice(form, FORMS, "form")
@@ -74,7 +80,8 @@ class TPMLP(nn.Module):
             raise ValueError("fused=True applies to kind='swiglu' (gate_up) only")
         self.kind, self.form, self.rank, self.world, self.group = kind, form, rank, world, group
         self.fused, self.collectives, self.gather_dim, self.kernel = fused, collectives, gather_dim, kernel
-        # form T only: the first layers' act-order P1, folded into their rows so every matmul has sorted groups
+        self.presort = presort or form == "T"
+        # form T and presort: the first layers' act-order P1, folded into their rows (their groups are contiguous)
         self.register_buffer("in_perm", None)
 
     @classmethod
@@ -91,7 +98,9 @@ class TPMLP(nn.Module):
 
     def _set_first_layers(self, ws, p2: torch.Tensor) -> None:
         if self.form == "T":
-            ws, self.in_perm, _ = sort_shared_rows([permute_cols(w, p2) for w in ws])
+            ws = [permute_cols(w, p2) for w in ws]
+        if self.presort:
+            ws, self.in_perm, _ = sort_shared_rows(ws)
         shards = [shard_cols(w, self.rank, self.world) for w in ws]
         if self.fused:
             self.gate_up = GPTQLinear(cat_cols(shards), self.kernel)

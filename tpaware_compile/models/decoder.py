@@ -49,6 +49,7 @@ class Parallel:
     collectives: str = "functional"
     fused: bool = False
     kernel: str = "reference"  # GPTQ matmul kernel of the eager MLPs: "reference" or "triton"
+    presort: bool = False  # first MLP layers' rows sorted by their act-order, x permuted (see nn.py)
 
 
 class Attention(nn.Module):
@@ -108,7 +109,8 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = _norm(cfg, attn_w["wq"].dtype), _norm(cfg, attn_w["wq"].dtype)
         self.attn = Attention(cfg, par, attn_w, batch)
         self.mlp = TPMLP.from_full(cfg.mlp_kind, mlp_w, par.form, par.rank, par.world, par.group,
-                                   fused=par.fused, collectives=par.collectives, kernel=par.kernel)
+                                   fused=par.fused, collectives=par.collectives, kernel=par.kernel,
+                                   presort=par.presort)
 
     def forward(self, x, pos, rope, mask):
         x = x + self.attn(self.attn_norm(x), pos, rope, mask)

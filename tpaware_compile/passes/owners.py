@@ -42,8 +42,9 @@ class Owners:
             m.load(w.replace(bias=bias))
         if c.form != "N":  # form N's down is already the target shard
             self.down.load(t.down.replace(bias=self.down.weight().bias))
-        if hasattr(self.mlp, "in_perm"):  # the cols' rows are sorted by P1 (or not, with None): x must follow
+        if t.p1 is not None:  # the cols' rows are now sorted by P1: x must follow
             self.mlp.in_perm = t.p1
+        # else the cols kept their row order: a presorted module keeps its in_perm (the graph keeps its x[P1])
         self.mlp.form = "T"
 
 
