@@ -1,13 +1,17 @@
 #!/bin/bash
-# One device-tool call on a machine of several GPUs: job i (a quoted list of bench/gpu_run.sh steps) runs on
-# GPU i, all at once; logs and results come back as one archive, $OUT/runs.tgz (g<i>/...), since few files return.
-# usage: bench/gpu_parallel.sh "backend prod tests" "full" "modelfull" "mlp1full"
+# One device-tool call on a machine of several GPUs: jobs (quoted lists of bench/gpu_run.sh steps) run at once,
+# job i on GPU i, or on the GPUs a "LIST:" prefix names ("2,3:mlptp" runs TP 2 on GPUs 2 and 3). Logs and
+# results come back as one archive, $OUT/runs.tgz (g<i>/...), since few files return.
+# usage: bench/gpu_parallel.sh "0:backend prod tests" "1:full" "2,3:mlptp"
 #   JOB_TIMEOUT (default 560 s) bounds each job, so the archive is written inside the call's limit.
 runs=$(mktemp -d)
 i=0
-for steps in "$@"; do
+for job in "$@"; do
+  gpus=$i steps=$job
+  if [[ $job == *:* ]]; then gpus=${job%%:*} steps=${job#*:}; fi
   mkdir -p $runs/g$i
-  CUDA_VISIBLE_DEVICES=$i OUT=$runs/g$i timeout ${JOB_TIMEOUT:-560} bash bench/gpu_run.sh $steps > $runs/g$i/stdout.txt 2>&1 &
+  CUDA_VISIBLE_DEVICES=$gpus OUT=$runs/g$i timeout ${JOB_TIMEOUT:-560} bash bench/gpu_run.sh $steps \
+    > $runs/g$i/stdout.txt 2>&1 &
   i=$((i + 1))
 done
 wait
