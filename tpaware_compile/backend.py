@@ -9,6 +9,7 @@ Backend keys (all start with ``tpaware.``; the rest of ``options`` are Inductor 
     tpaware.probe_rtol  tolerance of the old-vs-new probe check (default 1e-4); tpaware.probe_seed its input
     tpaware.allow_group_offset  shards may share a boundary group (default True; False skips such MLPs)
     tpaware.lower       passes/lower.py mode: "auto" (default), "always" or "never"
+    tpaware.fuse_swiglu lower silu(gate) * up on two sorted-group matmuls to one fused kernel (default True)
     tpaware.fail_rank   failure injection for tests: that rank raises during the exchange
     tpaware.keep_graph  keep the rewritten graph and its inputs on the report (tests, debugging; holds memory)
 """
@@ -41,7 +42,7 @@ def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_)
 
 
 def _finish(gm, example_inputs, ours, inductor, mode, rep, pending) -> Callable:
-    _lower(gm, rep, ours.get("lower", "auto"))
+    _lower(gm, rep, ours.get("lower", "auto"), ours.get("fuse_swiglu", True))
     if ours.get("keep_graph"):
         rep.graph_module, rep.example_inputs = gm, list(example_inputs)
     rep.hand_off = _choose_hand_off(ours.get("hand_off", "inductor"), rep)
@@ -94,7 +95,7 @@ def _choose_hand_off(how: str, rep) -> str:
 
 
 def _split_options(options: dict):
-    known = _REWRITE_KEYS | {"hand_off", "report", "lower", "keep_graph"}
+    known = _REWRITE_KEYS | {"hand_off", "report", "lower", "fuse_swiglu", "keep_graph"}
     unknown = [k for k in options if k.startswith(_PREFIX) and k[len(_PREFIX):] not in known]
     if unknown:
         raise ValueError(f"tpaware: unknown backend options {unknown}")
@@ -102,14 +103,12 @@ def _split_options(options: dict):
     return ours, {k: v for k, v in options.items() if not k.startswith(_PREFIX)}
 
 
-def _lower(gm: GraphModule, rep, mode: str) -> None:
-    """Hook for passes/lower.py (owned elsewhere): ``lower_gptq_mm(gm, mode)`` swaps gptq_mm calls that have
-    g_idx None for the fast op and returns one "node: kernel" line per call, which the report keeps."""
-    try:
-        from .passes.lower import lower_gptq_mm
-    except ImportError:  # lowering not available: the reference op stays
-        return
-    rep.set_kernels(lower_gptq_mm(gm, mode))
+def _lower(gm: GraphModule, rep, mode: str, fuse_swiglu: bool) -> None:
+    """passes/lower.py swaps gptq_mm calls for the Triton ops and returns one "node: kernel" line per call,
+    which the report keeps."""
+    from .passes.lower import lower_gptq_mm
+
+    rep.set_kernels(lower_gptq_mm(gm, mode, fuse_swiglu))
 
 
 def _hand_off(gm: GraphModule, example_inputs, how: str, inductor: dict, mode) -> Callable:
