@@ -65,7 +65,7 @@ def copies_for(hidden, inter, world) -> int:
     return max(2, int(-(-ROTATE_BYTES // per_rank)))
 
 
-def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, presort):
+def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, presort, fuse=True):
     """name -> (list of callables on x, matmul kernel description). ``presort``: the first layers run as vLLM
     runs act-order column-parallel layers (rows sorted at load, x[..., P1]); else on the per-row g_idx kernel."""
     def make(form):
@@ -77,11 +77,12 @@ def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, pr
     out["formN_inductor"] = ([torch.compile(m, backend="inductor") for m in eager_n],
                              f"{kernel} (opaque custom op under Inductor): {first}, down sorted")
     out["formL"] = (make("L"), f"{kernel}: {first}, down per-row g_idx (rank-local act-order)")
-    out["tpaware"] = (convert_each(make("N"), hidden, device, dtype), "tpaware lowering (see report)")
+    out["tpaware"] = (convert_each(make("N"), hidden, device, dtype, {"tpaware.fuse_swiglu": fuse}),
+                      f"tpaware lowering{'' if fuse else ', SwiGLU unfused'} (see report)")
     return out
 
 
-def convert_each(mlps, hidden, device, dtype):
+def convert_each(mlps, hidden, device, dtype, options=None):
     """Compile and run each copy once on a fresh Dynamo cache, so each is rewritten in place with its own weights
     (Dynamo would otherwise hand later copies the first copy's graph, which runs them unrewritten). Converted
     copies then share one retraced form-T graph."""
@@ -89,7 +90,7 @@ def convert_each(mlps, hidden, device, dtype):
     compiled = []
     for m in mlps:
         torch._dynamo.reset()
-        compiled.append(torch.compile(m, backend=tpaware))
+        compiled.append(torch.compile(m, backend=tpaware, options=options))
         compiled[-1](x)
     return compiled
 
@@ -129,7 +130,7 @@ def _check_rewritten(mlps):
         raise RuntimeError(f"tpaware did not rewrite copies {unconverted}: see the rewrite report")
 
 
-def run(rank, world, device, models, ms, kernel, out_path, timer, rows=None, meta=None, presort=True):
+def run(rank, world, device, models, ms, kernel, out_path, timer, rows=None, meta=None, presort=True, fuse=True):
     """Time every variant; rank 0 rewrites ``out_path`` after each row (a run cut short keeps what it measured).
     ``rows`` and ``meta`` let several runs share one result file."""
     raise_recompile_limit(1024)  # one compile per weight copy, or Dynamo falls back to eager unseen
@@ -137,7 +138,7 @@ def run(rank, world, device, models, ms, kernel, out_path, timer, rows=None, met
     rows = [] if rows is None else rows
     for model, (kind, hidden, inter) in models.items():
         copies = copies_for(hidden, inter, world) if device.type == "cuda" else 2  # 2: rotation runs on CPU too
-        found = variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, presort)
+        found = variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, presort, fuse)
         for m in ms:
             # the input of a TP MLP is replicated: every rank draws the same x
             x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(m)).to(device, dtype)
@@ -178,6 +179,7 @@ def main():
     p.add_argument("--kernel", default="triton", choices=["triton", "reference"])
     p.add_argument("--per-row-first", action="store_true",
                    help="eager forms run gate/up (fc) on the per-row g_idx kernel instead of presorted rows")
+    p.add_argument("--no-fuse-swiglu", action="store_true", help="tpaware lowers gate and up to separate kernels")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.cpu_check:
@@ -188,23 +190,23 @@ def main():
     models = {"llama70b": MODELS["llama70b"]} if a.quick else MODELS
     ms = (1, 16) if a.quick else M_ALL
     if a.single_gpu:
-        return single_gpu(models, ms, a.kernel, a.out, not a.per_row_first)
+        return single_gpu(models, ms, a.kernel, a.out, not a.per_row_first, not a.no_fuse_swiglu)
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank)
     try:
-        run(rank, world, torch.device("cuda", rank), models, ms, a.kernel, a.out, graph_us,
-            meta=dict(presort=not a.per_row_first), presort=not a.per_row_first)
+        opts = dict(presort=not a.per_row_first, fuse=not a.no_fuse_swiglu)
+        run(rank, world, torch.device("cuda", rank), models, ms, a.kernel, a.out, graph_us, meta=opts, **opts)
     finally:
         dist.destroy_process_group()
 
 
-def single_gpu(models, ms, kernel, out_path, presort):
+def single_gpu(models, ms, kernel, out_path, presort, fuse):
     """No collectives: at TP t one rank computes an MLP of intermediate size I/t; time that at world 1."""
-    rows, meta = [], dict(mode="single-gpu compute path (no collectives)", presort=presort)
+    rows, meta = [], dict(mode="single-gpu compute path (no collectives)", presort=presort, fuse=fuse)
     for tp in (2, 4, 8):
         shard = {f"{k}_tp{tp}": (kind, h, i // tp) for k, (kind, h, i) in models.items()}
-        run(0, 1, torch.device("cuda"), shard, ms, kernel, out_path, graph_us, rows, meta, presort)
+        run(0, 1, torch.device("cuda"), shard, ms, kernel, out_path, graph_us, rows, meta, presort, fuse)
 
 
 if __name__ == "__main__":
