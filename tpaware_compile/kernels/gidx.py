@@ -61,8 +61,8 @@ def gidx_config(m: int, n: int, sms: int) -> dict:
     """Tiles and split-K: about 4 programs per SM on large shards, more splits on small ones (as gemm.py)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     tiles = -(-n // 64) * -(-m // block_m)
-    want = max(1, 4 * sms // tiles) if tiles < 4 * sms else 1
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, SPLIT_K=min(want, 16), num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, SPLIT_K=min(max(1, 4 * sms // tiles), 16), num_warps=4,
+                num_stages=3)
 
 
 def gidx_mm(x, qweight, qzeros, scales, g_idx, zero_offset, out_dtype, cfg):
