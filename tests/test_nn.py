@@ -74,6 +74,11 @@ def test_bad_construction_raises():
         TPMLP.from_full("gelu", mlp_weights("gelu"), "N", 0, 1, fused=True)
     with pytest.raises(ValueError, match="divisible by world_size"):
         TPMLP.from_full("swiglu", weights, "N", 0, 5)
+    cols, rows = [weights["gate"], weights["up"]], weights["down"]
+    with pytest.raises(ValueError, match="needed by form N and only by it"):
+        TPMLP.from_shards("swiglu", cols, rows, None, None, "N", 0, 1)
+    with pytest.raises(ValueError, match="needed by form N and only by it"):
+        TPMLP.from_shards("swiglu", cols, rows, None, torch.arange(192), "L", 0, 1)
 
 
 def _triton_kernel_errors(rank, world):

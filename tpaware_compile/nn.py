@@ -88,34 +88,43 @@ class TPMLP(nn.Module):
     def from_full(cls, kind: str, weights: Dict[str, GPTQWeight], form: str, rank: int, world: int,
                   group=None, **options) -> "TPMLP":
         """``weights``: the unsharded layers, {gate, up, down} for swiglu or {fc, proj} for gelu."""
-        mlp = cls(kind, form, rank, world, group, **options)
         first, out = _layer_names(kind)
         _check_weights(weights, first + (out,))
-        p2 = stable_argsort(weights[out].group_index())
-        mlp._set_first_layers([weights[n] for n in first], p2)
-        mlp._set_out_layer(weights[out], p2)
+        w = weights[out]
+        p2 = stable_argsort(w.group_index())
+        cols = [weights[n] for n in first]
+        if form == "T":  # the gate/up (fc) columns follow the order the down rows are sorted into
+            cols = [permute_cols(c, p2) for c in cols]
+        rows = shard_rows(sort_rows(w)[0] if form in ("N", "T") else w, rank, world)
+        return cls.from_shards(kind, [shard_cols(c, rank, world) for c in cols], rows, w.bias,
+                               p2 if form == "N" else None, form, rank, world, group, **options)
+
+    @classmethod
+    def from_shards(cls, kind: str, cols, rows: GPTQWeight, out_bias, perm, form: str, rank: int, world: int,
+                    group=None, **options) -> "TPMLP":
+        """This rank's shards as ``from_full`` cuts them (the loader reads only these): ``cols`` its columns of the
+        first layers (form T: of the layers permuted by P2), ``rows`` its rows of the out layer (N and T: of the
+        layer sorted by group), ``out_bias`` the out layer's bias and ``perm`` form N's P2 (else None)."""
+        if (perm is not None) != (form == "N"):
+            raise ValueError(f"form {form}: perm (the down rows' P2) is needed by form N and only by it")
+        mlp = cls(kind, form, rank, world, group, **options)
+        mlp._set_first_layers(list(cols))
+        mlp._set_out_layer(rows, out_bias, perm)
         return mlp
 
-    def _set_first_layers(self, ws, p2: torch.Tensor) -> None:
-        if self.form == "T":
-            ws = [permute_cols(w, p2) for w in ws]
-        if self.presort:
-            ws, self.in_perm, _ = sort_shared_rows(ws)
-        shards = [shard_cols(w, self.rank, self.world) for w in ws]
+    def _set_first_layers(self, shards) -> None:
+        if self.presort:  # sorting rows commutes with taking columns: the same P1 and rows as the whole layers'
+            shards, self.in_perm, _ = sort_shared_rows(shards)
         if self.fused:
             self.gate_up = GPTQLinear(cat_cols(shards), self.kernel)
         else:
             for name, shard in zip(_layer_names(self.kind)[0], shards):
                 setattr(self, name, GPTQLinear(shard, self.kernel))
 
-    def _set_out_layer(self, w: GPTQWeight, p2: torch.Tensor) -> None:
-        self.register_buffer("out_bias", w.bias)  # added once, after the AllReduce
-        if self.form in ("N", "T"):
-            shard = shard_rows(sort_rows(w)[0], self.rank, self.world)
-        else:
-            shard = shard_rows(w, self.rank, self.world)
+    def _set_out_layer(self, shard: GPTQWeight, out_bias, perm) -> None:
+        self.register_buffer("out_bias", out_bias)  # added once, after the AllReduce
         if self.form == "N":
-            self.register_buffer("perm", p2)
+            self.register_buffer("perm", perm)
         if self.form == "L":
             local_perm = stable_argsort(shard.group_index())
             self.register_buffer("local_perm", local_perm)

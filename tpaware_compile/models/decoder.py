@@ -5,7 +5,7 @@ row-parallel with an AllReduce); the MLPs are GPTQ act-order ``TPMLP``s in any d
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -104,13 +104,14 @@ def _rotate(x, rope):  # x [B, S, H, hd]; rope (cos, sin) [S, hd/2]
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DecoderConfig, par: Parallel, attn_w, mlp_w: Dict[str, GPTQWeight], batch: int):
+    def __init__(self, cfg: DecoderConfig, par: Parallel, attn_w, mlp_w: Union[Dict[str, GPTQWeight], TPMLP],
+                 batch: int):
         super().__init__()
         self.attn_norm, self.mlp_norm = _norm(cfg, attn_w["wq"].dtype), _norm(cfg, attn_w["wq"].dtype)
         self.attn = Attention(cfg, par, attn_w, batch)
-        self.mlp = TPMLP.from_full(cfg.mlp_kind, mlp_w, par.form, par.rank, par.world, par.group,
-                                   fused=par.fused, collectives=par.collectives, kernel=par.kernel,
-                                   presort=par.presort)
+        self.mlp = mlp_w if isinstance(mlp_w, TPMLP) else TPMLP.from_full(
+            cfg.mlp_kind, mlp_w, par.form, par.rank, par.world, par.group, fused=par.fused,
+            collectives=par.collectives, kernel=par.kernel, presort=par.presort)
 
     def forward(self, x, pos, rope, mask):
         x = x + self.attn(self.attn_norm(x), pos, rope, mask)
