@@ -83,13 +83,12 @@ def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, pr
 
 
 def convert_each(mlps, hidden, device, dtype, options=None):
-    """Compile and run each copy once on a fresh Dynamo cache, so each is rewritten in place with its own weights
-    (Dynamo would otherwise hand later copies the first copy's graph, which runs them unrewritten). Converted
-    copies then share one retraced form-T graph."""
+    """Compile and run each copy once: each is rewritten in place with its own weights on its first call (the
+    later copies through the per-instance rewrite of the graph Dynamo shares); converted copies then share one
+    retraced form-T graph."""
     x = torch.zeros(1, hidden, device=device, dtype=dtype)
     compiled = []
     for m in mlps:
-        torch._dynamo.reset()
         compiled.append(torch.compile(m, backend=tpaware, options=options))
         compiled[-1](x)
     return compiled

@@ -15,7 +15,6 @@ Backend keys (all start with ``tpaware.``; the rest of ``options`` are Inductor 
 """
 
 import os
-import warnings
 import weakref
 from typing import Callable, List
 
@@ -23,6 +22,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import report as _report
+from .passes.owners import caller_scope
 from .passes.rewrite import RewriteOptions, rewrite_graph
 
 _PREFIX = "tpaware."
@@ -31,14 +31,20 @@ _REWRITE_KEYS = {"timeout_s", "probe_rtol", "probe_seed", "allow_group_offset", 
 
 def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_) -> Callable:
     ours, inductor = _split_options(options or {})
-    rep = _report.new_report()
-    rewrite_opts = RewriteOptions(**{k: v for k, v in ours.items() if k in _REWRITE_KEYS})
-    original = _copy(gm)  # before surgery: what runs if this graph is reused for another module instance
-    pending = rewrite_graph(gm, example_inputs, rewrite_opts, rep)
-    if rep.applied:
-        return _bind_to_instance(_finish(gm, example_inputs, ours, inductor, mode, rep, pending),
-                                 example_inputs, _retired_inputs(gm, example_inputs), original)
-    return _finish(gm, example_inputs, ours, inductor, mode, rep, pending)
+    original = _copy(gm)  # before surgery: rewritten again for each other module instance that reuses the graph
+
+    def compile_for(example_inputs, scope=None) -> Callable:
+        gm = _copy(original)
+        rep = _report.new_report()
+        rewrite_opts = RewriteOptions(**{k: v for k, v in ours.items() if k in _REWRITE_KEYS})
+        pending = rewrite_graph(gm, example_inputs, rewrite_opts, rep, scope)
+        fn = _finish(gm, example_inputs, ours, inductor, mode, rep, pending)
+        return (fn, _retired_inputs(gm, example_inputs)) if rep.applied else (fn, [])
+
+    fn, retired = compile_for(example_inputs)
+    if not retired:
+        return fn
+    return _per_instance(fn, example_inputs, retired, original, compile_for)
 
 
 def _finish(gm, example_inputs, ours, inductor, mode, rep, pending) -> Callable:
@@ -66,26 +72,36 @@ def _retired_inputs(gm: GraphModule, example_inputs) -> List[int]:
     return [i for i, n in enumerate(phs) if not n.users and isinstance(example_inputs[i], torch.Tensor)]
 
 
-def _bind_to_instance(fn: Callable, example_inputs, retired: List[int], original: GraphModule) -> Callable:
-    """The rewritten graph holds one module instance's weights in their new layout. Dynamo shares a graph
-    between instances of one module class with equal shapes, so a call whose weight inputs are not the tensors
-    this graph was rewritten from comes from another instance: run the original graph for it (correct,
-    unrewritten) and say so once, rather than compute with the first instance's weights."""
-    refs = [(i, weakref.ref(example_inputs[i])) for i in retired]
-    boxed = getattr(fn, "_boxed_call", False)
-    warned = []
+def _per_instance(fn: Callable, example_inputs, retired: List[int], original: GraphModule,
+                  compile_for: Callable) -> Callable:
+    """The rewritten graph holds one module instance's weights in their new layout, and Dynamo shares a graph
+    between instances of one code with equal shapes (e.g. every block of a model compiled block by block). A
+    call whose weight inputs are not the tensors a rewrite was made from comes from another instance: rewrite
+    the original graph again for it, on its first call (all ranks call it together), with the calling frame's
+    modules so that ours are converted in place; their next call retraces in form T."""
+    instances = [(_weak(example_inputs, retired), _unboxed(fn))]
+    placeholders = [n for n in original.graph.nodes if n.op == "placeholder"]
 
     def run(*args):
-        if all(ref() is args[i] for i, ref in refs):
-            return fn(list(args)) if boxed else fn(*args)
-        if not warned:
-            warned.append(True)
-            warnings.warn("tpaware: a graph rewritten for one module instance was reused by Dynamo for another "
-                          "instance of the same code; that instance runs unrewritten (reference kernels). Compile "
-                          "the whole model once, or give each instance its own compiled code.")
-        return original.forward(*args)
+        for refs, call in instances:
+            if all(ref() is args[i] for i, ref in refs):
+                return call(*args)
+        scope = caller_scope(placeholders, args, retired)
+        fn, mine = compile_for(list(args), scope)
+        instances.append((_weak(args, mine or retired), _unboxed(fn)))
+        return instances[-1][1](*args)
 
     return run
+
+
+def _unboxed(fn: Callable) -> Callable:
+    """Our wrapper is called with one argument per input; an Inductor callable may take them as one list."""
+    return (lambda *args: fn(list(args))) if getattr(fn, "_boxed_call", False) else fn
+
+
+def _weak(inputs, indices: List[int]):
+    """(index, weak reference) per weight input: identifies an instance without keeping its old tensors alive."""
+    return [(i, weakref.ref(inputs[i])) for i in indices]
 
 
 def _choose_hand_off(how: str, rep) -> str:

@@ -8,6 +8,7 @@ under one parent that has a ``form``. Then the backend loads the target weights 
 nothing to permute again. Anything else keeps a private copy inside the compiled graph.
 """
 
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -48,8 +49,9 @@ class Owners:
         self.mlp.form = "T"
 
 
-def find_owners(c: Candidate, values: Dict[Node, torch.Tensor]) -> Optional[Owners]:
-    scope = frame_locals()
+def find_owners(c: Candidate, values: Dict[Node, torch.Tensor], scope=None) -> Optional[Owners]:
+    """``scope``: the locals holding the root module (default: those of the frame Dynamo is compiling)."""
+    scope = frame_locals() if scope is None else scope
     if scope is None:
         return None
     mods = [_linear(scope, lin.tensors["qweight"], values) for lin in (*c.cols, c.down)]
@@ -61,6 +63,32 @@ def find_owners(c: Candidate, values: Dict[Node, torch.Tensor]) -> Optional[Owne
         return None
     bias_of = _biases(scope, c, [m for m, _ in mods[:-1]])
     return None if bias_of is None else Owners(mlp, [m for m, _ in mods[:-1]], mods[-1][0], bias_of)
+
+
+def caller_scope(placeholders: List[Node], args, indices: List[int], depth: int = 16) -> Optional[dict]:
+    """At run time: the locals of the nearest calling frame whose modules hold the tensors ``args[i]`` at the
+    placeholders' sources (a compiled graph is called from the frame of the code Dynamo compiled), or None."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if _holds(frame.f_locals, placeholders, args, indices):
+            return frame.f_locals
+        frame = frame.f_back
+    return None
+
+
+def _holds(scope, placeholders: List[Node], args, indices: List[int]) -> bool:
+    found = 0
+    for i in indices:
+        parsed = parse_source(placeholder_source(placeholders[i]))
+        owner = None if parsed is None else _resolve(scope, parsed[1], parsed[0])
+        if owner is None:
+            continue
+        if getattr(owner, parsed[2], None) is not args[i]:
+            return False
+        found += 1
+    return found > 0
 
 
 def _root(ph: Node) -> Optional[str]:

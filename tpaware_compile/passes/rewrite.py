@@ -32,10 +32,12 @@ class RewriteOptions:
     fail_rank: Optional[int] = None  # failure injection for tests: this rank raises during the exchange
 
 
-def rewrite_graph(gm: GraphModule, example_inputs, opts: RewriteOptions, report: RewriteReport) -> List[Callable]:
+def rewrite_graph(gm: GraphModule, example_inputs, opts: RewriteOptions, report: RewriteReport,
+                  scope: Optional[dict] = None) -> List[Callable]:
     """Rewrite every MLP that passes its guards; fill one report row per candidate. Returns the pending in-place
     module conversions (empty: graph unchanged); the backend runs them on the compiled graph's first call,
-    after Dynamo has built its guards from the modules as traced."""
+    after Dynamo has built its guards from the modules as traced. ``scope``: the locals that hold the modules
+    (default: the frame Dynamo is compiling)."""
     canonicalize(gm)
     values = placeholder_values(gm, example_inputs)
     cands = find_candidates(gm)
@@ -45,7 +47,7 @@ def rewrite_graph(gm: GraphModule, example_inputs, opts: RewriteOptions, report:
     rows = [_row(c) for c in cands]
     report.rows.extend(rows)
     report.rows.extend(_orphan_row(o) for o in find_orphans(gm, cands))
-    done = [_rewrite_one(gm, c, values, opts, row) for c, row in zip(cands, rows) if c.reason is None]
+    done = [_rewrite_one(gm, c, values, opts, row, scope) for c, row in zip(cands, rows) if c.reason is None]
     done = [d for d in done if d is not None]
     if done:
         gm.graph.lint()
@@ -118,7 +120,7 @@ def _orphan_row(o: Orphan) -> RewriteRow:
     return RewriteRow(mlp=o.name, layers="?", kind="?", form="N/L", tp=0, reason=reason)
 
 
-def _rewrite_one(gm: GraphModule, c: Candidate, values, opts: RewriteOptions, row: RewriteRow
+def _rewrite_one(gm: GraphModule, c: Candidate, values, opts: RewriteOptions, row: RewriteRow, scope
                  ) -> Optional[Callable]:
     sync = Sync(None if c.group is None else resolve_group(c.group), opts.timeout_s)
     target = exchange(c, values, sync, fail=opts.fail_rank == c.rank)
@@ -131,7 +133,7 @@ def _rewrite_one(gm: GraphModule, c: Candidate, values, opts: RewriteOptions, ro
     if not sync.all_ok(err <= opts.probe_rtol, "probe verdict"):
         row.reason = why or f"probe check failed: old and new MLP differ (max rel err {err:.2e} on this rank)"
         return None
-    owners = find_owners(c, values)
+    owners = find_owners(c, values, scope)
     if owners is not None and owners.applicable(target):
         row.weights, convert = "in place", (lambda: owners.convert(c, target))
     else:
