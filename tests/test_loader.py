@@ -19,26 +19,7 @@ CFG = DecoderConfig(vocab=128, hidden=64, inter=128, layers=2, heads=4, kv_heads
 
 def _write_checkpoint(path, weights, fmt="gptq_v2", bits=4):
     """Our random weights in the Hugging Face GPTQ layout (attention dense, MLPs quantized)."""
-    t = {"model.embed_tokens.weight": weights["embed"], "model.norm.weight": torch.ones(CFG.hidden),
-         "lm_head.weight": weights["lm_head"].t().contiguous()}
-    for i, (attn, mlp) in enumerate(zip(weights["attn"], weights["mlp"])):
-        p = f"model.layers.{i}"
-        t[f"{p}.input_layernorm.weight"] = torch.ones(CFG.hidden)
-        t[f"{p}.post_attention_layernorm.weight"] = torch.ones(CFG.hidden)
-        for n in ("q", "k", "v", "o"):
-            t[f"{p}.self_attn.{n}_proj.weight"] = attn[f"w{n}"].t().contiguous()
-        for n, w in mlp.items():
-            qzeros = w.qzeros if fmt == "gptq_v2" else pack_cols((unpack_cols(w.qzeros) - 1) % 16)
-            t.update({f"{p}.mlp.{n}_proj.qweight": w.qweight, f"{p}.mlp.{n}_proj.qzeros": qzeros,
-                      f"{p}.mlp.{n}_proj.scales": w.scales, f"{p}.mlp.{n}_proj.g_idx": w.g_idx.clone()})
-    save_file(t, os.path.join(path, "model.safetensors"))
-    config = {"model_type": "llama", "vocab_size": CFG.vocab, "hidden_size": CFG.hidden,
-              "intermediate_size": CFG.inter, "num_hidden_layers": CFG.layers, "num_attention_heads": CFG.heads,
-              "num_key_value_heads": CFG.kv_heads, "max_position_embeddings": CFG.max_seq, "rms_norm_eps": 1e-5,
-              "quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": True,
-                                      "sym": False, "checkpoint_format": fmt}}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
+    _write_llama(path, CFG, weights, dict(_gptq_config(32, fmt), bits=bits), lambda p, w: _gptq_layer(p, w, fmt))
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
