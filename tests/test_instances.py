@@ -59,3 +59,33 @@ def test_block_by_block_compilation(ranks, world, hand_off):
             assert max(r["err"]) < 1e-5, r["err"]
         assert r["forms"] == ["T", "T", "T"]
         assert r["applied"] == 3  # one rewrite per block instance
+
+
+def _foreign_instances(rank, world, hand_off):
+    """Two instances of a module that is not ours share Dynamo's graph: each gets a rewrite of its own on a
+    private copy of its own weights, and its buffers stay as they were."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    R.clear_reports()
+    x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(5))
+    out = {"err": [], "unchanged": []}
+    for seed in (3, 4):
+        w = C.mlp_weights()
+        w = {k: v.replace(scales=v.scales * (1 + seed)) for k, v in w.items()}  # distinct weights per instance
+        group = torch.distributed.group.WORLD if world > 1 else None
+        module = C.ForeignMLP(TPMLP.from_full("swiglu", w, "N", rank, world, group))
+        before = {n: b.clone() for n, b in module.named_buffers()}
+        compiled = torch.compile(module, backend=tpaware, options={"tpaware.hand_off": hand_off})
+        for _ in range(2):
+            out["err"].append(C.rel_err(module(x), compiled(x)))
+        out["unchanged"].append(all(torch.equal(b, dict(module.named_buffers())[n]) for n, b in before.items()))
+    out["weights"] = [row.weights for rep in R.all_reports() for row in rep.applied]
+    out["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # 1: the second instance reused it
+    return out
+
+
+@pytest.mark.parametrize("hand_off", ["eager", "inductor"])
+def test_foreign_instances_each_rewritten(ranks, hand_off):
+    for r in ranks(2).run(_foreign_instances, hand_off):
+        assert max(r["err"]) < 1e-5, r["err"]
+        assert r["unchanged"] == [True, True] and r["weights"] == ["private copy"] * 2 and r["graphs"] == 1
