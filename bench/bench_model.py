@@ -134,10 +134,10 @@ def main():
             rows.append(row)
             print(f"{name:>11} {variant:<9} decode {row['decode_us_per_token']:9.1f} us/token   prefill "
                   f"{row['prefill_tokens_per_s']:10.0f} tokens/s   {row['kernel']}", flush=True)
+            if a.out:  # after every row: a run cut short keeps what it measured
+                with open(a.out, "w") as f:
+                    json.dump(dict(header(), prompt=prompt, rows=rows), f, indent=1)
         del models
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(header(), prompt=prompt, rows=rows), f, indent=1)
 
 
 def _kernel_name(variant, kernel):
