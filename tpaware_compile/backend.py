@@ -16,7 +16,7 @@ Backend keys (all start with ``tpaware.``; the rest of ``options`` are Inductor 
 
 import os
 import weakref
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 from torch.fx import GraphModule
@@ -33,7 +33,8 @@ def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_)
     ours, inductor = _split_options(options or {})
     original = _copy(gm)  # before surgery: rewritten again for each other module instance that reuses the graph
 
-    def compile_for(example_inputs, scope=None) -> Callable:
+    def compile_for(example_inputs, scope=None) -> Tuple[Callable, List[int]]:
+        """(the callable for one module instance, the weight inputs its rewrite retired: none if not rewritten)"""
         gm = _copy(original)
         rep = _report.new_report()
         rewrite_opts = RewriteOptions(**{k: v for k, v in ours.items() if k in _REWRITE_KEYS})
