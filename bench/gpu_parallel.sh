@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device-tool call on a machine of several GPUs: jobs (quoted lists of bench/gpu_run.sh steps) run at once,
+# One batch of work on a machine of several GPUs: jobs (quoted lists of bench/gpu_run.sh steps) run at once,
 # job i on GPU i, or on the GPUs a "LIST:" prefix names ("2,3:mlptp" runs TP 2 on GPUs 2 and 3). Logs and
 # results come back as one archive, $OUT/runs.tgz (g<i>/...), since few files return.
 # usage: bench/gpu_parallel.sh "0:backend prod tests" "1:full" "2,3:mlptp"

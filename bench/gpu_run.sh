@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device-tool call: GPU tests, then benchmarks. Logs and results under $OUT.
+# One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects).
 # usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [mlp1] [mlp1full] [mlptp] [demo] [gidx]
 #   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
