@@ -22,15 +22,17 @@ def _compiled_mlp(rank, world, kind, kernel, fuse=True):
     targets = [sorted(str(n.target) for n in r.graph_module.graph.nodes
                       if n.op == "call_function" and str(n.target).startswith("tpaware."))
                for r in report.all_reports()]
-    return rel_err(first, ref), rel_err(second, ref), targets
+    return rel_err(first, ref), rel_err(second, ref), targets, report.all_reports()[0].rows[0].kernels
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind,kernel,fuse", [("swiglu", "reference", True), ("swiglu", "triton", False),
                                               ("gelu", "triton", True)])
 def test_rewrite_then_lowering_runs_triton(ranks, kind, kernel, fuse):
-    for first, second, targets in ranks(2, interpret=True).run(_compiled_mlp, kind, kernel, fuse):
+    for first, second, targets, kernels in ranks(2, interpret=True).run(_compiled_mlp, kind, kernel, fuse):
         assert first < 1e-2 and second < 1e-2
+        assert kernels.endswith("down: triton, sorted groups (gptq_mm_fast)"), kernels
+        assert ("one fused SwiGLU kernel" in kernels) == (kind == "swiglu" and fuse), kernels
         # every graph (the rewritten one and the retrace of the converted module): all quantized matmuls on the
         # sorted-group kernels, down by the rewrite and the first layer(s) by their folded act-order x[P1];
         # SwiGLU's gate and up in one fused call unless fusion is off

@@ -9,7 +9,7 @@ Printed by the backend when ``TPAWARE_REPORT=1`` or ``options={"tpaware.report":
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import sympy
 from tabulate import tabulate
@@ -32,6 +32,7 @@ class RewriteRow:
     weights: str = ""  # "in place" (project modules converted) or "private copy"
     private_bytes: int = 0  # bytes of the private copy held by the compiled graph
     down_node: str = ""  # name of the down projection's node (to attach the lowering's kernel choice)
+    col_nodes: Tuple[str, ...] = ()  # names of the first layers' nodes (the lowering may fuse them)
 
     @property
     def comm_at_m1(self) -> int:
@@ -61,11 +62,13 @@ class RewriteReport:
 
     def set_kernels(self, choices: List[str]) -> None:
         """Lowering lines ("node: kernel") -> the down part of each row's kernels column, by its down node; the
-        first layers' part (e.g. "gate/up: sorted via x[P1]; ") stays."""
+        first layers' part (e.g. "gate/up: sorted via x[P1]; ") stays, and says so when they were fused."""
         by_node = dict(line.split(": ", 1) for line in choices if ": " in line)
         for r in self.rows:
             if r.down_node in by_node:
                 first = r.kernels.split("down: ", 1)[0]
+                if first and any("fused SwiGLU" in by_node.get(n, "") for n in r.col_nodes):
+                    first = first[:-2] + ", one fused SwiGLU kernel; "
                 r.kernels = f"{first}down: {by_node[r.down_node]}"
 
     def table(self) -> str:

@@ -112,7 +112,7 @@ def _plan_parts(c: Candidate, values) -> list:
 
 def _row(c: Candidate) -> RewriteRow:
     return RewriteRow(mlp=c.name, layers=c.layers, kind=c.kind, form=c.form, tp=c.world, reason=c.reason or "",
-                      down_node=c.down.node.name)
+                      down_node=c.down.node.name, col_nodes=tuple(col.node.name for col in c.cols))
 
 
 def _orphan_row(o: Orphan) -> RewriteRow:
