@@ -91,13 +91,13 @@ class TPMLP(nn.Module):
         first, out = _layer_names(kind)
         _check_weights(weights, first + (out,))
         w = weights[out]
-        p2 = stable_argsort(w.group_index())
-        cols = [weights[n] for n in first]
+        cols, rows, p2 = [weights[n] for n in first], w, None
+        if form in ("N", "T"):  # down's rows sorted by their groups (P2) before sharding
+            rows, p2 = sort_rows(w)
         if form == "T":  # the gate/up (fc) columns follow the order the down rows are sorted into
             cols = [permute_cols(c, p2) for c in cols]
-        rows = shard_rows(sort_rows(w)[0] if form in ("N", "T") else w, rank, world)
-        return cls.from_shards(kind, [shard_cols(c, rank, world) for c in cols], rows, w.bias,
-                               p2 if form == "N" else None, form, rank, world, group, **options)
+        return cls.from_shards(kind, [shard_cols(c, rank, world) for c in cols], shard_rows(rows, rank, world),
+                               w.bias, p2 if form == "N" else None, form, rank, world, group, **options)
 
     @classmethod
     def from_shards(cls, kind: str, cols, rows: GPTQWeight, out_bias, perm, form: str, rank: int, world: int,

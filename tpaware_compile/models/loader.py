@@ -28,7 +28,7 @@ from ..checkpoint import check_quant_config, load_quant_config, read_gptq_linear
 from ..compressed import CompressedScheme, compressed_scheme, is_compressed_config, read_compressed_linear
 from ..gptq import PACK, GPTQWeight, dequantize
 from ..nn import TPMLP
-from ..reorder import _shard_range, permute_cols, shard_cols, shard_rows, sort_rows, stable_argsort
+from ..reorder import _shard_range, permute_cols, shard_cols, shard_rows, sort_rows
 from .decoder import Decoder, DecoderConfig, Parallel
 
 class CheckpointError(ValueError):
@@ -293,7 +293,8 @@ def _read_out_layer(t: Tensors, prefix: str, qc, par: Parallel):
         # (nearly) every packed word, so the whole qweight is read.
         with _naming(prefix):
             w = _read(t, prefix, qc)
-            return shard_rows(sort_rows(w)[0], par.rank, par.world), w.bias, stable_argsort(w.group_index())
+            rows, p2 = sort_rows(w)
+            return shard_rows(rows, par.rank, par.world), w.bias, p2
     return (*read_rows(t, prefix, qc, par.rank, par.world), None)
 
 
