@@ -145,15 +145,15 @@ def _drop_unused_inputs(gm: GraphModule, example_inputs):
     """The old weights are no longer read by the rewritten graph; their modules may now hold other shapes or
     None (converted in place), so stop passing them instead of making Inductor guard on them. Works on a copy:
     Dynamo decides what to pass from its own graph's placeholders."""
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-    keep = [i for i, n in enumerate(phs) if n.users or not isinstance(example_inputs[i], torch.Tensor)]
-    for i, n in enumerate(phs):
-        if i not in keep:
-            graph.erase_node(n)
-    graph.lint()
-    return GraphModule(gm, graph), [example_inputs[i] for i in keep], keep
+    retired = set(_retired_inputs(gm, example_inputs))
+    copy = _copy(gm)
+    phs = [n for n in copy.graph.nodes if n.op == "placeholder"]
+    for i in retired:
+        copy.graph.erase_node(phs[i])
+    copy.graph.lint()
+    copy.recompile()
+    keep = [i for i in range(len(phs)) if i not in retired]
+    return copy, [example_inputs[i] for i in keep], keep
 
 
 def _select(fn: Callable, keep: List[int], pending: List[Callable]) -> Callable:
