@@ -104,6 +104,11 @@ def splitk_buffers(m: int, n: int, split_k: int, dtype: torch.dtype, device):
     return torch.empty((split_k, m, n), dtype=torch.float32, device=device), out
 
 
+def splits_of(part: torch.Tensor) -> int:
+    """How many split-K partials a launch writes: ``part`` is [SPLIT_K, M, N] (splitk_buffers) or the [M, N] output."""
+    return part.shape[0] if part.dim() == 3 else 1
+
+
 def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
     """Plan split-K over x's K (group offset included), run ``launch`` once into the partials, reduce."""
     per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import (group_affine, load_group, mantissa_args, nibble_floats, segment_rows, split_k_matmul,
-                     tl_dtype)
+                     splits_of, tl_dtype)
 
 
 @triton.jit
@@ -116,7 +116,7 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
     """One tensor-core launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output."""
     m, k = x.shape
     n = qweight.shape[1]
-    split_k = part.shape[0] if part.dim() == 3 else 1
+    split_k = splits_of(part)
     one_bits, shift = mantissa_args(x.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
     kernel = _dot_kernel if cfg.get("SWAP", True) else _dot_kernel_plain

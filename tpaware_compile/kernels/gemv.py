@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul
+from .common import affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -79,7 +79,7 @@ def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offse
     """One GEMV launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output."""
     m, k = x.shape
     n = qweight.shape[1]
-    split_k = part.shape[0] if part.dim() == 3 else 1
+    split_k = splits_of(part)
     one_bits, _ = mantissa_args(torch.float32)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
     _gemv_kernel[grid](

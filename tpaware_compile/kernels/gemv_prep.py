@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import load_group, split_plan, splitk_buffers, splitk_finish
+from .common import load_group, split_plan, splitk_buffers, splitk_finish, splits_of
 
 
 @triton.jit
@@ -140,7 +140,7 @@ def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset,
     xp, c, xs = prep
     m, kpad = xp.shape
     n = qweight.shape[1]
-    split_k = part.shape[0] if part.dim() == 3 else 1
+    split_k = splits_of(part)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
     _gemv_prep_kernel[grid](
         xp, c, xs, qweight, qzeros, scales, part, m, n, k, kpad, group_offset, zero_offset, per, 0x3F800000,

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..gptq import dequantize_unchecked
-from .common import split_k_matmul, tl_dtype
+from .common import split_k_matmul, splits_of, tl_dtype
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def gidx_mm(x, qweight, qzeros, scales, g_idx, zero_offset, out_dtype, cfg):
     def launch(x, qweight, qzeros, scales, _group_size, _group_offset, zero_offset, part, per, cfg):
         m, k = x.shape
         n = qweight.shape[1]
-        split_k = part.shape[0] if part.dim() == 3 else 1
+        split_k = splits_of(part)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
         _gidx_kernel[grid](x, qweight, qzeros, scales, g32, part, m, n, k, x.stride(0), zero_offset, per,
                            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
