@@ -100,9 +100,10 @@ def _sync(device):
 
 
 @torch.no_grad()
-def check_agreement(models, cfg, device, tol):
-    tokens = torch.randint(0, cfg.vocab, (1, 8), device=device)
-    pos = torch.arange(8, device=device)
+def check_agreement(models, cfg, device, prompt_len, tol):
+    """At the prefill length, so that this call is also each variant's prefill compile."""
+    tokens = torch.randint(0, cfg.vocab, (1, prompt_len), device=device)
+    pos = torch.arange(prompt_len, device=device)
     ref = models["eager"](tokens, pos).float()
     for name, m in models.items():
         err = float((m(tokens, pos).float() - ref).abs().max() / ref.abs().max())
@@ -113,6 +114,7 @@ def check_agreement(models, cfg, device, tol):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="Llama-2-7B shapes only")
+    p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     p.add_argument("--cpu-check", action="store_true", help="tiny model on CPU: validation only, no claims")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--out", default=None)
@@ -120,13 +122,14 @@ def main():
     raise_recompile_limit(64)  # three variants, two graphs each (prefill, decode), plus the retraces
     cuda = not a.cpu_check
     device, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
-    shapes = TINY if a.cpu_check else ({"llama2-7b": SHAPES["llama2-7b"]} if a.quick else SHAPES)
+    names = ["llama2-7b"] if a.quick else a.models
+    shapes = TINY if a.cpu_check else {n: SHAPES[n] for n in names}
     kernel = "triton" if cuda else "reference"
     prompt = min(a.prompt, 32) if a.cpu_check else a.prompt
     rows = []
     for name, cfg in shapes.items():
         models = {v: build(cfg, v, device, dtype, kernel) for v in VARIANTS}
-        check_agreement(models, cfg, device, 2e-2 if cuda else 1e-4)
+        check_agreement(models, cfg, device, prompt, 2e-2 if cuda else 1e-4)
         for variant, model in models.items():
             row = dict(model=name, tp=1, variant=variant, kernel=_kernel_name(variant, kernel),
                        decode_us_per_token=decode_step_us(model, device, prompt, 50 if cuda else 3),

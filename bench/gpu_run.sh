@@ -1,9 +1,10 @@
 #!/bin/bash
 # One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects).
-# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [mlp1] [mlp1full] [mlptp] [demo] [gidx]
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx]
 #   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
-#   model:   bench_model.py --quick (Llama-2-7B shapes, TP 1)     modelfull: Llama-2-7B and 13B
+#   model:   bench_model.py --quick (Llama-2-7B shapes, TP 1)     modelfull: Llama-2-7B and 13B (model7b, model13b: one)
+#   profile: top CUDA kernels of a prefill per bench_model variant  mlp1nofuse: mlp1 with gate and up unfused
 #   mlp1:    bench_mlp.py --single-gpu --quick                    mlp1full: every model and M
 #   mlptp:   bench_mlp.py under torchrun over every visible GPU (NCCL, NVLink multicast off)
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -19,6 +20,10 @@ for step in "$@"; do
     backend) timeout 240 python -m pytest tests/test_backend_gpu.py tests/test_instances.py -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_backend.log; tail -3 $OUT/pytest_backend.log ;;
     model) timeout 400 python bench/bench_model.py --quick --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
     mlp1) timeout 400 python bench/bench_mlp.py --single-gpu --quick --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
+    model13b) timeout ${MODEL_TIMEOUT:-540} python bench/bench_model.py --models llama2-13b --out $OUT/model13b.json > $OUT/model13b.log 2>&1; tail -8 $OUT/model13b.log ;;
+    model7b) timeout ${MODEL_TIMEOUT:-540} python bench/bench_model.py --models llama2-7b --out $OUT/model7b.json > $OUT/model7b.log 2>&1; tail -8 $OUT/model7b.log ;;
+    profile) timeout 300 python bench/profile_prefill.py > $OUT/profile.log 2>&1; grep "^==" $OUT/profile.log ;;
+    mlp1nofuse) timeout 400 python bench/bench_mlp.py --single-gpu --quick --no-fuse-swiglu --out $OUT/mlp_single_nofuse.json > $OUT/mlp_single_nofuse.log 2>&1; tail -12 $OUT/mlp_single_nofuse.log ;;
     modelfull) timeout ${MODEL_TIMEOUT:-540} python bench/bench_model.py --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
     mlp1full) timeout ${MLP_TIMEOUT:-540} python bench/bench_mlp.py --single-gpu --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
     mlptp) gpus=$(python -c "import torch; print(torch.cuda.device_count())")
