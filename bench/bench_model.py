@@ -4,8 +4,9 @@ eager, ``backend="inductor"`` and ``backend="tpaware"``.
     python bench/bench_model.py [--quick] --out bench/results/model_<device>.json
     python bench/bench_model.py --cpu-check     # a tiny model on CPU: every variant runs and agrees
 
-Decode steps run as a CUDA graph of one step (static token, position and KV cache), replayed many times;
-prefill is timed with events. Eager and Inductor use the Triton kernels through ``kernel="triton"`` with
+Decode steps run as a CUDA graph of one step (static token, position and KV cache), replayed many times.
+Prefill is timed twice: plain calls (wall clock, so the host's launch overhead counts: what a caller without
+CUDA graphs sees) and the same call replayed as a CUDA graph (GPU throughput). Eager and Inductor use the Triton kernels through ``kernel="triton"`` with
 ``presort=True`` (act-order gate/up rows sorted at load and x permuted at run time, as vLLM runs them; down is
 sorted in form N at TP 1), never the fp32 reference; each row names its kernel. Weights are random packed
 tensors (``random_weights(fast=True)``): speed does not depend on values.
@@ -24,6 +25,7 @@ from timing import header  # noqa: E402
 
 from tpaware_compile.backend import tpaware  # the function: the bench needs no installed entry point  # noqa: E402
 from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
+from tpaware_compile.gptq import GPTQWeight  # noqa: E402
 from tpaware_compile.models import Decoder, DecoderConfig, Parallel, random_weights  # noqa: E402
 
 SHAPES = {
@@ -34,10 +36,27 @@ TINY = {"tiny": DecoderConfig(vocab=256, hidden=128, inter=384, layers=2, heads=
 VARIANTS = {"eager": None, "inductor": "inductor", "tpaware": tpaware}
 
 
-def build(cfg, variant, device, dtype, kernel):
+def device_weights(cfg, device, dtype):
+    """Random weights drawn once per shape on the CPU (seeded) and moved to the device, where every variant's
+    model is built from them (sorting and sharding a 13B model's layers on the CPU took minutes per variant)."""
+    return _to(random_weights(cfg, dtype, group_size=128, fast=True), device)
+
+
+def _to(obj, device):
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    if isinstance(obj, GPTQWeight):
+        return obj.replace(**{f: getattr(obj, f).to(device) for f in ("qweight", "qzeros", "scales", "g_idx", "bias")
+                              if getattr(obj, f) is not None})
+    return obj.to(device)
+
+
+def build(cfg, variant, weights, device, kernel):
+    """One variant's model from shared, read-only weights (each variant converts only its own MLP modules)."""
     # presort: act-order gate/up run as vLLM runs them (rows sorted at load, x[..., P1]): the best eager path
-    model = Decoder(cfg, Parallel(kernel=kernel, presort=True), random_weights(cfg, dtype, group_size=128, fast=True))
-    model = model.to(device)
+    model = Decoder(cfg, Parallel(kernel=kernel, presort=True), weights).to(device)
     return model if VARIANTS[variant] is None else torch.compile(model, backend=VARIANTS[variant])
 
 
@@ -81,17 +100,36 @@ def _capture(step):
 
 @torch.no_grad()
 def prefill_tokens_per_s(model, device, prompt_len, vocab, reps):
+    """(tokens/s of plain calls, which include the host's launch overhead; tokens/s of the same call replayed
+    as a CUDA graph, None on CPU)."""
     tokens = torch.randint(0, vocab, (1, prompt_len), device=device)
     pos = torch.arange(prompt_len, device=device)
-    model(tokens, pos)  # compile
+    step = lambda: model(tokens, pos)  # noqa: E731
+    step()  # compile
     times = []
     for _ in range(reps):
         _sync(device)
         t = time.perf_counter()
-        model(tokens, pos)
+        step()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return prompt_len / sorted(times)[len(times) // 2]
+    plain = prompt_len / sorted(times)[len(times) // 2]
+    if device.type != "cuda":
+        return plain, None
+    graph = _capture(step)
+    return plain, prompt_len * 1e6 / _median_replay_us(graph, reps)
+
+
+def _median_replay_us(graph, reps):
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def _sync(device):
@@ -128,15 +166,18 @@ def main():
     prompt = min(a.prompt, 32) if a.cpu_check else a.prompt
     rows = []
     for name, cfg in shapes.items():
-        models = {v: build(cfg, v, device, dtype, kernel) for v in VARIANTS}
+        weights = device_weights(cfg, device, dtype)
+        models = {v: build(cfg, v, weights, device, kernel) for v in VARIANTS}
         check_agreement(models, cfg, device, prompt, 2e-2 if cuda else 1e-4)
         for variant, model in models.items():
+            decode = decode_step_us(model, device, prompt, 50 if cuda else 3)
+            plain, graphed = prefill_tokens_per_s(model, device, prompt, cfg.vocab, 10 if cuda else 1)
             row = dict(model=name, tp=1, variant=variant, kernel=_kernel_name(variant, kernel),
-                       decode_us_per_token=decode_step_us(model, device, prompt, 50 if cuda else 3),
-                       prefill_tokens_per_s=prefill_tokens_per_s(model, device, prompt, cfg.vocab, 5 if cuda else 1))
+                       decode_us_per_token=decode, prefill_tokens_per_s=plain, prefill_graph_tokens_per_s=graphed)
             rows.append(row)
-            print(f"{name:>11} {variant:<9} decode {row['decode_us_per_token']:9.1f} us/token   prefill "
-                  f"{row['prefill_tokens_per_s']:10.0f} tokens/s   {row['kernel']}", flush=True)
+            graph_col = f"{graphed:8.0f}" if graphed else "       -"
+            print(f"{name:>11} {variant:<9} decode {decode:9.1f} us/token   prefill {plain:8.0f} tokens/s (graph "
+                  f"{graph_col})   {row['kernel']}", flush=True)
             if a.out:  # after every row: a run cut short keeps what it measured
                 with open(a.out, "w") as f:
                     json.dump(dict(header(), prompt=prompt, rows=rows), f, indent=1)

@@ -22,7 +22,8 @@ from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
 
 @torch.no_grad()
 def run(variant, cfg, a):
-    model = bm.build(cfg, variant, torch.device("cuda"), torch.float16, "triton")
+    model = bm.build(cfg, variant, bm.device_weights(cfg, torch.device("cuda"), torch.float16), torch.device("cuda"),
+                     "triton")
     call = lambda s: model(torch.zeros(1, s, dtype=torch.long, device="cuda"), torch.arange(s, device="cuda"))  # noqa
     for s in (a.check, 1, 1, 1, a.prompt):  # the benchmark's order of shapes: each may compile
         call(s)

@@ -4,23 +4,23 @@ Both matmuls write fp32 partials into one buffer [2, SPLIT_K, M, N] and a single
 applies silu(gate) * up, so the intermediate never round-trips through x's dtype and the separate elementwise
 kernel disappears. For decode the activation is prepared once for both (gemv_prep.py). Gate and up must share
 x's row order (the same act-order permutation, or none); callers fall back to two gptq_mm calls otherwise.
-Large M (dequantize + cuBLAS) runs the two matmuls and the activation unfused.
+Large M (dequantize + cuBLAS) writes gate and up in x's dtype straight into that buffer's one split, and the same
+epilogue applies the activation (one kernel instead of five elementwise passes).
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .common import split_plan
-from .gemm import dequant_mm, launch_dot
+from .gemm import dequantize_sorted, launch_dot
 from .gemv import launch_gemv
 from .gemv_prep import launch_gemv_prep, prepare_x
 
 
 @triton.jit
 def _silu_mul_reduce_kernel(
-    part_ptr,  # [2, SPLIT_K, M*N] fp32 partials: gate, then up
+    part_ptr,  # [2, SPLIT_K, M*N] partials (fp32; x's dtype on the dequantize path): gate, then up
     out_ptr,  # [M*N] in the output dtype
     MN,
     SPLIT_K: tl.constexpr,
@@ -41,9 +41,11 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg):
     """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype."""
     m, k = x.shape
     n = gate[0].shape[1]
-    if cfg["kind"] == "dequant":
-        g, u = (dequant_mm(x, *w, group_size, group_offset, zero_offset, torch.float32) for w in (gate, up))
-        return (F.silu(g) * u).to(out_dtype)
+    if cfg["kind"] == "dequant":  # cuBLAS writes gate and up in x's dtype; the epilogue reads them as one split
+        part = torch.empty((2, 1, m, n), dtype=x.dtype, device=x.device)
+        for i, w in enumerate((gate, up)):
+            torch.matmul(x, dequantize_sorted(*w, group_size, group_offset, zero_offset, x.dtype), out=part[i, 0])
+        return _silu_mul(part, out_dtype)
     per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset) if cfg["kind"] == "gemv" else None
@@ -55,7 +57,13 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg):
             launch_gemv(x, *args)
         else:
             launch_dot(x, *args)
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    return _silu_mul(part, out_dtype)
+
+
+def _silu_mul(part, out_dtype):
+    """silu(sum of gate partials) * (sum of up partials) from part [2, SPLIT_K, M, N] -> [M, N] in out_dtype."""
+    _, split_k, m, n = part.shape
+    out = torch.empty((m, n), dtype=out_dtype, device=part.device)
     block = 1024
     _silu_mul_reduce_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLIT_K=split_k, BLOCK=block)
     return out
