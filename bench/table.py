@@ -1,7 +1,9 @@
-"""Markdown tables from a result file of bench_kernels.py (rows by provider) or bench_mlp.py (rows by variant).
+"""Markdown tables from a result file of bench_kernels.py (rows by provider), bench_mlp.py (rows by variant) or
+bench_model.py (rows by model and variant).
 
     python bench/table.py bench/results/kernels_<device>.json
     python bench/table.py bench/results/mlp_<...>.json
+    python bench/table.py bench/results/model_<device>.json
 """
 
 import json
@@ -13,7 +15,8 @@ PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton")
 
 def main(path):
     d = json.load(open(path))
-    (mlp_table if "variant" in d["rows"][0] else kernel_table)(d)
+    first = d["rows"][0]
+    (model_table if "decode_us_per_token" in first else mlp_table if "variant" in first else kernel_table)(d)
 
 
 def kernel_table(d):
@@ -56,8 +59,20 @@ def mlp_table(d):
     for (model, tp, m), row in cells.items():
         b, dd, ag = row.get("formN_inductor"), row.get("tpaware"), row.get("allgather_perm")
         cols = [model, tp, m] + [f"{row[v]:.1f}" if v in row else "-" for v in MLP_VARIANTS]
-        cols += [f"{b / dd:.2f}x", f"{b - dd:.1f}", f"{(b - dd) / ag:.1f}"] if b and dd and ag else ["-"] * 3
+        cols += [f"{b / dd:.2f}x", f"{b - dd:.1f}", f"{(b - dd) / ag:.2f}"] if b and dd and ag else ["-"] * 3
         print("| " + " | ".join(str(c) for c in cols) + " |")
+
+
+def model_table(d):
+    print(f"{d['device']}, torch {d['torch']}, triton {d['triton']}, commit {d['commit']}, prompt {d['prompt']} tokens. "
+          "Decode: one step replayed as a CUDA graph. Prefill: plain calls (host launch overhead included) and the same "
+          "call as a CUDA graph.\n")
+    print("| model | variant | decode us/token | prefill tokens/s | prefill tokens/s (graph) | kernel |")
+    print("|---|---|---|---|---|---|")
+    for r in d["rows"]:
+        graphed = r.get("prefill_graph_tokens_per_s")
+        print(f"| {r['model']} | {r['variant']} | {r['decode_us_per_token']:.0f} | {r['prefill_tokens_per_s']:.0f} | "
+              f"{f'{graphed:.0f}' if graphed else '-'} | {r['kernel']} |")
 
 
 if __name__ == "__main__":
