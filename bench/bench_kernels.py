@@ -7,6 +7,10 @@ rotate over weight copies totalling >= 400 MB (weights come from DRAM, as in a d
 cache flush). Beside it: a same-run streaming floor (a kernel reading the same weight bytes with the same launch
 count, no arithmetic), the roof (fewest bytes / measured copy bandwidth) and triton's do_bench median
 (L2 flushed before every call), labelled do_bench_us.
+
+The first layers' x[..., P1] (what the TP-aware rewrite leaves before gate/up) is timed on the Llama-70B up
+shapes at TP 1 and 8, M = 1 and 16: ``tpaware_perm_folded`` (the kernels read x through P1) against
+``tpaware_perm_gather`` (an index_select launch, then the kernels), both checked like ``tpaware``.
 """
 
 import argparse
@@ -27,7 +31,12 @@ from timing import graph_us, header  # noqa: E402
 GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
-PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton")
+PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather")
+# x[..., P1] before the first layers (TP-aware rewrite): read inside the kernel, or an index_select launch first.
+# Timed where the rewrite leaves it: the Llama-70B up projections (K = 8192) at TP 1 and 8, decode M.
+PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
+PERM_SHAPES = {("llama70b", 1, "up"), ("llama70b", 8, "up")}
+PERM_MS = (1, 16)
 
 
 def copy_bandwidth() -> float:
@@ -104,13 +113,14 @@ def floor_fns(copies, k, n, split_k, launches):
     return [make(*c) for c in copies]
 
 
-def check_tpaware(copy, x) -> float:
-    """Relative error of the dispatched kernel against fp32 dequantize-then-matmul on this very shape and M:
-    every timed configuration is also a checked one."""
+def check_tpaware(fn, copy, x) -> float:
+    """Relative error of ``fn()``, a timed call of this repo's kernels on ``copy``, against fp32
+    dequantize-then-matmul of x (x[..., P1] for the perm providers) on this very shape and M: every timed
+    configuration is also a checked one."""
     qw, qz, sc = copy
     w = dequantize_sorted(qw, qz, sc, GROUP, 0, 0, torch.float32)
     ref = x.float() @ w
-    y = gptq_mm_sorted(x, qw, qz, sc, GROUP, 0, 0).float()
+    y = fn().float()
     err = ((y - ref).norm() / ref.norm()).item()
     if not err < 2e-3:
         print(f"WRONG RESULT: rel err {err} for M={x.shape[0]} K={x.shape[1]} N={qw.shape[1]}", flush=True)
@@ -133,6 +143,15 @@ def launch_count(cfg, k) -> int:
 
 def tpaware_fns(copies, x, cfg=None):
     return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_sorted(x, qw, qz, sc, GROUP, 0, 0, config=cfg) for qw, qz, sc in copies]
+
+
+def perm_fns(copies, x, perm, folded: bool):
+    """x[..., perm] @ W: the kernels read x through perm (folded), or index_select first, as the graph did."""
+    if folded:
+        return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_sorted(x, qw, qz, sc, GROUP, 0, 0, perm=perm)
+                for qw, qz, sc in copies]
+    return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_sorted(x.index_select(-1, perm), qw, qz, sc, GROUP, 0, 0)
+            for qw, qz, sc in copies]
 
 
 def cublas_fns(k, n, m):
@@ -158,9 +177,11 @@ def gidx_fns(copies, x, k):
     return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_gidx(x, qw, qz, sc, g_idx, 0) for qw, qz, sc in copies]
 
 
-def provider_fns(provider, copies, x, k, n, m):
+def provider_fns(provider, copies, x, k, n, m, perm):
     if provider == "tpaware":
         return tpaware_fns(copies, x)
+    if provider in PERM_PROVIDERS:
+        return perm_fns(copies, x, perm, folded=provider == "tpaware_perm_folded")
     if provider == "cublas_fp16":
         return cublas_fns(k, n, m)
     if provider == "torch_int4":
@@ -185,32 +206,35 @@ def ms_for(model, tp, quick):
     return ms
 
 
-def skip(provider, m, k, n):
-    """Baselines too slow to be worth graph time at large M."""
-    return (provider == "gidx_triton" and m > 256) or (provider == "torch_int4" and m > 256)
+def skip(provider, model, tp, layer, m):
+    """Baselines too slow to be worth graph time at large M; the perm rows only where the rewrite leaves x[P1]."""
+    if provider in PERM_PROVIDERS:
+        return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
+    return provider in ("gidx_triton", "torch_int4") and m > 256
 
 
 def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
     copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
+    perm = torch.randperm(k, device="cuda")  # int64, as the rewrite's P1
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.half)
         cfg = pick_config(m, k, n, GROUP, x.device)
         floor = graph_us(floor_fns(copies, k, n, floor_split(k, n), launch_count(cfg, k)))
         roof = roof_bytes(k, n, m) / bw * 1e6
         for p in providers:
-            if skip(p, m, k, n):
+            if skip(p, model, tp, layer, m):
                 continue
             try:
-                fns = provider_fns(p, copies, x, k, n, m)
+                fns = provider_fns(p, copies, x, k, n, m, perm)
                 row = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m, provider=p, median_us=graph_us(fns),
                            do_bench_us=bench_us(fns), roof_us=roof, floor_us=floor)
             except Exception as e:  # a provider that cannot run this shape is a result, not a crash
                 print(f"{p} failed at K={k} N={n} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             row["pct_roof"] = 100 * roof / row["median_us"]
-            if p == "tpaware":
+            if p == "tpaware" or p in PERM_PROVIDERS:  # fns[0] computes on copies[0]
                 row["config"] = cfg
-                row["rel_err"] = check_tpaware(copies[0], x)
+                row["rel_err"] = check_tpaware(fns[0], copies[0], x if p == "tpaware" else x.index_select(-1, perm))
             rows.append(row)
             print(f"{model:10s} tp{tp} {layer:4s} K={k:5d} N={n:5d} M={m:4d} {p:12s} graph {row['median_us']:8.1f} "
                   f"do_bench {row['do_bench_us']:8.1f} roof {roof:6.1f} floor {floor:6.1f} "

@@ -11,6 +11,7 @@ import sys
 from collections import defaultdict
 
 PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton")
+PERM_PROVIDERS = ("tpaware_perm_gather", "tpaware_perm_folded")  # x[..., P1]: index_select + kernel, or inside
 
 
 def main(path):
@@ -37,6 +38,22 @@ def kernel_table(d):
         cols += [_cell(t), f"{t['pct_roof']:.0f}%" if t else "", f"{t['median_us'] / t['floor_us']:.2f}" if t else ""]
         cols += [_cell(row.get(p)) for p in PROVIDERS[1:]]
         cols.append(t["config"]["kind"] if t else "")
+        print("| " + " | ".join(str(c) for c in cols) + " |")
+    perm_table(cells)
+
+
+def perm_table(cells):
+    """The first layers' x[..., P1]: index_select then the kernel, against the kernel reading x through P1."""
+    rows = [(key, row) for key, row in cells.items() if all(p in row for p in PERM_PROVIDERS)]
+    if not rows:
+        return
+    print("\nx[..., P1] before the first layers (us, CUDA-graph per-call; tpaware: the kernel on x as it is):\n")
+    print("| model | TP | layer | K x N | M | tpaware | gather + kernel | folded | saved | folded rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (model, tp, layer, k, n, m), row in rows:
+        gather, folded = (row[p]["median_us"] for p in PERM_PROVIDERS)
+        cols = [model, tp, layer, f"{k}x{n}", m, _cell(row.get("tpaware")), _cell(row[PERM_PROVIDERS[0]]),
+                _cell(row[PERM_PROVIDERS[1]]), f"{gather - folded:.1f}", f"{row[PERM_PROVIDERS[1]]['rel_err']:.1e}"]
         print("| " + " | ".join(str(c) for c in cols) + " |")
 
 

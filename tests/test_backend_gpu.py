@@ -42,18 +42,23 @@ def _steps():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("presort", [False, True])
-def test_fused_swiglu_lowering(presort):
-    """Every block's gate and up run as one fused SwiGLU kernel after the rewrite (presorted modules too); the
-    eager twin runs the Triton kernels (sorted via x[P1] when presorted, else per-row g_idx)."""
+@pytest.mark.parametrize("presort,fold", [(False, True), (True, True), (True, False)])
+def test_fused_swiglu_lowering(presort, fold):
+    """Every block's gate and up run as one fused SwiGLU kernel after the rewrite (presorted modules too), which
+    reads x[P1] itself unless tpaware.fold_perm is off (then one index_select per block stays); the eager twin
+    runs the Triton kernels (sorted via x[P1] when presorted, else per-row g_idx)."""
     torch._dynamo.reset()
     R.clear_reports()
     eager, model = _decoder_pair(presort, kernel="triton")
-    compiled = torch.compile(model, backend=tpaware)
+    compiled = torch.compile(model, backend=tpaware, options={"tpaware.keep_graph": True, "tpaware.fold_perm": fold})
     for tokens, pos in _steps():
         assert C.rel_err(eager(tokens, pos).float(), compiled(tokens, pos).float()) < 2e-2
-    rows = R.all_reports()[0].rows
-    assert all(r.applied and "one fused SwiGLU kernel" in r.kernels for r in rows), R.all_reports()[0].table()
+    rep = R.all_reports()[0]
+    assert all(r.applied and "one fused SwiGLU kernel" in r.kernels for r in rep.rows), rep.table()
+    assert all(("x[P1] read inside the kernel" in r.kernels) == fold for r in rep.rows), rep.table()
+    gathers = [n for n in rep.graph_module.graph.nodes
+               if n.target is torch.index_select and any("gptq" in str(u.target) for u in n.users)]
+    assert len(gathers) == (0 if fold else 3), rep.graph_module.graph
     assert [blk.mlp.form for blk in model.blocks] == ["T"] * 3
 
 

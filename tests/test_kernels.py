@@ -66,8 +66,24 @@ CASES = _interp_cases()
 
 def case_id(c):
     sym = "sym" if c["sym"] else "asym"
+    perm = f"-perm_{c['perm']}" if c.get("perm") else ""
     return (f"{c['kind']}-m{c['m']}-sk{c['split_k']}-gs{c['gs']}-off{c['off']}-v{2 - c['zo']}-{sym}-{c['dtype']}"
-            f"-n{c['n']}")
+            f"-n{c['n']}{perm}")
+
+
+PERM_DTYPES = {"i32": torch.int32, "i64": torch.int64}
+
+
+def random_perm(c, gen, device):
+    """A fresh random permutation of x's K columns for a case with a ``perm`` dtype (None without one)."""
+    if not c.get("perm"):
+        return None
+    return torch.randperm(c["k"], generator=gen).to(PERM_DTYPES[c["perm"]]).to(device)
+
+
+def permuted(x, perm):
+    """What the kernels must compute with: x[..., perm] (x itself without a perm)."""
+    return x if perm is None else x[..., perm.long()]
 
 
 def run_case(c, device="cpu", config=None):
@@ -77,6 +93,7 @@ def run_case(c, device="cpu", config=None):
     dtype = DTYPES[c["dtype"]]
     w = make_weight(c["k"], c["n"], c["gs"], c["off"], c["zo"], c["sym"], dtype, device, gen)
     x = torch.randn(c["m"], c["k"], generator=gen).to(dtype).to(device)
+    xperm = random_perm(c, gen, device)
     if c["kind"] == "gidx":
         perm = torch.randperm(c["k"], generator=gen)
         g_idx = w.group_index()[perm.to(device)]  # act-order: the same groups, rows shuffled
@@ -88,8 +105,9 @@ def run_case(c, device="cpu", config=None):
     else:
         cfg = config if config is not None else (interp_config(c["kind"], c["n"], c["gs"], c["k"], c["split_k"])
                                                  if device == "cpu" else None)
-        y = gptq_mm_sorted(x, w.qweight, w.qzeros, w.scales, w.group_size, w.group_offset, w.zero_offset, config=cfg)
-    ref = gptq.reference_matmul(x, w)
+        y = gptq_mm_sorted(x, w.qweight, w.qzeros, w.scales, w.group_size, w.group_offset, w.zero_offset, config=cfg,
+                           perm=xperm)
+    ref = gptq.reference_matmul(permuted(x, xperm), w)
     assert y.shape == ref.shape and y.dtype == ref.dtype, (y.shape, y.dtype)
     if not torch.isfinite(y).all():
         return float("nan")
@@ -103,6 +121,17 @@ SWIGLU_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo
                     ("dequant", 3, 1, 64, 0, 1, "bf16")])]
 
 
+# x[..., perm] read inside the kernels: every kernel kind, fp16 and bf16 (fp32 inside the interpreter), shards
+# cut inside a group (offset), int32 and int64 perms
+PERM_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo=i % 2, sym=False, dtype=dt, seed=300 + i,
+                   perm=pd)
+              for i, (kind, m, sk, gs, off, dt, pd) in enumerate([
+                  ("gemv", 1, 2, 64, 8, "fp16", "i64"), ("gemv", 1, 1, 32, 16, "bf16", "i32"),
+                  ("gemv_plain", 1, 2, 128, 64, "fp16", "i32"), ("gemv_plain", 3, 1, 64, 0, "bf16", "i64"),
+                  ("dot", 5, 2, 64, 8, "fp16", "i64"), ("dot", 17, 1, 128, 120, "bf16", "i32"),
+                  ("dotplain", 18, 2, 32, 16, "fp16", "i32"), ("dequant", 4, 1, 64, 8, "bf16", "i64")])]
+
+
 def run_swiglu_case(c, device="cpu", config=None):
     """silu(x @ W_gate) * (x @ W_up) of the fused kernels against the fp32 reference; relative error."""
     from tpaware_compile.kernels import gptq_swiglu_sorted
@@ -110,13 +139,18 @@ def run_swiglu_case(c, device="cpu", config=None):
     dtype = DTYPES[c["dtype"]]
     gate, up = (make_weight(c["k"], c["n"], c["gs"], c["off"], c["zo"], c["sym"], dtype, device, gen) for _ in "gu")
     x = torch.randn(c["m"], c["k"], generator=gen).to(dtype).to(device)
+    perm = random_perm(c, gen, device)
     cfg = config if config is not None else (interp_config(c["kind"], c["n"], c["gs"], c["k"], c["split_k"])
                                              if device == "cpu" else None)
     y = gptq_swiglu_sorted(x, (gate.qweight, gate.qzeros, gate.scales), (up.qweight, up.qzeros, up.scales),
-                           gate.group_size, gate.group_offset, gate.zero_offset, config=cfg)
-    ref = torch.nn.functional.silu(gptq.reference_matmul(x.float(), gate)) * gptq.reference_matmul(x.float(), up)
+                           gate.group_size, gate.group_offset, gate.zero_offset, config=cfg, perm=perm)
+    xr = permuted(x, perm).float()
+    ref = torch.nn.functional.silu(gptq.reference_matmul(xr, gate)) * gptq.reference_matmul(xr, up)
     assert y.shape == ref.shape and y.dtype == x.dtype
     return ((y.float() - ref).norm() / ref.norm()).item() if torch.isfinite(y).all() else float("nan")
+
+
+SWIGLU_PERM_CASES = [dict(c, perm=pd, seed=c["seed"] + 400) for c, pd in zip(SWIGLU_CASES, ("i64", "i32") * 3)]
 
 
 def _op_checks() -> dict:
@@ -139,6 +173,23 @@ def _op_checks() -> dict:
     sw_ref = torch.nn.functional.silu(y) * y
     sw = torch.ops.tpaware.gptq_swiglu_fast(*sw_args).float()
     out["swiglu"] = ((sw - sw_ref).norm() / sw_ref.norm()).item()
+    out.update(_perm_op_checks(x, args, sw_args))
+    return out
+
+
+def _perm_op_checks(x, args, sw_args) -> dict:
+    """The fast ops' optional perm: eager, opcheck and compiled, against the ops on x[..., perm]."""
+    perm = torch.randperm(x.shape[-1])
+    xp = x[..., perm]
+    err = lambda y, ref: ((y.float() - ref.float()).norm() / ref.float().norm()).item()  # noqa: E731
+    out = {}
+    ops = {"perm": (torch.ops.tpaware.gptq_mm_fast, args), "swiglu_perm": (torch.ops.tpaware.gptq_swiglu_fast, sw_args)}
+    for name, (op, a) in ops.items():
+        torch.library.opcheck(op.default, (*a, perm), test_utils=("test_schema", "test_faketensor",
+                                                                  "test_aot_dispatch_static"))
+        out[name] = err(op(*a, perm=perm), op(xp, *a[1:]))
+    fn = torch.compile(lambda *a: torch.ops.tpaware.gptq_mm_fast(*a) * 2, backend="aot_eager", fullgraph=True)
+    out["compiled_perm"] = err(fn(*args, perm) / 2, torch.ops.tpaware.gptq_mm_fast(xp, *args[1:]))
     return out
 
 
@@ -152,7 +203,12 @@ def _worker():
             results[case_id(c)] = run_case(c)
         except Exception as e:  # reported per case by the parent
             results[case_id(c)] = f"{type(e).__name__}: {e}"
-    for c in SWIGLU_CASES:
+    for c in PERM_CASES:
+        try:
+            results[case_id(c)] = run_case(c)
+        except Exception as e:
+            results[case_id(c)] = f"{type(e).__name__}: {e}"
+    for c in SWIGLU_CASES + SWIGLU_PERM_CASES:
         try:
             results["swiglu-" + case_id(c)] = run_swiglu_case(c)
         except Exception as e:
@@ -192,6 +248,23 @@ def test_swiglu_interpreter(case, interp_results):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("case", PERM_CASES, ids=case_id)
+def test_perm_interpreter(case, interp_results):
+    """x[..., perm] @ W with the gather inside the kernel's x loads, against the fp32 reference on x[..., perm]."""
+    err = interp_results[case_id(case)]
+    assert not isinstance(err, str), err
+    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", SWIGLU_PERM_CASES, ids=case_id)
+def test_swiglu_perm_interpreter(case, interp_results):
+    err = interp_results["swiglu-" + case_id(case)]
+    assert not isinstance(err, str), err
+    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+
+
+@pytest.mark.interpreter
 def test_dequantize_bit_exact_interpreter(interp_results):
     assert all(interp_results["dequant_exact"].values()), interp_results["dequant_exact"]
 
@@ -207,6 +280,7 @@ def test_fast_op_interpreter(interp_results):
     res = interp_results["op"]
     assert not isinstance(res, str), res
     assert res["eager"] < 2e-3 and res["compiled"] < 2e-3 and res["swiglu"] < 2e-3, res
+    assert res["perm"] < 1e-6 and res["swiglu_perm"] < 1e-6 and res["compiled_perm"] < 1e-6, res  # same kernels
 
 
 def _dequant_exact(device) -> dict:
@@ -231,6 +305,23 @@ def test_rejects_bad_args():
         check_sorted_args(x, w.qweight, w.qzeros, w.scales, 32, 0, 0)  # groups do not fit
     with pytest.raises(ValueError):
         check_sorted_args(x, w.qweight, w.qzeros, w.scales, 64, 4, 0)  # offset not a multiple of 8
+
+
+@pytest.mark.parametrize("bad", ["short", "2d", "float", "int16", "list", "other_device"])
+def test_rejects_bad_perm(bad):
+    """perm must be a 1-D int32 / int64 [K] tensor on x's device (checked before any launch)."""
+    from tpaware_compile.kernels import gptq_mm_sorted, gptq_swiglu_sorted
+    w = make_weight(256, 64, 64, 0, 0, False, torch.float16)
+    x = torch.randn(2, 256).half()
+    perm = {"short": lambda: torch.randperm(255), "2d": lambda: torch.randperm(256).reshape(16, 16),
+            "float": lambda: torch.randperm(256).float(), "int16": lambda: torch.randperm(256).to(torch.int16),
+            "list": lambda: list(range(256)),
+            "other_device": lambda: torch.empty(256, dtype=torch.int64, device="meta")}[bad]()
+    wt = (w.qweight, w.qzeros, w.scales)
+    with pytest.raises(ValueError, match="perm"):
+        gptq_mm_sorted(x, *wt, 64, 0, 0, perm=perm)
+    with pytest.raises(ValueError, match="perm"):
+        gptq_swiglu_sorted(x, wt, wt, 64, 0, 0, perm=perm)
 
 
 # ---------------------------------------------------------------- GPU: the same checks, for real, and more
@@ -261,8 +352,7 @@ def test_kernel_gpu_dispatch(case):
     assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind,m,cfg", [
+GPU_CONFIGS = [
     ("gemv", 1, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4)),
     ("gemv", 5, dict(BLOCK_N=256, BLOCK_K=64, SPLIT_K=3, num_warps=8)),
     ("gemv_plain", 1, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4)),
@@ -273,7 +363,11 @@ def test_kernel_gpu_dispatch(case):
     ("dot", 70, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=8, num_stages=3)),
     ("dot", 300, dict(SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)),
     ("dequant", 9, dict()),
-])
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,m,cfg", GPU_CONFIGS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("gs,off", [(32, 16), (128, 64), (-1, 0)])
 def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off):
@@ -282,6 +376,33 @@ def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off):
     case = dict(kind=kind, m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m)
     _poison()
     err = run_case(case, "cuda", config=dict(cfg, kind=kind, BLOCK_K=bk))
+    assert err < TOL[DTYPES[dtype]], f"rel err {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,m,cfg", GPU_CONFIGS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("gs,off", [(32, 16), (128, 64)])
+def test_perm_gpu_configs(kind, m, cfg, dtype, gs, off):
+    """Every kernel kind (forced config) computing x[..., perm] @ W, int32 perms on odd M, int64 on even."""
+    bk = min(cfg.get("BLOCK_K", 8), gs)
+    case = dict(kind=kind, m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
+                perm="i32" if m % 2 else "i64")
+    _poison()
+    err = run_case(case, "cuda", config=dict(cfg, kind=kind, BLOCK_K=bk))
+    assert err < TOL[DTYPES[dtype]], f"rel err {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 100, 300])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("gs,off", [(32, 8), (128, 64)])
+def test_perm_gpu_dispatch(m, dtype, gs, off):
+    """The dispatch table's choice at every M (ragged tiles) with a perm."""
+    case = dict(kind="auto", m=m, split_k=0, k=1024, n=384, gs=gs, off=off, zo=m % 2, sym=False, dtype=dtype,
+                seed=500 + m, perm="i64" if m % 2 else "i32")
+    _poison()
+    err = run_case(case, "cuda")
     assert err < TOL[DTYPES[dtype]], f"rel err {err}"
 
 
@@ -300,6 +421,16 @@ def test_gidx_gpu(case, m):
 def test_swiglu_gpu(case, m):
     _poison()
     c = dict(case, m=m, k=1024, n=512)
+    assert run_swiglu_case(c, "cuda") < TOL[DTYPES[c["dtype"]]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SWIGLU_PERM_CASES, ids=case_id)
+@pytest.mark.parametrize("m,k,n", [(1, 1024, 512), (16, 1024, 512), (77, 1024, 512), (300, 1024, 512),
+                                   (1, 8192, 7168), (16, 8192, 7168)])  # 8192 x 7168: M = 1 runs the x-prep GEMV
+def test_swiglu_perm_gpu(case, m, k, n):
+    _poison()
+    c = dict(case, m=m, k=k, n=n)
     assert run_swiglu_case(c, "cuda") < TOL[DTYPES[c["dtype"]]]
 
 
@@ -326,6 +457,21 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 32, 16), ("bf16", 128, 0)])
 def test_production_configs_gpu(k, n, m, dtype, gs, off):
     """The dispatch table's own configs (split-K, block shapes) on the real per-rank shapes."""
+    assert _production_err(k, n, m, dtype, gs, off) < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(8192, 28672), (8192, 3584)])  # Llama-70B up, TP 1 and 8: where P1 is folded
+@pytest.mark.parametrize("m", [1, 16, 33, 256])
+@pytest.mark.parametrize("dtype,gs,off,perm", [("fp16", 128, 64, "i64"), ("bf16", 32, 16, "i32"),
+                                               ("bf16", 128, 0, "i64")])
+def test_perm_production_gpu(k, n, m, dtype, gs, off, perm):
+    """The production configs reading x[..., perm] inside the kernels (M = 1 at TP 1: the x-prep GEMV)."""
+    assert _production_err(k, n, m, dtype, gs, off, PERM_DTYPES[perm]) < TOL[DTYPES[dtype]]
+
+
+def _production_err(k, n, m, dtype, gs, off, perm_dtype=None) -> float:
+    """Relative error of gptq_mm_sorted's own dispatch on random packed words, against the fp32 reference."""
     from tpaware_compile.kernels import gptq_mm_sorted
     g = -(-(k + off) // gs)
     qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
@@ -333,7 +479,8 @@ def test_production_configs_gpu(k, n, m, dtype, gs, off):
     sc = (torch.rand(g, n, device="cuda") * 0.01 + 1e-3).to(DTYPES[dtype])
     w = gptq.GPTQWeight(qw, qz, sc, None, gs, 1, off)
     x = torch.randn(m, k, device="cuda").to(DTYPES[dtype])
+    perm = None if perm_dtype is None else torch.randperm(k, device="cuda").to(perm_dtype)
     _poison()
-    y = gptq_mm_sorted(x, qw, qz, sc, gs, off, 1)
-    ref = gptq.reference_matmul(x, w).float()
-    assert ((y.float() - ref).norm() / ref.norm()).item() < TOL[DTYPES[dtype]]
+    y = gptq_mm_sorted(x, qw, qz, sc, gs, off, 1, perm=perm)
+    ref = gptq.reference_matmul(permuted(x, perm), w).float()
+    return ((y.float() - ref).norm() / ref.norm()).item()

@@ -10,6 +10,8 @@ Backend keys (all start with ``tpaware.``; the rest of ``options`` are Inductor 
     tpaware.allow_group_offset  shards may share a boundary group (default True; False skips such MLPs)
     tpaware.lower       passes/lower.py mode: "auto" (default), "always" or "never"
     tpaware.fuse_swiglu lower silu(gate) * up on two sorted-group matmuls to one fused kernel (default True)
+    tpaware.fold_perm   the first layers' kernels read x[..., P1] themselves instead of after an index_select
+                        launch (default False until its GPU tests and timings have run)
     tpaware.fail_rank   failure injection for tests: that rank raises during the exchange
     tpaware.keep_graph  keep the rewritten graph and its inputs on the report (tests, debugging; holds memory)
 """
@@ -49,7 +51,7 @@ def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_)
 
 
 def _finish(gm, example_inputs, ours, inductor, mode, rep, pending) -> Callable:
-    _lower(gm, rep, ours.get("lower", "auto"), ours.get("fuse_swiglu", True))
+    _lower(gm, rep, ours.get("lower", "auto"), ours.get("fuse_swiglu", True), ours.get("fold_perm", False))
     if ours.get("keep_graph"):
         rep.graph_module, rep.example_inputs = gm, list(example_inputs)
     rep.hand_off = _choose_hand_off(ours.get("hand_off", "inductor"), rep)
@@ -112,7 +114,7 @@ def _choose_hand_off(how: str, rep) -> str:
 
 
 def _split_options(options: dict):
-    known = _REWRITE_KEYS | {"hand_off", "report", "lower", "fuse_swiglu", "keep_graph"}
+    known = _REWRITE_KEYS | {"hand_off", "report", "lower", "fuse_swiglu", "fold_perm", "keep_graph"}
     unknown = [k for k in options if k.startswith(_PREFIX) and k[len(_PREFIX):] not in known]
     if unknown:
         raise ValueError(f"tpaware: unknown backend options {unknown}")
@@ -120,12 +122,12 @@ def _split_options(options: dict):
     return ours, {k: v for k, v in options.items() if not k.startswith(_PREFIX)}
 
 
-def _lower(gm: GraphModule, rep, mode: str, fuse_swiglu: bool) -> None:
+def _lower(gm: GraphModule, rep, mode: str, fuse_swiglu: bool, fold_perm: bool) -> None:
     """passes/lower.py swaps gptq_mm calls for the Triton ops and returns one "node: kernel" line per call,
     which the report keeps."""
     from .passes.lower import lower_gptq_mm
 
-    rep.set_kernels(lower_gptq_mm(gm, mode, fuse_swiglu))
+    rep.set_kernels(lower_gptq_mm(gm, mode, fuse_swiglu, fold_perm))
 
 
 def _hand_off(gm: GraphModule, example_inputs, how: str, inductor: dict, mode) -> Callable:

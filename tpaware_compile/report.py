@@ -15,6 +15,9 @@ import sympy
 from tabulate import tabulate
 
 M = sympy.Symbol("M", positive=True, integer=True)  # tokens per call (product of the activation's leading dims)
+# (words in the lowering's line of a first layer, what the kernels column then says about the first layers)
+_FIRST_LAYER_NOTES = (("fused SwiGLU", "one fused SwiGLU kernel"),
+                      ("read inside the kernel", "x[P1] read inside the kernel"))
 
 
 @dataclass
@@ -62,13 +65,16 @@ class RewriteReport:
 
     def set_kernels(self, choices: List[str]) -> None:
         """Lowering lines ("node: kernel") -> the down part of each row's kernels column, by its down node; the
-        first layers' part (e.g. "gate/up: sorted via x[P1]; ") stays, and says so when they were fused."""
+        first layers' part (e.g. "gate/up: sorted via x[P1]; ") stays, and says when they were fused and when
+        their x[P1] is read inside the kernel."""
         by_node = dict(line.split(": ", 1) for line in choices if ": " in line)
         for r in self.rows:
             if r.down_node in by_node:
                 first = r.kernels.split("down: ", 1)[0]
-                if first and any("fused SwiGLU" in by_node.get(n, "") for n in r.col_nodes):
-                    first = first[:-2] + ", one fused SwiGLU kernel; "
+                lines = [by_node.get(n, "") for n in r.col_nodes]
+                notes = [note for key, note in _FIRST_LAYER_NOTES if any(key in line for line in lines)]
+                if first and notes:
+                    first = first[:-2] + "".join(f", {note}" for note in notes) + "; "
                 r.kernels = f"{first}down: {by_node[r.down_node]}"
 
     def table(self) -> str:

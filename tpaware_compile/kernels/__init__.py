@@ -1,10 +1,12 @@
 """Triton kernels for GPTQ int4 matmuls with contiguous (sorted) groups, and their one host entry.
 
-    gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> x @ W
+    gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=None) -> x @ W
 
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; the
 tensor-core kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
+With ``perm`` [K] it computes x[..., perm] @ W, the gather read inside the kernels' x loads instead of a
+launch of its own (the TP-aware rewrite's x[..., P1] before the first layers, folded by the lowering).
 ``gptq_mm_gidx`` is the per-row g_idx kernel (gidx.py) for act-order weights as stored: the baseline.
 Under TRITON_INTERPRET=1 (CPU tests) one fixed config runs, and bf16 is computed through fp32 (the
 interpreter's bf16 arithmetic is wrong).
@@ -23,6 +25,7 @@ from .gidx import gidx_config, gidx_dequant_mm, gidx_mm
 
 INTERPRET = is_interpreted(_dot_kernel)  # decided when triton.jit ran, i.e. at this package's import
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PERM_DTYPES = (torch.int32, torch.int64)
 GEMV_MAX_M = 1  # from M = 2 the tensor-core kernel wins: the GEMV would re-read the weights per row
 DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
 _SMS = {}
@@ -48,6 +51,20 @@ def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero
         raise ValueError("qweight, qzeros and scales must be contiguous")
     if not (x.device == qweight.device == qzeros.device == scales.device):
         raise ValueError("all tensors must be on one device")
+
+
+def check_perm(perm: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Raise ValueError unless perm is None or a 1-D integer [K] index on x's device; returns it contiguous. That
+    it is a permutation of range(K) is the caller's promise (checking would cost a launch and a sync per call)."""
+    if perm is None:
+        return None
+    k = x.shape[-1]
+    if not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.shape[0] != k or perm.dtype not in PERM_DTYPES:
+        got = f"{tuple(perm.shape)} {perm.dtype}" if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"perm: expected a [{k}] tensor in {PERM_DTYPES} (a permutation of x's last dim), got {got}")
+    if perm.device != x.device:
+        raise ValueError(f"perm is on {perm.device}, x on {x.device}: they must be on one device")
+    return perm.contiguous()
 
 
 def _num_sms(device) -> int:
@@ -106,9 +123,11 @@ def gptq_mm_sorted(
     group_offset: int = 0,
     zero_offset: int = 0,
     config: Optional[dict] = None,
+    perm: Optional[torch.Tensor] = None,  # [K] int32 / int64: compute x[..., perm] @ W
 ) -> torch.Tensor:  # [..., N] in x.dtype
-    """x @ W for contiguous groups (g_idx None), on the fastest kernel for this M."""
+    """x @ W (x[..., perm] @ W) for contiguous groups (g_idx None), on the fastest kernel for this M."""
     check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
+    perm = check_perm(perm, x)
     lead, k, n = x.shape[:-1], x.shape[-1], qweight.shape[1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.shape[0] == 0:
@@ -118,13 +137,13 @@ def gptq_mm_sorted(
     xc, out_dtype = _interpreter_upcast(x2)
     args = (qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype)
     if cfg["kind"] == "gemv":
-        y = gemv_prep(xc, *args, cfg)
+        y = gemv_prep(xc, *args, cfg, perm)
     elif cfg["kind"] == "gemv_plain":
-        y = gemv(xc, *args, cfg)
+        y = gemv(xc, *args, cfg, perm)
     elif cfg["kind"] == "dot":
-        y = dot_mm(xc, *args, cfg)
+        y = dot_mm(xc, *args, cfg, perm)
     else:
-        y = dequant_mm(xc, *args)
+        y = dequant_mm(xc, *args, perm)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -136,10 +155,12 @@ def gptq_swiglu_sorted(
     group_offset: int = 0,
     zero_offset: int = 0,
     config: Optional[dict] = None,
+    perm: Optional[torch.Tensor] = None,  # [K] int32 / int64: of x[..., perm]
 ) -> torch.Tensor:  # [..., N] in x.dtype
-    """silu(x @ W_gate) * (x @ W_up), one epilogue kernel for both (fused.py)."""
+    """silu(x @ W_gate) * (x @ W_up), one epilogue kernel for both (fused.py); of x[..., perm] with perm."""
     for w in (gate, up):
         check_sorted_args(x, *w, group_size, group_offset, zero_offset)
+    perm = check_perm(perm, x)
     if any(a.shape != b.shape for a, b in zip(gate, up)):
         raise ValueError("gate and up must have the same shapes")
     lead, k, n = x.shape[:-1], x.shape[-1], gate[0].shape[1]
@@ -149,7 +170,7 @@ def gptq_swiglu_sorted(
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device)
     xc, out_dtype = _interpreter_upcast(x2)
-    y = swiglu(xc, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg)
+    y = swiglu(xc, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm)
     return y.to(x.dtype).reshape(*lead, n)
 
 

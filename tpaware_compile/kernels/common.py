@@ -58,6 +58,18 @@ def nibble_floats(words, one_bits, SHIFTS, MANTISSA_SHIFT: tl.constexpr, DTYPE: 
 
 
 @triton.jit
+def x_columns(perm_ptr, rows, K, HAS_PERM: tl.constexpr):
+    """The x column each weight row multiplies: ``perm[rows]`` when the kernel computes x[..., perm] @ W (the
+    gather folded into its x loads instead of a separate launch), else ``rows``. A constexpr branch, so the
+    no-perm kernel compiles exactly as without it. Rows outside [0, K) read nothing here; the caller masks them."""
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + rows, mask=rows.to(tl.uint32) < K, other=0)
+    else:
+        cols = rows
+    return cols
+
+
+@triton.jit
 def load_group(qz_ptr, sc_ptr, g, offs_n, n_mask, N):
     """Group g's scales [BN] and packed zero words [BN] (each word read for its 8 columns; L1 serves repeats)."""
     s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0)

@@ -4,8 +4,9 @@ Both matmuls write fp32 partials into one buffer [2, SPLIT_K, M, N] and a single
 applies silu(gate) * up, so the intermediate never round-trips through x's dtype and the separate elementwise
 kernel disappears. For decode the activation is prepared once for both (gemv_prep.py). Gate and up must share
 x's row order (the same act-order permutation, or none); callers fall back to two gptq_mm calls otherwise.
-Large M (dequantize + cuBLAS) writes gate and up in x's dtype straight into that buffer's one split, and the same
-epilogue applies the activation (one kernel instead of five elementwise passes).
+A ``perm`` (x[..., perm] @ W) goes to whichever launch runs: the one x prep for decode, else both matmuls.
+Large M (dequantize + cuBLAS) writes gate and up in x's dtype straight into that buffer's one split (x gathered
+once for both if permuted), and the same epilogue applies the activation (one kernel, not five elementwise passes).
 """
 
 import torch
@@ -37,26 +38,28 @@ def _silu_mul_reduce_kernel(
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg):
-    """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype."""
+def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
+    """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype; with perm [K],
+    of x[:, perm]."""
     m, k = x.shape
     n = gate[0].shape[1]
     if cfg["kind"] == "dequant":  # cuBLAS writes gate and up in x's dtype; the epilogue reads them as one split
+        x = x if perm is None else x.index_select(-1, perm)  # gathered once for both matmuls
         part = torch.empty((2, 1, m, n), dtype=x.dtype, device=x.device)
         for i, w in enumerate((gate, up)):
             torch.matmul(x, dequantize_sorted(*w, group_size, group_offset, zero_offset, x.dtype), out=part[i, 0])
         return _silu_mul(part, out_dtype)
     per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
-    prep = prepare_x(x, cfg["BLOCK_K"], group_offset) if cfg["kind"] == "gemv" else None
+    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm) if cfg["kind"] == "gemv" else None
     for i, w in enumerate((gate, up)):
         args = (*w, group_size, group_offset, zero_offset, part[i], per, cfg)
-        if prep is not None:
+        if prep is not None:  # the prepared x is already permuted
             launch_gemv_prep(prep, k, *args)
         elif cfg["kind"] == "gemv_plain":
-            launch_gemv(x, *args)
+            launch_gemv(x, *args, perm)
         else:
-            launch_dot(x, *args)
+            launch_dot(x, *args, perm)
     return _silu_mul(part, out_dtype)
 
 

@@ -7,11 +7,13 @@ K-steps are BLOCK_K rows of the *virtual* row index ``v = k + group_offset``, al
 BLOCK_K dividing group_size: every step lies inside one group, also for shards that start inside a group.
 """
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of
+from .common import affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of, x_columns
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -19,6 +21,7 @@ FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay
 @triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] fp16 / bf16 / fp32, row stride stride_xm
+    perm_ptr,  # [K] int32 / int64: row k of the weight multiplies x[:, perm[k]] (HAS_PERM), else None
     qw_ptr,  # [K/8, N] int32, packed along K
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
@@ -28,6 +31,7 @@ def _gemv_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     BLOCK_N: tl.constexpr,
+    HAS_PERM: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,7 +55,8 @@ def _gemv_kernel(
         # 2-D tiles in the load's layout, one nibble at a time: no 3-D broadcast to re-layout the words.
         for j in tl.static_range(8):
             # one unsigned compare is 0 <= row < K
-            xj = tl.load(x_row + rows + j, mask=(rows + j).to(tl.uint32) < K, other=0.0).to(tl.float32)
+            xj = tl.load(_x_ptrs(x_row, perm_ptr, rows, j, K, HAS_PERM), mask=(rows + j).to(tl.uint32) < K,
+                         other=0.0).to(tl.float32)
             d += nibble_floats(q, one_bits, 4 * j, FP32_SHIFT, tl.float32) * xj[:, None]  # (1 + q/16) x
             xs += xj
         acc += s16[None, :] * d - sz[None, :] * xs[:, None]
@@ -62,6 +67,17 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _x_ptrs(x_row, perm_ptr, rows, j, K, HAS_PERM: tl.constexpr):
+    """&x[rows + j], or &x[perm[rows + j]] with HAS_PERM (perm is tiny and stays in L1/L2). The no-perm branch
+    keeps the kernel's original address arithmetic, (x_row + rows) + j: x_row + (rows + j) compiles differently."""
+    if HAS_PERM:
+        ptrs = x_row + x_columns(perm_ptr, rows + j, K, HAS_PERM)
+    else:
+        ptrs = x_row + rows + j
+    return ptrs
+
+
+@triton.jit
 def _load_words(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, live):
     """One K-step's packed words [BW, BN] (zeros outside [0, K) or when not live)."""
     words = (seg * (offs_w.shape[0] * 8) - group_offset) // 8 + offs_w  # exact: both terms are multiples of 8
@@ -69,13 +85,14 @@ def _load_words(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, live):
     return tl.load(qw_ptr + words[:, None] * N + offs_n[None, :], mask=w_ok[:, None] & n_mask[None, :], other=0)
 
 
-def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
-    """x [M, K] (row-contiguous) -> [M, N] in out_dtype. cfg: BLOCK_N, BLOCK_K, SPLIT_K (wanted), num_warps."""
-    return split_k_matmul(launch_gemv, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
-                          cfg)
+def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
+    """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
+    SPLIT_K (wanted), num_warps."""
+    return split_k_matmul(partial(launch_gemv, perm=perm), x, qweight, qzeros, scales, group_size, group_offset,
+                          zero_offset, out_dtype, cfg)
 
 
-def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg):
+def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, perm=None):
     """One GEMV launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -83,7 +100,7 @@ def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offse
     one_bits, _ = mantissa_args(torch.float32)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
     _gemv_kernel[grid](
-        x, qweight, qzeros, scales, part, m, n, k, x.stride(0), group_offset, zero_offset, per, one_bits,
-        GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        x, perm, qweight, qzeros, scales, part, m, n, k, x.stride(0), group_offset, zero_offset, per, one_bits,
+        GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], HAS_PERM=perm is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=1,
     )

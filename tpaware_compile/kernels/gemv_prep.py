@@ -18,24 +18,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import load_group, split_plan, splitk_buffers, splitk_finish, splits_of
+from .common import load_group, split_plan, splitk_buffers, splitk_finish, splits_of, x_columns
 
 
 @triton.jit
 def _xprep_kernel(
     x_ptr,  # [M, K] activations, row stride stride_xm
+    perm_ptr,  # [K] int32 / int64: row k of the weight multiplies x[:, perm[k]] (HAS_PERM), else None
     xp_ptr,  # [M, KPAD] fp32: x (even rows) or 16 x (odd rows), zero outside [0, K)
     c_ptr,  # [M, KPAD/8] fp32: 128 * sum of xp over each word's 8 rows
     xs_ptr,  # [M, KPAD/8] fp32: sum of x over each word's 8 rows
     K, KPAD, stride_xm, group_offset,
     BLOCK_W: tl.constexpr,
+    HAS_PERM: tl.constexpr,
 ):
     m = tl.program_id(1)
     w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW] padded word index
     j = tl.arange(0, 8)
     rows = w[:, None] * 8 + j[None, :] - group_offset  # [BW, 8] real row (padding: the shard's group offset)
     w_ok = w < KPAD // 8
-    x = tl.load(x_ptr + m * stride_xm + rows, mask=(rows >= 0) & (rows < K) & w_ok[:, None], other=0.0)
+    # x[..., perm] costs nothing extra here: this kernel rewrites x once per call anyway (one gathered load)
+    cols = x_columns(perm_ptr, rows, K, HAS_PERM)
+    x = tl.load(x_ptr + m * stride_xm + cols, mask=(rows >= 0) & (rows < K) & w_ok[:, None], other=0.0)
     x = x.to(tl.float32)
     xp = x * tl.where(j % 2 == 1, 16.0, 1.0)[None, :]
     tl.store(xp_ptr + m * KPAD + w[:, None] * 8 + j[None, :], xp, mask=w_ok[:, None])
@@ -114,21 +118,24 @@ def _words(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, live):
     return tl.load(qw_ptr + words[:, None] * N + offs_n[None, :], mask=w_ok[:, None] & n_mask[None, :], other=0)
 
 
-def prepare_x(x, block_k, group_offset):
-    """(xp [M, KPAD], c [M, KPAD/8], xs [M, KPAD/8]) fp32, KPAD = whole K-steps of the padded row index."""
+def prepare_x(x, block_k, group_offset, perm=None):
+    """(xp [M, KPAD], c [M, KPAD/8], xs [M, KPAD/8]) fp32, KPAD = whole K-steps of the padded row index; of
+    x[:, perm] when perm [K] is given."""
     m, k = x.shape
     kpad = triton.cdiv(k + group_offset, block_k) * block_k
     xp = torch.empty((m, kpad), dtype=torch.float32, device=x.device)
     c = torch.empty((m, kpad // 8), dtype=torch.float32, device=x.device)
     xs = torch.empty_like(c)
     bw = 128
-    _xprep_kernel[(triton.cdiv(kpad // 8, bw), m)](x, xp, c, xs, k, kpad, x.stride(0), group_offset, BLOCK_W=bw)
+    _xprep_kernel[(triton.cdiv(kpad // 8, bw), m)](x, perm, xp, c, xs, k, kpad, x.stride(0), group_offset, BLOCK_W=bw,
+                                                   HAS_PERM=perm is not None)
     return xp, c, xs
 
 
-def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
-    """x [M, K] (row-contiguous) -> [M, N] in out_dtype. cfg: BLOCK_N, BLOCK_K, SPLIT_K (wanted), num_warps."""
-    prep = prepare_x(x, cfg["BLOCK_K"], group_offset)
+def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
+    """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
+    SPLIT_K (wanted), num_warps."""
+    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm)
     per, split_k = split_plan(prep[0].shape[1] // cfg["BLOCK_K"], cfg["SPLIT_K"])
     part, out = splitk_buffers(x.shape[0], qweight.shape[1], split_k, out_dtype, x.device)
     launch_gemv_prep(prep, x.shape[1], qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg)

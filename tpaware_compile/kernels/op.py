@@ -5,7 +5,8 @@ run the fp32 reference (``GPTQLinear(kernel="triton")``). ``tpaware::gptq_swiglu
 one extern call: ``triton_op``/``wrap_triton`` would not compile under the interpreter.
 
 CUDA runs the Triton kernels; CPU runs them under TRITON_INTERPRET=1 (tests) and the reference otherwise.
-Bias stays outside, as for ``gptq_mm``.
+Bias stays outside, as for ``gptq_mm``. The fast ops' optional last argument ``perm`` [K] makes them compute
+x[..., perm] @ W, the gather read inside the kernels (the lowering folds an ``index_select`` into it).
 """
 
 from typing import Optional
@@ -14,7 +15,7 @@ import torch
 
 from ..gptq import GPTQWeight, reference_matmul
 from ..ops import gptq_mm
-from . import INTERPRET, check_sorted_args, gptq_mm_gidx, gptq_mm_sorted, gptq_swiglu_sorted
+from . import INTERPRET, check_perm, check_sorted_args, gptq_mm_gidx, gptq_mm_sorted, gptq_swiglu_sorted
 
 
 @torch.library.custom_op("tpaware::gptq_mm_fast", mutates_args=())
@@ -26,23 +27,36 @@ def gptq_mm_fast(
     group_size: int,
     group_offset: int,
     zero_offset: int,
+    perm: Optional[torch.Tensor] = None,  # [K] int32 / int64: x[..., perm] @ W
 ) -> torch.Tensor:  # [..., N] in x.dtype
     if INTERPRET:
-        return gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
+        return gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=perm)
     check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
+    x = _permuted(x, perm)
     w = GPTQWeight(qweight, qzeros, scales, None, group_size, zero_offset, group_offset)
     return reference_matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.out_features)
 
 
 @gptq_mm_fast.register_kernel("cuda")
-def _(x, qweight, qzeros, scales, group_size, group_offset, zero_offset):
-    return gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
+def _(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=None):
+    return gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=perm)
 
 
 @gptq_mm_fast.register_fake
-def _(x, qweight, qzeros, scales, group_size, group_offset, zero_offset):
+def _(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=None):
     torch._check(x.shape[-1] == qweight.shape[0] * 8, lambda: "gptq_mm_fast: x's last dim must equal qweight rows * 8")
+    _check_perm_shape(perm, x, "gptq_mm_fast")
     return x.new_empty(*x.shape[:-1], qweight.shape[1])
+
+
+def _permuted(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference path's x[..., perm]: validated as the kernels validate it, then gathered."""
+    return x if perm is None else x.index_select(-1, check_perm(perm, x))
+
+
+def _check_perm_shape(perm: Optional[torch.Tensor], x, op: str) -> None:
+    if perm is not None:
+        torch._check(perm.dim() == 1 and perm.shape[0] == x.shape[-1], lambda: f"{op}: perm must be [x.shape[-1]]")
 
 
 def gptq_mm_fast_linear(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
@@ -94,10 +108,12 @@ def gptq_swiglu_fast(
     group_size: int,
     group_offset: int,
     zero_offset: int,
+    perm: Optional[torch.Tensor] = None,  # [K] int32 / int64: of x[..., perm]
 ) -> torch.Tensor:  # [..., N] in x.dtype: silu(x @ W_gate) * (x @ W_up)
     gate, up = (gate_qweight, gate_qzeros, gate_scales), (up_qweight, up_qzeros, up_scales)
     if INTERPRET:
-        return gptq_swiglu_sorted(x, gate, up, group_size, group_offset, zero_offset)
+        return gptq_swiglu_sorted(x, gate, up, group_size, group_offset, zero_offset, perm=perm)
+    x = _permuted(x, perm)
     x2 = x.reshape(-1, x.shape[-1])
     ws = (GPTQWeight(*w, None, group_size, zero_offset, group_offset) for w in (gate, up))
     g, u = (reference_matmul(x2.float(), w) for w in ws)
@@ -106,13 +122,14 @@ def gptq_swiglu_fast(
 
 @gptq_swiglu_fast.register_kernel("cuda")
 def _(x, gate_qweight, gate_qzeros, gate_scales, up_qweight, up_qzeros, up_scales, group_size, group_offset,
-      zero_offset):
+      zero_offset, perm=None):
     gate, up = (gate_qweight, gate_qzeros, gate_scales), (up_qweight, up_qzeros, up_scales)
-    return gptq_swiglu_sorted(x, gate, up, group_size, group_offset, zero_offset)
+    return gptq_swiglu_sorted(x, gate, up, group_size, group_offset, zero_offset, perm=perm)
 
 
 @gptq_swiglu_fast.register_fake
 def _(x, gate_qweight, gate_qzeros, gate_scales, up_qweight, up_qzeros, up_scales, group_size, group_offset,
-      zero_offset):
+      zero_offset, perm=None):
     torch._check(x.shape[-1] == gate_qweight.shape[0] * 8, lambda: "gptq_swiglu_fast: x's last dim != qweight rows * 8")
+    _check_perm_shape(perm, x, "gptq_swiglu_fast")
     return x.new_empty(*x.shape[:-1], gate_qweight.shape[1])

@@ -4,8 +4,10 @@ Contiguous-group weights (g_idx None, what the TP-aware rewrite leaves behind) g
 which takes no g_idx at all; a weight that still carries a g_idx goes to the per-row g_idx kernel
 (``tpaware::gptq_mm_triton``). Then ``silu(x @ W_gate) * (x @ W_up)`` on two such fast calls of one x becomes one
 ``tpaware::gptq_swiglu_fast`` (one x prep, one epilogue instead of two split-K reductions and a multiply).
-On CPU the reference stays unless the Triton interpreter runs (tests): there the Triton ops would only call
-the reference too.
+Last, an ``index_select(x, -1, P)`` read only by fast ops as their x (the rewrite's x[..., P1] before the first
+layers, or a presorted module's own) is folded into them: they take x and ``perm=P`` and gather inside their x
+loads, one launch fewer. On CPU the reference stays unless the Triton interpreter runs (tests): there the
+Triton ops would only call the reference too.
 """
 
 import operator
@@ -19,9 +21,12 @@ from ..ops import gptq_mm  # noqa: F401  registers tpaware::gptq_mm
 
 GPTQ_MM = (torch.ops.tpaware.gptq_mm, torch.ops.tpaware.gptq_mm.default)
 MODES = ("auto", "always", "never")
+PERM_FOLDED = "x[..., perm] read inside the kernel"  # the report looks for this in the lowering's lines
+_FUSED_FROM = "tpaware_fused_from"  # meta key: the gptq_mm nodes a fused call replaced (their report lines)
 
 
-def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True) -> List[str]:
+def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True, fold_perm: bool = False
+                  ) -> List[str]:
     """Swap eligible nodes in place; returns one line per gptq_mm node saying which kernel it got."""
     if mode not in MODES:
         raise ValueError(f"lower must be one of {MODES}, got {mode!r}")
@@ -48,6 +53,9 @@ def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True)
                  for n, partner in _fuse_swiglu(gm)}
         choices = [f"{name}: {fused[name]}" if name in fused else line
                    for line, name in ((c, c.split(": ", 1)[0]) for c in choices)]
+    if fold_perm:
+        folded = set(_fold_perms(gm))
+        choices = [f"{c}, {PERM_FOLDED}" if c.split(": ", 1)[0] in folded else c for c in choices]
     gm.recompile()
     return choices
 
@@ -66,8 +74,9 @@ def _fuse_swiglu(gm: GraphModule) -> List[tuple]:
         silu, gate, up = pair
         with gm.graph.inserting_before(mul):
             new = gm.graph.call_function(torch.ops.tpaware.gptq_swiglu_fast.default,
-                                         (gate.args[0], *gate.args[1:4], *up.args[1:4], *gate.args[4:7]))
+                                         (gate.args[0], *gate.args[1:4], *up.args[1:4], *gate.args[4:]))
         new.meta.update(mul.meta)
+        new.meta[_FUSED_FROM] = (gate.name, up.name)
         mul.replace_all_uses_with(new)
         for n in (mul, silu, gate, up):
             gm.graph.erase_node(n)
@@ -90,6 +99,49 @@ def _swiglu_pair(mul: Node):
     return None
 
 
+_INDEX_SELECTS = {torch.index_select, torch.ops.aten.index_select.default}
+
+
+def _fold_perms(gm: GraphModule) -> List[str]:
+    """Fold each last-dim ``index_select(x, -1, P)`` whose only readers are fast ops taking it as x (and not
+    already a perm) into them: they read x and gather through ``perm=P``. Returns the gptq_mm node names
+    (report lines) of the calls that now do. Any other reader keeps the gather as it is."""
+    folded = []
+    for sel in [n for n in gm.graph.nodes if _last_dim_gather(n) is not None]:
+        if not sel.users or not all(_takes_as_x(u, sel) for u in sel.users):
+            continue
+        x, perm = _last_dim_gather(sel)
+        for user in list(sel.users):
+            user.args = (x, *user.args[1:], perm)  # perm is the ops' last argument
+            folded += user.meta.get(_FUSED_FROM, (user.name,))
+        gm.graph.erase_node(sel)
+    return folded
+
+
+def _last_dim_gather(n: Node):
+    """(x, P) when n is ``index_select(x, -1 or x's last dim, P)`` with P as long as x's last dim, else None.
+    (The rewrite spells x[..., P1] this way; canonicalize brings ``x[..., P]`` and ``x.index_select`` to it.)"""
+    if not (_is_call(n, _INDEX_SELECTS) or (n.op == "call_method" and n.target == "index_select")):
+        return None
+    if len(n.args) != 3 or n.kwargs or not all(isinstance(a, Node) for a in (n.args[0], n.args[2])):
+        return None
+    x, dim, perm = n.args
+    vx, vn = (_val(a) for a in (x, n))
+    if not (isinstance(vx, torch.Tensor) and isinstance(vn, torch.Tensor)) or dim not in (-1, vx.dim() - 1):
+        return None
+    k, kp = vx.shape[-1], vn.shape[-1]  # P must index all of x's last dim: the kernels read x[..., P] as [..., K]
+    return (x, perm) if isinstance(k, int) and isinstance(kp, int) and k == kp else None
+
+
+def _takes_as_x(user: Node, sel: Node) -> bool:
+    """user is a fast op reading sel as its x only, with no perm of its own yet."""
+    fast, swiglu = torch.ops.tpaware.gptq_mm_fast, torch.ops.tpaware.gptq_swiglu_fast
+    slots = {fast: 7, fast.default: 7, swiglu: 10, swiglu.default: 10}  # positional args before perm
+    slot = slots.get(user.target) if user.op == "call_function" else None
+    return (slot is not None and len(user.args) == slot and not user.kwargs and user.args[0] is sel
+            and sel not in user.args[1:])
+
+
 def _is_call(n, targets) -> bool:
     return isinstance(n, Node) and n.op == "call_function" and n.target in targets
 
@@ -99,8 +151,12 @@ def _is_fast(n) -> bool:
     return _is_call(n, (fast, fast.default))
 
 
+def _val(n: Node):
+    return n.meta.get("val", n.meta.get("example_value"))
+
+
 def _same_shape(a: Node, b: Node) -> bool:
-    va, vb = (n.meta.get("val", n.meta.get("example_value")) for n in (a, b))
+    va, vb = (_val(n) for n in (a, b))
     return va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
 
 
@@ -114,5 +170,4 @@ def _skip_reason(node: Node, mode: str, interpreted: bool) -> Optional[str]:
 
 
 def _device(node: Node) -> Optional[torch.device]:
-    val = node.meta.get("val", node.meta.get("example_value"))
-    return getattr(val, "device", None)
+    return getattr(_val(node), "device", None)
