@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tpaware_compile.kernels import common, dequantize_sorted, gptq_mm_gidx, gptq_mm_sorted, pick_config
+from tpaware_compile.kernels import (common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx, gptq_mm_sorted,
+                                    pick_config)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import graph_us, header  # noqa: E402
@@ -31,12 +32,14 @@ from timing import graph_us, header  # noqa: E402
 GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
-PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather")
+PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather",
+             "tpaware_rows")
 # x[..., P1] before the first layers (TP-aware rewrite): read inside the kernel, or an index_select launch first.
 # Timed where the rewrite leaves it: the Llama-70B up projections (K = 8192) at TP 1 and 8, decode M.
 PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
 PERM_SHAPES = {("llama70b", 1, "up"), ("llama70b", 8, "up")}
 PERM_MS = (1, 16)
+ROWS_MS = (2, 4, 8)  # tpaware_rows: the multi-row GEMV (gemv_rows_config) beside tpaware's dispatch at these M
 
 
 def copy_bandwidth() -> float:
@@ -180,6 +183,8 @@ def gidx_fns(copies, x, k):
 def provider_fns(provider, copies, x, k, n, m, perm):
     if provider == "tpaware":
         return tpaware_fns(copies, x)
+    if provider == "tpaware_rows":
+        return tpaware_fns(copies, x, gemv_rows_config(m, k, n, GROUP, x.device))
     if provider in PERM_PROVIDERS:
         return perm_fns(copies, x, perm, folded=provider == "tpaware_perm_folded")
     if provider == "cublas_fp16":
@@ -200,17 +205,20 @@ def shapes(quick):
 
 
 def ms_for(model, tp, quick):
-    ms = [1, 16] if quick else [1, 16, 64, 256]
+    ms = [1, *ROWS_MS, 16] if quick else [1, *ROWS_MS, 16, 64, 256]
     if not quick and model == "llama70b" and tp in (1, 8):
         ms += [512, 1024, 2048, 4096]  # where does fp16 overtake?
     return ms
 
 
 def skip(provider, model, tp, layer, m):
-    """Baselines too slow to be worth graph time at large M; the perm rows only where the rewrite leaves x[P1]."""
+    """Baselines too slow to be worth graph time at large M; the perm rows only where the rewrite leaves x[P1];
+    the multi-row GEMV only at its M, where only tpaware's dispatch and cuBLAS run beside it."""
     if provider in PERM_PROVIDERS:
         return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
-    return provider in ("gidx_triton", "torch_int4") and m > 256
+    if m in ROWS_MS:
+        return provider not in ("tpaware", "tpaware_rows", "cublas_fp16")
+    return provider == "tpaware_rows" or (provider in ("gidx_triton", "torch_int4") and m > 256)
 
 
 def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
@@ -232,9 +240,9 @@ def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
                 print(f"{p} failed at K={k} N={n} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             row["pct_roof"] = 100 * roof / row["median_us"]
-            if p == "tpaware" or p in PERM_PROVIDERS:  # fns[0] computes on copies[0]
-                row["config"] = cfg
-                row["rel_err"] = check_tpaware(fns[0], copies[0], x if p == "tpaware" else x.index_select(-1, perm))
+            if p in ("tpaware", "tpaware_rows") or p in PERM_PROVIDERS:  # fns[0] computes on copies[0]
+                row["config"] = gemv_rows_config(m, k, n, GROUP, x.device) if p == "tpaware_rows" else cfg
+                row["rel_err"] = check_tpaware(fns[0], copies[0], x.index_select(-1, perm) if p in PERM_PROVIDERS else x)
             rows.append(row)
             print(f"{model:10s} tp{tp} {layer:4s} K={k:5d} N={n:5d} M={m:4d} {p:12s} graph {row['median_us']:8.1f} "
                   f"do_bench {row['do_bench_us']:8.1f} roof {roof:6.1f} floor {floor:6.1f} "
@@ -252,7 +260,10 @@ def sweep_configs():
             for sk in (4, 8)]
     plain = [dict(kind="dot", SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=sk, num_warps=4, num_stages=3)
              for sk in (2, 4)]
-    return ((1, gemv), (32, swap + plain), (128, plain + [dict(kind="dequant")]))
+    rows = [(m, [dict(kind="gemv", ROWS=r, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=sk, num_warps=nw)
+                 for r in (m // 2, m) if r >= 1 for bn, nw in ((128, 4), (256, 4), (256, 8)) for sk in (4, 8)] + swap)
+            for m in ROWS_MS]
+    return ((1, gemv), *rows, (32, swap + plain), (128, plain + [dict(kind="dequant")]))
 
 
 def sweep(bw):

@@ -40,6 +40,24 @@ def kernel_table(d):
         cols.append(t["config"]["kind"] if t else "")
         print("| " + " | ".join(str(c) for c in cols) + " |")
     perm_table(cells)
+    rows_table(cells)
+
+
+def rows_table(cells):
+    """M = 2..8: the multi-row GEMV (one weight read for every row) against the dispatch's kernel at that M."""
+    rows = [(key, row) for key, row in cells.items() if "tpaware_rows" in row and "tpaware" in row]
+    if not rows:
+        return
+    print("\nMulti-row GEMV at small M (us, CUDA-graph per-call; tpaware: the dispatch table's kernel):\n")
+    print("| model | TP | layer | K x N | M | roof | tpaware | tpaware_rows | rows / tpaware | % roof | rel err | "
+          "cublas_fp16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (model, tp, layer, k, n, m), row in rows:
+        t, r = row["tpaware"], row["tpaware_rows"]
+        cols = [model, tp, layer, f"{k}x{n}", m, f"{r['roof_us']:.1f}", _cell(t), _cell(r),
+                f"{r['median_us'] / t['median_us']:.2f}", f"{r['pct_roof']:.0f}%", f"{r['rel_err']:.1e}",
+                _cell(row.get("cublas_fp16"))]
+        print("| " + " | ".join(str(c) for c in cols) + " |")
 
 
 def perm_table(cells):

@@ -37,6 +37,9 @@ def make_weight(k, n, group_size, group_offset, zero_offset, sym, scale_dtype, d
 def interp_config(kind, n, group_size, k, split_k):
     gs = k if group_size == -1 else group_size
     from tpaware_compile.kernels.common import segment_rows
+    if kind.startswith("gemv_rows"):  # "gemv_rows4": the multi-row GEMV, 4 activation rows per program
+        return dict(kind="gemv", ROWS=int(kind[len("gemv_rows"):]), BLOCK_N=min(128, n), BLOCK_K=segment_rows(gs, 64),
+                    SPLIT_K=split_k)
     swap = kind != "dotplain"  # the un-swapped tensor-core kernel
     return dict(kind="dot" if kind == "dotplain" else kind, SWAP=swap, BLOCK_M=16, BLOCK_N=min(128, n),
                 BLOCK_K=segment_rows(gs, 128), SPLIT_K=split_k)
@@ -58,6 +61,13 @@ def _interp_cases():
                                                   (17, 3, 264, 96, 32, "fp16"), (1, 4, 200, 64, -1, "fp32")]):
         cases.append(dict(kind="gidx", m=m, split_k=sk, k=k, n=n, gs=gs, off=0, zo=i % 2, sym=i == 3, dtype=dtype,
                           seed=7 + i))
+    # the multi-row GEMV: rows masked in the last program (M not a multiple of ROWS), several row programs
+    for i, (kind, m, sk, gs, off, dtype) in enumerate([("gemv_rows4", 3, 2, 64, 8, "fp16"),
+                                                       ("gemv_rows2", 5, 1, 32, 16, "bf16"),
+                                                       ("gemv_rows8", 8, 2, -1, 0, "fp16"),
+                                                       ("gemv_rows4", 6, 1, 128, 120, "fp32")]):
+        cases.append(dict(kind=kind, m=m, split_k=sk, k=256, n=128 if i % 2 else 64, gs=gs, off=off, zo=i % 2,
+                          sym=i == 2, dtype=dtype, seed=900 + i))
     return cases
 
 
@@ -118,7 +128,7 @@ SWIGLU_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo
                 for i, (kind, m, sk, gs, off, zo, dt) in enumerate([
                     ("gemv", 1, 2, 64, 8, 1, "fp16"), ("gemv_plain", 2, 1, 32, 0, 0, "bf16"),
                     ("dot", 5, 2, 128, 64, 1, "fp16"), ("dotplain", 20, 1, -1, 0, 0, "fp16"),
-                    ("dequant", 3, 1, 64, 0, 1, "bf16")])]
+                    ("dequant", 3, 1, 64, 0, 1, "bf16"), ("gemv_rows4", 3, 2, 64, 8, 1, "fp16")])]
 
 
 # x[..., perm] read inside the kernels: every kernel kind, fp16 and bf16 (fp32 inside the interpreter), shards
@@ -129,7 +139,8 @@ PERM_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo=i
                   ("gemv", 1, 2, 64, 8, "fp16", "i64"), ("gemv", 1, 1, 32, 16, "bf16", "i32"),
                   ("gemv_plain", 1, 2, 128, 64, "fp16", "i32"), ("gemv_plain", 3, 1, 64, 0, "bf16", "i64"),
                   ("dot", 5, 2, 64, 8, "fp16", "i64"), ("dot", 17, 1, 128, 120, "bf16", "i32"),
-                  ("dotplain", 18, 2, 32, 16, "fp16", "i32"), ("dequant", 4, 1, 64, 8, "bf16", "i64")])]
+                  ("dotplain", 18, 2, 32, 16, "fp16", "i32"), ("dequant", 4, 1, 64, 8, "bf16", "i64"),
+                  ("gemv_rows2", 3, 2, 64, 8, "fp16", "i32")])]
 
 
 def run_swiglu_case(c, device="cpu", config=None):
@@ -214,6 +225,7 @@ def _worker():
         except Exception as e:
             results["swiglu-" + case_id(c)] = f"{type(e).__name__}: {e}"
     results["dequant_exact"] = _dequant_exact("cpu")
+    results["rows_not_pow2"] = _rows_must_be_power_of_two()
     try:
         results["op"] = _op_checks()
     except Exception as e:
@@ -281,6 +293,32 @@ def test_fast_op_interpreter(interp_results):
     assert not isinstance(res, str), res
     assert res["eager"] < 2e-3 and res["compiled"] < 2e-3 and res["swiglu"] < 2e-3, res
     assert res["perm"] < 1e-6 and res["swiglu_perm"] < 1e-6 and res["compiled_perm"] < 1e-6, res  # same kernels
+
+
+def _rows_must_be_power_of_two() -> bool:
+    from tpaware_compile.kernels import gptq_mm_sorted
+    w = make_weight(256, 64, 64, 0, 0, False, torch.float16)
+    try:
+        gptq_mm_sorted(torch.randn(3, 256).half(), w.qweight, w.qzeros, w.scales, 64,
+                       config=dict(kind="gemv", ROWS=3, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1))
+    except ValueError as e:
+        return "power of two" in str(e)
+    return False
+
+
+@pytest.mark.interpreter
+def test_rows_must_be_power_of_two_interpreter(interp_results):
+    assert interp_results["rows_not_pow2"] is True
+
+
+def test_gemv_rows_config():
+    """Its rows per program are the next power of two of M, 2..8; other M is an error, not a silent fallback."""
+    from tpaware_compile.kernels import gemv_rows_config
+    cpu = torch.device("cpu")
+    assert [gemv_rows_config(m, 8192, 3584, 128, cpu)["ROWS"] for m in range(2, 9)] == [2, 4, 4, 8, 8, 8, 8]
+    for m in (1, 9):
+        with pytest.raises(ValueError, match="2 to 8"):
+            gemv_rows_config(m, 8192, 3584, 128, cpu)
 
 
 def _dequant_exact(device) -> dict:
@@ -355,6 +393,9 @@ def test_kernel_gpu_dispatch(case):
 GPU_CONFIGS = [
     ("gemv", 1, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4)),
     ("gemv", 5, dict(BLOCK_N=256, BLOCK_K=64, SPLIT_K=3, num_warps=8)),
+    ("gemv", 2, dict(ROWS=2, BLOCK_N=256, BLOCK_K=64, SPLIT_K=3, num_warps=8)),
+    ("gemv", 3, dict(ROWS=4, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, num_warps=4)),
+    ("gemv", 11, dict(ROWS=8, BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, num_warps=4)),
     ("gemv_plain", 1, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4)),
     ("gemv_plain", 3, dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=2)),
     ("dot", 16, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)),
@@ -470,8 +511,21 @@ def test_perm_production_gpu(k, n, m, dtype, gs, off, perm):
     assert _production_err(k, n, m, dtype, gs, off, PERM_DTYPES[perm]) < TOL[DTYPES[dtype]]
 
 
-def _production_err(k, n, m, dtype, gs, off, perm_dtype=None) -> float:
-    """Relative error of gptq_mm_sorted's own dispatch on random packed words, against the fp32 reference."""
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(8192, 28672), (28672, 8192), (3584, 8192), (8192, 3584)])
+@pytest.mark.parametrize("m", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 32, 16)])
+def test_rows_production_gpu(k, n, m, dtype, gs, off):
+    """The multi-row GEMV's own configs (gemv_rows_config) on the real per-rank shapes, with and without a perm."""
+    from tpaware_compile.kernels import gemv_rows_config
+    cfg = gemv_rows_config(m, k, n, gs, torch.device("cuda"))
+    perm = torch.int64 if m % 2 else None
+    assert _production_err(k, n, m, dtype, gs, off, perm, config=cfg) < TOL[DTYPES[dtype]]
+
+
+def _production_err(k, n, m, dtype, gs, off, perm_dtype=None, config=None) -> float:
+    """Relative error of gptq_mm_sorted's own dispatch (or ``config``) on random packed words, against the fp32
+    reference."""
     from tpaware_compile.kernels import gptq_mm_sorted
     g = -(-(k + off) // gs)
     qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
@@ -481,6 +535,6 @@ def _production_err(k, n, m, dtype, gs, off, perm_dtype=None) -> float:
     x = torch.randn(m, k, device="cuda").to(DTYPES[dtype])
     perm = None if perm_dtype is None else torch.randperm(k, device="cuda").to(perm_dtype)
     _poison()
-    y = gptq_mm_sorted(x, qw, qz, sc, gs, off, 1, perm=perm)
+    y = gptq_mm_sorted(x, qw, qz, sc, gs, off, 1, config=config, perm=perm)
     ref = gptq.reference_matmul(permuted(x, perm), w).float()
     return ((y.float() - ref).norm() / ref.norm()).item()

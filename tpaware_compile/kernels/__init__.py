@@ -30,7 +30,8 @@ GEMV_MAX_M = 1  # from M = 2 the tensor-core kernel wins: the GEMV would re-read
 DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
 _SMS = {}
 
-__all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config", "INTERPRET"]
+__all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
+           "gemv_rows_config", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -100,6 +101,19 @@ def _gemv_config(k, n, group_size, device) -> dict:
     tiles = -(-n // block_n)
     return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, block_k),
                 SPLIT_K=max(1, 6 * sms // tiles), num_warps=4)
+
+
+def gemv_rows_config(m: int, k: int, n: int, group_size: int, device) -> dict:
+    """The multi-row GEMV for 2 <= M <= 8 (gemv_prep.py, ROWS rows per program). Not in pick_config's table yet:
+    a first guess (columns per thread shrink as rows grow, to hold ROWS accumulators) until a GPU sweep times it
+    against the tensor-core kernel (bench_kernels.py: provider tpaware_rows and the sweep's M = 2, 4, 8)."""
+    if not 2 <= m <= 8:
+        raise ValueError(f"the multi-row GEMV takes 2 to 8 rows, got M = {m}")
+    rows = 1 << (m - 1).bit_length()  # next power of two
+    block_n = 256 if rows <= 2 else 128
+    tiles = -(-n // block_n)
+    return dict(kind="gemv", ROWS=rows, BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, 64),
+                SPLIT_K=max(1, 6 * _num_sms(device) // tiles), num_warps=4)
 
 
 def _dot_config(m, k, n, group_size, device) -> dict:

@@ -12,6 +12,11 @@ four shifts per word instead of eight, one LOP3 per nibble (4.75 instructions pe
 every term is x (1 + q/128) + ..., and per word: sum x q = 128 (sum xp f - sum xp). Precision: the q part of
 1 + q/2048 sits 7 bits below the leading bit, so fp32 products keep ~16 bits of it (error ~2e-5, far under
 fp16/bf16 output rounding).
+
+For a few rows (decode of M = 2..8: small batches, speculative tokens) ``_gemv_prep_rows_kernel`` decodes each
+word once and multiplies it into ROWS prepared rows: one weight read for all of them, where the one-row kernel
+would read the weights once per row and the tensor-core kernel round-trips the dequantized tile through shared
+memory. Chosen by the config's ROWS (default 1: the one-row kernel).
 """
 
 import torch
@@ -111,6 +116,68 @@ def _gemv_prep_kernel(
 
 
 @triton.jit
+def _gemv_prep_rows_kernel(
+    xp_ptr,  # [M, KPAD] fp32 prepared activations
+    c_ptr,  # [M, KPAD/8] fp32
+    xs_ptr,  # [M, KPAD/8] fp32
+    qw_ptr,  # [K/8, N] int32, packed along K
+    qz_ptr,  # [G, N/8] int32, packed along N
+    sc_ptr,  # [G, N]
+    out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
+    M, N, K, KPAD,
+    group_offset, zero_offset, segs_per_split, one_bits,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  # activation rows per program, each weight word decoded once for all of them
+):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_r = pid_m * ROWS + tl.arange(0, ROWS)  # [R] activation rows
+    r_ok = offs_r < M
+    seg_start = pid_k * segs_per_split
+    seg_end = tl.minimum(seg_start + segs_per_split, KPAD // BLOCK_K)
+    acc = tl.zeros([ROWS, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    q = _words(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, seg_start < seg_end)
+    s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
+    for seg in range(seg_start, seg_end):
+        live = seg + 1 < seg_end
+        q_nxt = _words(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, live)
+        s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
+        pw = offs_r[:, None] * (KPAD // 8) + seg * (BLOCK_K // 8) + offs_w[None, :]  # [R, BW] prepared words
+        d = _rows_word_dot(q, xp_ptr + pw * 8, r_ok[:, None], one_bits)  # [R, BW, BN]
+        sf = s.to(tl.float32)
+        z = (((zw >> ((offs_n % 8) * 4)) & 0xF) + zero_offset).to(tl.float32)
+        xs = tl.load(xs_ptr + pw, mask=r_ok[:, None], other=0.0)
+        c = tl.load(c_ptr + pw, mask=r_ok[:, None], other=0.0)
+        t = z[None, None, :] * xs[:, :, None] + c[:, :, None]  # z sum x + 128 sum xp
+        acc += (128.0 * sf)[None, None, :] * d - sf[None, None, :] * t
+        q, s, zw = q_nxt, s_nxt, zw_nxt
+    y = tl.sum(acc, axis=1)  # [R, BN]
+    dst = out_ptr + (pid_k * M + offs_r[:, None]) * N + offs_n[None, :]
+    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _rows_word_dot(q, xrows, r_ok, one_bits):
+    """_word_dot for several rows: each nibble decoded once [BW, BN], times each row's x [R, BW] -> [R, BW, BN]."""
+    hi = 0x000F0000
+    lo = 0x0000F000
+    w8, w16, v8, v16 = q << 8, q << 16, q >> 8, q >> 16
+    d = _nib(w16, hi, one_bits)[None, :, :] * tl.load(xrows + 0, mask=r_ok, other=0.0)[:, :, None]
+    d += _nib(w8, lo, one_bits)[None, :, :] * tl.load(xrows + 1, mask=r_ok, other=0.0)[:, :, None]
+    d += _nib(w8, hi, one_bits)[None, :, :] * tl.load(xrows + 2, mask=r_ok, other=0.0)[:, :, None]
+    d += _nib(q, lo, one_bits)[None, :, :] * tl.load(xrows + 3, mask=r_ok, other=0.0)[:, :, None]
+    d += _nib(q, hi, one_bits)[None, :, :] * tl.load(xrows + 4, mask=r_ok, other=0.0)[:, :, None]
+    d += _nib(v8, lo, one_bits)[None, :, :] * tl.load(xrows + 5, mask=r_ok, other=0.0)[:, :, None]
+    d += _nib(v8, hi, one_bits)[None, :, :] * tl.load(xrows + 6, mask=r_ok, other=0.0)[:, :, None]
+    d += _nib(v16, lo, one_bits)[None, :, :] * tl.load(xrows + 7, mask=r_ok, other=0.0)[:, :, None]
+    return d
+
+
+@triton.jit
 def _words(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, live):
     """One K-step's packed words [BW, BN] (zeros outside [0, K) or when not live)."""
     words = (seg * (offs_w.shape[0] * 8) - group_offset) // 8 + offs_w  # exact: both terms are multiples of 8
@@ -134,7 +201,7 @@ def prepare_x(x, block_k, group_offset, perm=None):
 
 def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
     """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
-    SPLIT_K (wanted), num_warps."""
+    SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1)."""
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm)
     per, split_k = split_plan(prep[0].shape[1] // cfg["BLOCK_K"], cfg["SPLIT_K"])
     part, out = splitk_buffers(x.shape[0], qweight.shape[1], split_k, out_dtype, x.device)
@@ -148,9 +215,14 @@ def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset,
     m, kpad = xp.shape
     n = qweight.shape[1]
     split_k = splits_of(part)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
-    _gemv_prep_kernel[grid](
-        xp, c, xs, qweight, qzeros, scales, part, m, n, k, kpad, group_offset, zero_offset, per, 0x3F800000,
-        GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg.get("num_warps", 4), num_stages=1,
-    )
+    rows = cfg.get("ROWS", 1)
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"ROWS must be a power of two, got {rows}")
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, rows))
+    args = (xp, c, xs, qweight, qzeros, scales, part, m, n, k, kpad, group_offset, zero_offset, per, 0x3F800000)
+    meta = dict(GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+                num_warps=cfg.get("num_warps", 4), num_stages=1)
+    if rows == 1:
+        _gemv_prep_kernel[grid](*args, **meta)
+    else:
+        _gemv_prep_rows_kernel[grid](*args, ROWS=rows, **meta)
