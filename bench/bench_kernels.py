@@ -213,11 +213,11 @@ def ms_for(model, tp, quick):
 
 def skip(provider, model, tp, layer, m):
     """Baselines too slow to be worth graph time at large M; the perm rows only where the rewrite leaves x[P1];
-    the multi-row GEMV only at its M, where only tpaware's dispatch and cuBLAS run beside it."""
+    the multi-row GEMV only at its M, where tpaware's dispatch, torch int4 and cuBLAS run beside it."""
     if provider in PERM_PROVIDERS:
         return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
     if m in ROWS_MS:
-        return provider not in ("tpaware", "tpaware_rows", "cublas_fp16")
+        return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16")
     return provider == "tpaware_rows" or (provider in ("gidx_triton", "torch_int4") and m > 256)
 
 

@@ -17,7 +17,7 @@ for step in "$@"; do
     new) timeout 300 python -m pytest -m gpu tests/test_kernels.py tests/test_backend_gpu.py -k "perm or rows or fused_swiglu_lowering" -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_new.log; tail -3 $OUT/pytest_new.log ;;
     gidx) timeout 200 python -m pytest tests/test_kernels.py -m gpu -k gidx -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_gidx.log; tail -3 $OUT/pytest_gidx.log ;;
     prod) timeout 110 python -m pytest tests/test_kernels.py -m gpu -k production -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_prod.log; tail -3 $OUT/pytest_prod.log ;;
-    sweep) timeout 300 python bench/bench_kernels.py --sweep --out $OUT/sweep.json > $OUT/sweep.log 2>&1; tail -3 $OUT/sweep.log ;;
+    sweep) timeout 540 python bench/bench_kernels.py --sweep --out $OUT/sweep.json > $OUT/sweep.log 2>&1; tail -3 $OUT/sweep.log ;;
     quick) timeout 300 python bench/bench_kernels.py --quick --out $OUT/quick.json > $OUT/quick.log 2>&1; tail -50 $OUT/quick.log ;;
     backend) timeout 240 python -m pytest tests/test_backend_gpu.py tests/test_instances.py -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_backend.log; tail -3 $OUT/pytest_backend.log ;;
     model) timeout 400 python bench/bench_model.py --quick --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
