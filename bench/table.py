@@ -50,13 +50,13 @@ def rows_table(cells):
         return
     print("\nMulti-row GEMV at small M (us, CUDA-graph per-call; tpaware: the dispatch table's kernel):\n")
     print("| model | TP | layer | K x N | M | roof | tpaware | tpaware_rows | rows / tpaware | % roof | rel err | "
-          "cublas_fp16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "torch_int4 | cublas_fp16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (model, tp, layer, k, n, m), row in rows:
         t, r = row["tpaware"], row["tpaware_rows"]
         cols = [model, tp, layer, f"{k}x{n}", m, f"{r['roof_us']:.1f}", _cell(t), _cell(r),
                 f"{r['median_us'] / t['median_us']:.2f}", f"{r['pct_roof']:.0f}%", f"{r['rel_err']:.1e}",
-                _cell(row.get("cublas_fp16"))]
+                _cell(row.get("torch_int4")), _cell(row.get("cublas_fp16"))]
         print("| " + " | ".join(str(c) for c in cols) + " |")
 
 
