@@ -1,5 +1,6 @@
-"""Where one prefill's GPU time goes, per variant of bench_model.py: the top CUDA kernels of a few prefill calls
-(torch.profiler), after the same call sequence as the benchmark (a short check, decode steps, then prefill).
+"""Where one prefill's time goes, per variant of bench_model.py: wall time per call and the top CUDA kernels of
+a few prefill calls (torch.profiler), after a first call of ``--check`` tokens and three decode steps (8: the
+benchmark's order when results/profile_prefill_*.log was made; it now checks at the prompt length).
 
     python bench/profile_prefill.py [--layers 8] [--prompt 512] [--check 8]
 """
