@@ -7,9 +7,10 @@ eager, ``backend="inductor"`` and ``backend="tpaware"``.
 Decode steps run as a CUDA graph of one step (static token, position and KV cache), replayed many times.
 Prefill is timed twice: plain calls (wall clock, so the host's launch overhead counts: what a caller without
 CUDA graphs sees) and the same call replayed as a CUDA graph (GPU throughput). Eager and Inductor use the
-Triton kernels through ``kernel="triton"`` with ``presort=True`` (act-order gate/up rows sorted at load and x permuted at run time, as vLLM runs them; down is
-sorted in form N at TP 1), never the fp32 reference; each row names its kernel. Weights are random packed
-tensors (``random_weights(fast=True)``): speed does not depend on values.
+Triton kernels through ``kernel="triton"`` with ``presort=True`` (act-order gate/up rows sorted at load and x
+permuted at run time, as vLLM runs them; down is sorted in form N at TP 1), never the fp32 reference; each row
+names its kernel. Weights are random packed tensors (``random_weights(fast=True)``): speed does not depend on
+values.
 """
 
 import argparse
