@@ -242,7 +242,8 @@ def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
             row["pct_roof"] = 100 * roof / row["median_us"]
             if p in ("tpaware", "tpaware_rows") or p in PERM_PROVIDERS:  # fns[0] computes on copies[0]
                 row["config"] = gemv_rows_config(m, k, n, GROUP, x.device) if p == "tpaware_rows" else cfg
-                row["rel_err"] = check_tpaware(fns[0], copies[0], x.index_select(-1, perm) if p in PERM_PROVIDERS else x)
+                x_used = x.index_select(-1, perm) if p in PERM_PROVIDERS else x
+                row["rel_err"] = check_tpaware(fns[0], copies[0], x_used)
             rows.append(row)
             print(f"{model:10s} tp{tp} {layer:4s} K={k:5d} N={n:5d} M={m:4d} {p:12s} graph {row['median_us']:8.1f} "
                   f"do_bench {row['do_bench_us']:8.1f} roof {roof:6.1f} floor {floor:6.1f} "

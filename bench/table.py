@@ -99,9 +99,9 @@ def mlp_table(d):
 
 
 def model_table(d):
-    print(f"{d['device']}, torch {d['torch']}, triton {d['triton']}, commit {d['commit']}, prompt {d['prompt']} tokens. "
-          "Decode: one step replayed as a CUDA graph. Prefill: plain calls (host launch overhead included) and the same "
-          "call as a CUDA graph.\n")
+    print(f"{d['device']}, torch {d['torch']}, triton {d['triton']}, commit {d['commit']}, prompt {d['prompt']} "
+          "tokens. Decode: one step replayed as a CUDA graph. Prefill: plain calls (host launch overhead included) "
+          "and the same call as a CUDA graph.\n")
     print("| model | variant | decode us/token | prefill tokens/s | prefill tokens/s (graph) | kernel |")
     print("|---|---|---|---|---|---|")
     for r in d["rows"]:
