@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import header  # noqa: E402
+from timing import graph_us, header  # noqa: E402
 
 from tpaware_compile.backend import tpaware  # the function: the bench needs no installed entry point  # noqa: E402
 from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
@@ -117,20 +117,7 @@ def prefill_tokens_per_s(model, device, prompt_len, vocab, reps):
     plain = prompt_len / sorted(times)[len(times) // 2]
     if device.type != "cuda":
         return plain, None
-    graph = _capture(step)
-    return plain, prompt_len * 1e6 / _median_replay_us(graph, reps)
-
-
-def _median_replay_us(graph, reps):
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return plain, prompt_len * 1e6 / graph_us([step], calls=1, replays=reps)  # a graph of one prefill
 
 
 def _sync(device):
