@@ -321,6 +321,19 @@ def test_gemv_rows_config():
             gemv_rows_config(m, 8192, 3584, 128, cpu)
 
 
+def test_gemv_rows_configs_fit_registers():
+    """Compiled for sm_90a here (no GPU): the multi-row GEMV's configs spill nothing (bench/kernel_regs.py)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import kernel_regs
+    from tpaware_compile.kernels import INTERPRET, gemv_rows_config
+    if INTERPRET or not os.path.exists(kernel_regs.PTXAS):
+        pytest.skip("needs compiled (not interpreted) kernels and the ptxas triton ships on x86-64 Linux")
+    for m in (2, 4, 8):
+        cfg = gemv_rows_config(m, 8192, 28672, 128, torch.device("cpu"))
+        regs, spill_st, spill_ld = kernel_regs.registers(cfg["ROWS"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"])
+        assert spill_st == spill_ld == 0 and regs <= 255, (m, cfg, regs, spill_st, spill_ld)
+
+
 def _dequant_exact(device) -> dict:
     """dequantize_sorted (the large-M path and the benchmark's reference) against gptq.dequantize, bit for bit."""
     from tpaware_compile.kernels import INTERPRET, dequantize_sorted

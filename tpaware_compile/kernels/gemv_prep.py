@@ -139,7 +139,8 @@ def _gemv_prep_rows_kernel(
     r_ok = offs_r < M
     seg_start = pid_k * segs_per_split
     seg_end = tl.minimum(seg_start + segs_per_split, KPAD // BLOCK_K)
-    acc = tl.zeros([ROWS, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)  # 128 s sum x q terms, summed over words at the end
+    corr = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)  # s (z sum x + 128 sum xp): per row, no word axis
     q = _words(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, seg_start < seg_end)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
     for seg in range(seg_start, seg_end):
@@ -147,15 +148,14 @@ def _gemv_prep_rows_kernel(
         q_nxt = _words(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, live)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
         pw = offs_r[:, None] * (KPAD // 8) + seg * (BLOCK_K // 8) + offs_w[None, :]  # [R, BW] prepared words
-        d = _rows_word_dot(q, xp_ptr + pw * 8, r_ok[:, None], one_bits)  # [R, BW, BN]
         sf = s.to(tl.float32)
+        acc += (128.0 * sf)[None, None, :] * _rows_word_dot(q, xp_ptr + pw * 8, r_ok[:, None], one_bits)
         z = (((zw >> ((offs_n % 8) * 4)) & 0xF) + zero_offset).to(tl.float32)
-        xs = tl.load(xs_ptr + pw, mask=r_ok[:, None], other=0.0)
-        c = tl.load(c_ptr + pw, mask=r_ok[:, None], other=0.0)
-        t = z[None, None, :] * xs[:, :, None] + c[:, :, None]  # z sum x + 128 sum xp
-        acc += (128.0 * sf)[None, None, :] * d - sf[None, None, :] * t
+        xs = tl.sum(tl.load(xs_ptr + pw, mask=r_ok[:, None], other=0.0), axis=1)  # [R]: this step's sum of x
+        c = tl.sum(tl.load(c_ptr + pw, mask=r_ok[:, None], other=0.0), axis=1)  # [R]: 128 sum xp
+        corr += sf[None, :] * (z[None, :] * xs[:, None] + c[:, None])
         q, s, zw = q_nxt, s_nxt, zw_nxt
-    y = tl.sum(acc, axis=1)  # [R, BN]
+    y = tl.sum(acc, axis=1) - corr  # [R, BN]
     dst = out_ptr + (pid_k * M + offs_r[:, None]) * N + offs_n[None, :]
     tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & n_mask[None, :])
 
