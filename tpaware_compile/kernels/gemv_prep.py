@@ -139,7 +139,7 @@ def _gemv_prep_rows_kernel(
     r_ok = offs_r < M
     seg_start = pid_k * segs_per_split
     seg_end = tl.minimum(seg_start + segs_per_split, KPAD // BLOCK_K)
-    acc = tl.zeros([ROWS, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)  # 128 s sum x q terms, summed over words at the end
+    acc = tl.zeros([ROWS, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)  # 128 s sum x q, summed over words at the end
     corr = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)  # s (z sum x + 128 sum xp): per row, no word axis
     q = _words(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, seg_start < seg_end)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
