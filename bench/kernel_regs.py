@@ -17,7 +17,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-gemv_prep = importlib.import_module("tpaware_compile.kernels.gemv_prep")  # the module: the package re-exports a function
+# the module itself: the package re-exports a function of the same name
+gemv_prep = importlib.import_module("tpaware_compile.kernels.gemv_prep")
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 ARGS = {"xp_ptr": "*fp32", "c_ptr": "*fp32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16",

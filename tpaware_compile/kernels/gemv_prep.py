@@ -8,10 +8,10 @@ per-word sums the affine correction needs. The weights are also decoded with hal
     even nibble j: moved to bits 16..19 of the word (w << 16, w << 8, w, w >> 8), OR 1.0f  ->  1 + q/128
     odd  nibble j: moved to bits 12..15 of the word (w << 8, w, w >> 8, w >> 16), OR 1.0f  ->  1 + q/2048
 
-four shifts per word instead of eight, one LOP3 per nibble (4.75 instructions per weight at BN 256 / BK 64). The prepared activation is 16 x on odd rows, so
-every term is x (1 + q/128) + ..., and per word: sum x q = 128 (sum xp f - sum xp). Precision: the q part of
-1 + q/2048 sits 7 bits below the leading bit, so fp32 products keep ~16 bits of it (error ~2e-5, far under
-fp16/bf16 output rounding).
+four shifts per word instead of eight, one LOP3 per nibble (4.75 instructions per weight at BN 256 / BK 64).
+The prepared activation is 16 x on odd rows, so every term is x (1 + q/128) + ..., and per word:
+sum x q = 128 (sum xp f - sum xp). Precision: the q part of 1 + q/2048 sits 7 bits below the leading bit, so
+fp32 products keep ~16 bits of it (error ~2e-5, far under fp16/bf16 output rounding).
 
 For a few rows (decode of M = 2..8: small batches, speculative tokens) ``_gemv_prep_rows_kernel`` decodes each
 word once and multiplies it into ROWS prepared rows: one weight read for all of them, where the one-row kernel
