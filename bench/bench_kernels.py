@@ -262,8 +262,8 @@ def sweep_configs():
     plain = [dict(kind="dot", SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=sk, num_warps=4, num_stages=3)
              for sk in (2, 4)]
     # the multi-row GEMV: configs that fit in registers (bench/kernel_regs.py), ROWS = M and M / 2
-    fits = {1: ((256, 64, 4), (512, 32, 4)), 2: ((256, 32, 4), (512, 32, 8), (256, 16, 4)),
-            4: ((256, 16, 4), (512, 16, 8), (256, 32, 8)), 8: ((128, 16, 4), (256, 16, 8))}
+    fits = {1: ((256, 64, 4), (512, 32, 4)), 2: ((256, 64, 4), (256, 32, 4), (512, 32, 8)),
+            4: ((512, 16, 8), (128, 64, 4), (256, 16, 4)), 8: ((256, 16, 8), (128, 16, 4))}
     rows = [(m, [dict(kind="gemv", ROWS=r, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw)
                  for r in (m // 2, m) for bn, bk, nw in fits[r] for sk in (4, 8)] + swap)
             for m in ROWS_MS]

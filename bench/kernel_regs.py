@@ -1,6 +1,9 @@
-"""Registers and spills of the decode GEMV kernels per config, compiled for sm_90a here, no GPU needed: the
-kernels are specialized as the JIT would specialize them at run time (16-byte aligned pointers, N, K and KPAD
-multiples of 16) and the PTX is assembled by the ptxas that ships with triton (`ptxas -v`).
+"""Registers, spills and hot-loop instructions per weight of the decode GEMV kernels per config, compiled for
+sm_90a here, no GPU needed: the kernels are specialized as the JIT would specialize them at run time (16-byte
+aligned pointers, N, K and KPAD multiples of 16), the PTX is assembled by the ptxas that ships with triton
+(`ptxas -v`), and the SASS of the longest backward branch's body (the K-step loop) is counted with its cuobjdump.
+Instructions per weight predict the issue-bound time (the one-row kernel reaches 61-68% of the copy roof on an
+H100); a prediction, not a measurement.
 
     python bench/kernel_regs.py            # the one-row GEMV's table configs and the multi-row GEMV's
 """
@@ -21,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 gemv_prep = importlib.import_module("tpaware_compile.kernels.gemv_prep")
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+CUOBJDUMP = os.path.join(os.path.dirname(PTXAS), "cuobjdump")
 ARGS = {"xp_ptr": "*fp32", "c_ptr": "*fp32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16",
         "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "KPAD": "i32", "group_offset": "i32",
         "zero_offset": "i32", "segs_per_split": "i32", "one_bits": "i32"}
@@ -29,15 +33,20 @@ CONFIGS = [(1, 256, 64, 4), (1, 512, 32, 4), (2, 256, 32, 4), (2, 512, 32, 8), (
            (4, 512, 16, 8), (4, 256, 32, 8), (4, 128, 64, 4), (8, 128, 16, 4), (8, 256, 16, 8), (8, 128, 64, 4)]
 
 
-def registers(rows, block_n, block_k, num_warps, group_size=128):
-    """(registers per thread, spill store bytes, spill load bytes) of one config."""
+def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
+    """The one-row (rows 1) or multi-row GEMV on prepared x, compiled for sm_90a as the JIT would specialize it."""
     fn = gemv_prep._gemv_prep_kernel if rows == 1 else gemv_prep._gemv_prep_rows_kernel
     consts = dict(GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=block_n, **({} if rows == 1 else {"ROWS": rows}))
     sig = dict(ARGS, **{k: "constexpr" for k in consts})
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
                if sig[a].startswith("*") or a in ("N", "K", "KPAD")}
-    kernel = triton.compile(ASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=1))
+    return triton.compile(ASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=1))
+
+
+def registers(rows, block_n, block_k, num_warps, group_size=128):
+    """(registers per thread, spill store bytes, spill load bytes) of one config."""
+    kernel = compile_gemv(rows, block_n, block_k, num_warps, group_size)
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
@@ -49,12 +58,33 @@ def registers(rows, block_n, block_k, num_warps, group_size=128):
     return regs, spill_st, spill_ld
 
 
+def loop_instructions_per_weight(rows, block_n, block_k, num_warps, group_size=128) -> float:
+    """SASS instructions in the K-step loop over the weights one thread handles per step."""
+    kernel = compile_gemv(rows, block_n, block_k, num_warps, group_size)
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.cubin"), "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([CUOBJDUMP, "-sass", os.path.join(d, "k.cubin")], capture_output=True, text=True,
+                              check=True).stdout
+    at = [(int(m.group(1), 16), line) for line in sass.splitlines() if (m := re.match(r"\s+/\*([0-9a-f]{4})\*/", line))]
+    loop = 0
+    for addr, line in at:  # the longest backward branch spans the loop body
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", line)
+        if target and int(target.group(1), 16) < addr:
+            loop = max(loop, sum(1 for a, _ in at if int(target.group(1), 16) <= a <= addr))
+    weights = block_k * block_n / (32 * num_warps)  # 4-bit weights per thread per step
+    return loop / weights
+
+
 def main():
     print(f"triton {triton.__version__}, sm_90a, group size 128")
-    print("| ROWS | BLOCK_N | BLOCK_K | warps | registers | spill stores | spill loads |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ROWS | BLOCK_N | BLOCK_K | warps | registers | spill stores | spill loads | loop instructions per weight "
+          "| per weight and row |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cfg in CONFIGS:
-        print("| " + " | ".join(str(v) for v in (*cfg, *registers(*cfg))) + " |", flush=True)
+        per_weight = loop_instructions_per_weight(*cfg)
+        cols = (*cfg, *registers(*cfg), f"{per_weight:.2f}", f"{per_weight / cfg[0]:.2f}")
+        print("| " + " | ".join(str(v) for v in cols) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -106,15 +106,16 @@ def _gemv_config(k, n, group_size, device) -> dict:
 def gemv_rows_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     """The multi-row GEMV for 2 <= M <= 8 (gemv_prep.py, ROWS rows per program). Not in pick_config's table yet:
     a first choice until a GPU sweep times it against the tensor-core kernel (bench_kernels.py: provider
-    tpaware_rows and the sweep's M = 2, 4, 8). The word rows per step shrink as rows grow so that every row's
-    prepared x and accumulator fit in registers: 128 at ROWS 2 and 4, 255 at 8, no spills (bench/kernel_regs.py)."""
+    tpaware_rows and the sweep's M = 2, 4, 8): per ROWS, the config with the fewest hot-loop instructions per
+    weight among those without spills (bench/kernel_regs.py, compiled for sm_90a: 6.8 / 12.7 / 30.0 instructions
+    per weight at ROWS 2 / 4 / 8, against 4.4 for the one-row kernel)."""
     if not 2 <= m <= 8:
         raise ValueError(f"the multi-row GEMV takes 2 to 8 rows, got M = {m}")
     rows = 1 << (m - 1).bit_length()  # next power of two
-    block_n, block_k = {2: (256, 32), 4: (256, 16), 8: (128, 16)}[rows]
+    block_n, block_k, num_warps = {2: (256, 64, 4), 4: (512, 16, 8), 8: (256, 16, 8)}[rows]
     tiles = -(-n // block_n)
     return dict(kind="gemv", ROWS=rows, BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, block_k),
-                SPLIT_K=max(1, 6 * _num_sms(device) // tiles), num_warps=4)
+                SPLIT_K=max(1, 6 * _num_sms(device) // tiles), num_warps=num_warps)
 
 
 def _dot_config(m, k, n, group_size, device) -> dict:

@@ -132,48 +132,62 @@ def _gemv_prep_rows_kernel(
     ROWS: tl.constexpr,  # activation rows per program, each weight word decoded once for all of them
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Every tensor is a view of one [R, BW, BN] layout, loads included (size-1 axes where a factor does not vary):
+    # the decoded words broadcast over the rows and x over the columns in registers, with no layout conversion
+    # through shared memory (a [BW, BN] load expanded to 3-D cost one per nibble).
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, None, :]  # [1, 1, BN]
     n_mask = offs_n < N
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    offs_r = pid_m * ROWS + tl.arange(0, ROWS)  # [R] activation rows
+    offs_w = tl.arange(0, BLOCK_K // 8)[None, :, None]  # [1, BW, 1]
+    offs_r = pid_m * ROWS + tl.arange(0, ROWS)[:, None, None]  # [R, 1, 1] activation rows
     r_ok = offs_r < M
     seg_start = pid_k * segs_per_split
     seg_end = tl.minimum(seg_start + segs_per_split, KPAD // BLOCK_K)
     acc = tl.zeros([ROWS, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)  # 128 s sum x q, summed over words at the end
-    corr = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)  # s (z sum x + 128 sum xp): per row, no word axis
-    q = _words(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, seg_start < seg_end)
+    corr = tl.zeros([ROWS, 1, BLOCK_N], dtype=tl.float32)  # s (z sum x + 128 sum xp): per row, no word axis
+    q = _words_3d(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K, seg_start < seg_end)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
     for seg in range(seg_start, seg_end):
         live = seg + 1 < seg_end
-        q_nxt = _words(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, live)
+        q_nxt = _words_3d(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K, live)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
-        pw = offs_r[:, None] * (KPAD // 8) + seg * (BLOCK_K // 8) + offs_w[None, :]  # [R, BW] prepared words
+        pw = offs_r * (KPAD // 8) + seg * (BLOCK_K // 8) + offs_w  # [R, BW, 1] prepared words
         sf = s.to(tl.float32)
-        acc += (128.0 * sf)[None, None, :] * _rows_word_dot(q, xp_ptr + pw * 8, r_ok[:, None], one_bits)
+        acc += 128.0 * sf * _rows_word_dot(q, xp_ptr + pw * 8, r_ok, one_bits)
         z = (((zw >> ((offs_n % 8) * 4)) & 0xF) + zero_offset).to(tl.float32)
-        xs = tl.sum(tl.load(xs_ptr + pw, mask=r_ok[:, None], other=0.0), axis=1)  # [R]: this step's sum of x
-        c = tl.sum(tl.load(c_ptr + pw, mask=r_ok[:, None], other=0.0), axis=1)  # [R]: 128 sum xp
-        corr += sf[None, :] * (z[None, :] * xs[:, None] + c[:, None])
+        xs = tl.sum(tl.load(xs_ptr + pw, mask=r_ok, other=0.0), axis=1, keep_dims=True)  # [R, 1, 1]: sum of x
+        c = tl.sum(tl.load(c_ptr + pw, mask=r_ok, other=0.0), axis=1, keep_dims=True)  # [R, 1, 1]: 128 sum xp
+        corr += sf * (z * xs + c)
         q, s, zw = q_nxt, s_nxt, zw_nxt
-    y = tl.sum(acc, axis=1) - corr  # [R, BN]
-    dst = out_ptr + (pid_k * M + offs_r[:, None]) * N + offs_n[None, :]
-    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & n_mask[None, :])
+    y = tl.sum(acc - corr / (BLOCK_K // 8), axis=1)  # [R, BN]
+    rows = pid_m * ROWS + tl.arange(0, ROWS)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dst = out_ptr + (pid_k * M + rows[:, None]) * N + cols[None, :]
+    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _words_3d(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K: tl.constexpr, live):
+    """_words as a [1, BW, BN] tensor (offs_w [1, BW, 1], offs_n [1, 1, BN])."""
+    words = (seg * BLOCK_K - group_offset) // 8 + offs_w  # exact: both terms are multiples of 8
+    w_ok = (words >= 0) & (words < K // 8) & live
+    return tl.load(qw_ptr + words * N + offs_n, mask=w_ok & n_mask, other=0)
 
 
 @triton.jit
 def _rows_word_dot(q, xrows, r_ok, one_bits):
-    """_word_dot for several rows: each nibble decoded once [BW, BN], times each row's x [R, BW] -> [R, BW, BN]."""
+    """_word_dot for several rows: each nibble of q [1, BW, BN] decoded once, times each row's x [R, BW, 1]
+    -> [R, BW, BN]; xrows [R, BW, 1] points at each row's and word's 8 prepared values."""
     hi = 0x000F0000
     lo = 0x0000F000
     w8, w16, v8, v16 = q << 8, q << 16, q >> 8, q >> 16
-    d = _nib(w16, hi, one_bits)[None, :, :] * tl.load(xrows + 0, mask=r_ok, other=0.0)[:, :, None]
-    d += _nib(w8, lo, one_bits)[None, :, :] * tl.load(xrows + 1, mask=r_ok, other=0.0)[:, :, None]
-    d += _nib(w8, hi, one_bits)[None, :, :] * tl.load(xrows + 2, mask=r_ok, other=0.0)[:, :, None]
-    d += _nib(q, lo, one_bits)[None, :, :] * tl.load(xrows + 3, mask=r_ok, other=0.0)[:, :, None]
-    d += _nib(q, hi, one_bits)[None, :, :] * tl.load(xrows + 4, mask=r_ok, other=0.0)[:, :, None]
-    d += _nib(v8, lo, one_bits)[None, :, :] * tl.load(xrows + 5, mask=r_ok, other=0.0)[:, :, None]
-    d += _nib(v8, hi, one_bits)[None, :, :] * tl.load(xrows + 6, mask=r_ok, other=0.0)[:, :, None]
-    d += _nib(v16, lo, one_bits)[None, :, :] * tl.load(xrows + 7, mask=r_ok, other=0.0)[:, :, None]
+    d = _nib(w16, hi, one_bits) * tl.load(xrows + 0, mask=r_ok, other=0.0)
+    d += _nib(w8, lo, one_bits) * tl.load(xrows + 1, mask=r_ok, other=0.0)
+    d += _nib(w8, hi, one_bits) * tl.load(xrows + 2, mask=r_ok, other=0.0)
+    d += _nib(q, lo, one_bits) * tl.load(xrows + 3, mask=r_ok, other=0.0)
+    d += _nib(q, hi, one_bits) * tl.load(xrows + 4, mask=r_ok, other=0.0)
+    d += _nib(v8, lo, one_bits) * tl.load(xrows + 5, mask=r_ok, other=0.0)
+    d += _nib(v8, hi, one_bits) * tl.load(xrows + 6, mask=r_ok, other=0.0)
+    d += _nib(v16, lo, one_bits) * tl.load(xrows + 7, mask=r_ok, other=0.0)
     return d
 
 
