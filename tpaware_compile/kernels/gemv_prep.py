@@ -158,6 +158,8 @@ def _gemv_prep_rows_kernel(
         c = tl.sum(tl.load(c_ptr + pw, mask=r_ok, other=0.0), axis=1, keep_dims=True)  # [R, 1, 1]: 128 sum xp
         corr += sf * (z * xs + c)
         q, s, zw = q_nxt, s_nxt, zw_nxt
+    # corr spread evenly over the word axis (an exact power-of-two scale) and summed with acc: one reduction, in
+    # acc's layout (summing corr on its own would give a tensor of another layout to subtract)
     y = tl.sum(acc - corr / (BLOCK_K // 8), axis=1)  # [R, BN]
     rows = pid_m * ROWS + tl.arange(0, ROWS)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
