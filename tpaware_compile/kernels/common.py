@@ -70,6 +70,15 @@ def x_columns(perm_ptr, rows, K, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
+def step_words(qw_ptr, seg, word_offs, cols, col_mask, N, K, group_offset, BLOCK_K: tl.constexpr, live):
+    """K-step ``seg``'s packed words (zeros outside [0, K) or when not live), in whatever shape ``word_offs`` (the
+    step's words 0..BLOCK_K/8-1) and ``cols`` broadcast to: [BW, 1] and [1, BN] give [BW, BN]."""
+    words = (seg * BLOCK_K - group_offset) // 8 + word_offs  # exact: both terms are multiples of 8
+    w_ok = (words >= 0) & (words < K // 8) & live
+    return tl.load(qw_ptr + words * N + cols, mask=w_ok & col_mask, other=0)
+
+
+@triton.jit
 def load_group(qz_ptr, sc_ptr, g, offs_n, n_mask, N):
     """Group g's scales [BN] and packed zero words [BN] (each word read for its 8 columns; L1 serves repeats)."""
     s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0)

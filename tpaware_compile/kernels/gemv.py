@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of, x_columns
+from .common import (affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of, step_words,
+                     x_columns)
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -42,11 +43,13 @@ def _gemv_kernel(
     seg_end = tl.minimum(seg_start + segs_per_split, tl.cdiv(K + group_offset, BLOCK_K))
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     # Register double buffer: the next step's words, scales and zeros are in flight while this step computes.
-    q = _load_words(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, seg_start < seg_end)
+    q = step_words(qw_ptr, seg_start, offs_w[:, None], offs_n[None, :], n_mask[None, :], N, K, group_offset, BLOCK_K,
+                   seg_start < seg_end)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
     for seg in range(seg_start, seg_end):
         live = seg + 1 < seg_end
-        q_nxt = _load_words(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, live)
+        q_nxt = step_words(qw_ptr, seg + 1, offs_w[:, None], offs_n[None, :], n_mask[None, :], N, K, group_offset,
+                           BLOCK_K, live)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
         s16, sz = affine_factors(s, zw, offs_n, zero_offset)
         rows = seg * BLOCK_K - group_offset + offs_w * 8  # [BW] row of nibble 0 of each word
@@ -75,14 +78,6 @@ def _x_ptrs(x_row, perm_ptr, rows, j, K, HAS_PERM: tl.constexpr):
     else:
         ptrs = x_row + rows + j
     return ptrs
-
-
-@triton.jit
-def _load_words(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, live):
-    """One K-step's packed words [BW, BN] (zeros outside [0, K) or when not live)."""
-    words = (seg * (offs_w.shape[0] * 8) - group_offset) // 8 + offs_w  # exact: both terms are multiples of 8
-    w_ok = (words >= 0) & (words < K // 8) & live
-    return tl.load(qw_ptr + words[:, None] * N + offs_n[None, :], mask=w_ok[:, None] & n_mask[None, :], other=0)
 
 
 def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):

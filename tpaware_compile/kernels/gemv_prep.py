@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import load_group, split_plan, splitk_buffers, splitk_finish, splits_of, x_columns
+from .common import load_group, split_plan, splitk_buffers, splitk_finish, splits_of, step_words, x_columns
 
 
 @triton.jit
@@ -98,11 +98,13 @@ def _gemv_prep_kernel(
     seg_end = tl.minimum(seg_start + segs_per_split, KPAD // BLOCK_K)
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     # Register double buffer: the next step's words, scales and zeros are in flight while this step computes.
-    q = _words(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, seg_start < seg_end)
+    q = step_words(qw_ptr, seg_start, offs_w[:, None], offs_n[None, :], n_mask[None, :], N, K, group_offset, BLOCK_K,
+                   seg_start < seg_end)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
     for seg in range(seg_start, seg_end):
         live = seg + 1 < seg_end
-        q_nxt = _words(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, live)
+        q_nxt = step_words(qw_ptr, seg + 1, offs_w[:, None], offs_n[None, :], n_mask[None, :], N, K, group_offset,
+                           BLOCK_K, live)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
         pw = pid_m * (KPAD // 8) + seg * (BLOCK_K // 8) + offs_w  # [BW] prepared-word index
         d = _word_dot(q, xp_ptr + pw * 8, one_bits)  # [BW, BN]
@@ -144,11 +146,11 @@ def _gemv_prep_rows_kernel(
     seg_end = tl.minimum(seg_start + segs_per_split, KPAD // BLOCK_K)
     acc = tl.zeros([ROWS, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)  # 128 s sum x q, summed over words at the end
     corr = tl.zeros([ROWS, 1, BLOCK_N], dtype=tl.float32)  # s (z sum x + 128 sum xp): per row, no word axis
-    q = _words_3d(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K, seg_start < seg_end)
+    q = step_words(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K, seg_start < seg_end)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
     for seg in range(seg_start, seg_end):
         live = seg + 1 < seg_end
-        q_nxt = _words_3d(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K, live)
+        q_nxt = step_words(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K, live)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
         pw = offs_r * (KPAD // 8) + seg * (BLOCK_K // 8) + offs_w  # [R, BW, 1] prepared words
         sf = s.to(tl.float32)
@@ -168,14 +170,6 @@ def _gemv_prep_rows_kernel(
 
 
 @triton.jit
-def _words_3d(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K: tl.constexpr, live):
-    """_words as a [1, BW, BN] tensor (offs_w [1, BW, 1], offs_n [1, 1, BN])."""
-    words = (seg * BLOCK_K - group_offset) // 8 + offs_w  # exact: both terms are multiples of 8
-    w_ok = (words >= 0) & (words < K // 8) & live
-    return tl.load(qw_ptr + words * N + offs_n, mask=w_ok & n_mask, other=0)
-
-
-@triton.jit
 def _rows_word_dot(q, xrows, r_ok, one_bits):
     """_word_dot for several rows: each nibble of q [1, BW, BN] decoded once, times each row's x [R, BW, 1]
     -> [R, BW, BN]; xrows [R, BW, 1] points at each row's and word's 8 prepared values."""
@@ -191,14 +185,6 @@ def _rows_word_dot(q, xrows, r_ok, one_bits):
     d += _nib(v8, hi, one_bits) * tl.load(xrows + 6, mask=r_ok, other=0.0)
     d += _nib(v16, lo, one_bits) * tl.load(xrows + 7, mask=r_ok, other=0.0)
     return d
-
-
-@triton.jit
-def _words(qw_ptr, seg, offs_w, offs_n, n_mask, N, K, group_offset, live):
-    """One K-step's packed words [BW, BN] (zeros outside [0, K) or when not live)."""
-    words = (seg * (offs_w.shape[0] * 8) - group_offset) // 8 + offs_w  # exact: both terms are multiples of 8
-    w_ok = (words >= 0) & (words < K // 8) & live
-    return tl.load(qw_ptr + words[:, None] * N + offs_n[None, :], mask=w_ok[:, None] & n_mask[None, :], other=0)
 
 
 def prepare_x(x, block_k, group_offset, perm=None):
