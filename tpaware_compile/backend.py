@@ -33,13 +33,13 @@ _REWRITE_KEYS = {"timeout_s", "probe_rtol", "probe_seed", "allow_group_offset", 
 
 def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_) -> Callable:
     ours, inductor = _split_options(options or {})
+    rewrite_opts = RewriteOptions(**{k: v for k, v in ours.items() if k in _REWRITE_KEYS})
     original = _copy(gm)  # before surgery: rewritten again for each other module instance that reuses the graph
 
     def compile_for(example_inputs, scope=None) -> Tuple[Callable, List[int]]:
         """(the callable for one module instance, the weight inputs its rewrite retired: none if not rewritten)"""
         gm = _copy(original)
         rep = _report.new_report()
-        rewrite_opts = RewriteOptions(**{k: v for k, v in ours.items() if k in _REWRITE_KEYS})
         pending = rewrite_graph(gm, example_inputs, rewrite_opts, rep, scope)
         fn = _finish(gm, example_inputs, ours, inductor, mode, rep, pending)
         return (fn, _retired_inputs(gm, example_inputs)) if rep.applied else (fn, [])

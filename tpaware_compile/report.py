@@ -15,9 +15,10 @@ import sympy
 from tabulate import tabulate
 
 M = sympy.Symbol("M", positive=True, integer=True)  # tokens per call (product of the activation's leading dims)
-# (words in the lowering's line of a first layer, what the kernels column then says about the first layers)
-_FIRST_LAYER_NOTES = (("fused SwiGLU", "one fused SwiGLU kernel"),
-                      ("read inside the kernel", "x[P1] read inside the kernel"))
+# Words that passes/lower.py puts in a first layer's lowering line, and what the kernels column then says
+SWIGLU_FUSED = "fused SwiGLU"
+PERM_FOLDED = "x[..., perm] read inside the kernel"
+_FIRST_LAYER_NOTES = ((SWIGLU_FUSED, "one fused SwiGLU kernel"), (PERM_FOLDED, "x[P1] read inside the kernel"))
 
 
 @dataclass

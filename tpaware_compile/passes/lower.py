@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..ops import gptq_mm  # noqa: F401  registers tpaware::gptq_mm
+from ..report import PERM_FOLDED, SWIGLU_FUSED  # the report reads these words in the lines returned here
 
 GPTQ_MM = (torch.ops.tpaware.gptq_mm, torch.ops.tpaware.gptq_mm.default)
 MODES = ("auto", "always", "never")
-PERM_FOLDED = "x[..., perm] read inside the kernel"  # the report looks for this in the lowering's lines
 _FUSED_FROM = "tpaware_fused_from"  # meta key: the gptq_mm nodes a fused call replaced (their report lines)
 
 
@@ -49,7 +49,7 @@ def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True,
             node.target = torch.ops.tpaware.gptq_mm_triton.default
             choices.append(f"{node.name}: triton, per-row g_idx (gptq_mm_triton)")
     if fuse_swiglu:
-        fused = {n: f"triton, sorted groups, fused SwiGLU with {partner} (gptq_swiglu_fast)"
+        fused = {n: f"triton, sorted groups, {SWIGLU_FUSED} with {partner} (gptq_swiglu_fast)"
                  for n, partner in _fuse_swiglu(gm)}
         choices = [f"{name}: {fused[name]}" if name in fused else line
                    for line, name in ((c, c.split(": ", 1)[0]) for c in choices)]
