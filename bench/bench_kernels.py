@@ -9,8 +9,9 @@ count, no arithmetic), the roof (fewest bytes / measured copy bandwidth) and tri
 (L2 flushed before every call), labelled do_bench_us.
 
 The first layers' x[..., P1] (what the TP-aware rewrite leaves before gate/up) is timed on the Llama-70B up
-shapes at TP 1 and 8, M = 1 and 16: ``tpaware_perm_folded`` (the kernels read x through P1) against
-``tpaware_perm_gather`` (an index_select launch, then the kernels), both checked like ``tpaware``.
+shapes at TP 1 and 8, M = 1 and 16: ``tpaware_perm_folded`` (x and P1 passed to gptq_mm_sorted: read by the
+x-prep kernel where it runs, gathered first otherwise) against ``tpaware_perm_gather`` (an index_select launch,
+then the kernels), both checked like ``tpaware``. (Up to da6f933 every kernel gathered inside its x loads.)
 """
 
 import argparse
@@ -33,13 +34,15 @@ GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
 PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather",
-             "tpaware_rows")
+             "tpaware_rows", "tpaware_serial")
 # x[..., P1] before the first layers (TP-aware rewrite): read inside the kernel, or an index_select launch first.
 # Timed where the rewrite leaves it: the Llama-70B up projections (K = 8192) at TP 1 and 8, decode M.
 PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
 PERM_SHAPES = {("llama70b", 1, "up"), ("llama70b", 8, "up")}
 PERM_MS = (1, 16)
 ROWS_MS = (2, 4, 8)  # tpaware_rows: the multi-row GEMV (gemv_rows_config) beside tpaware's dispatch at these M
+# tpaware_serial: tpaware's M = 1 config with the split-K reduced inside the one launch (SERIAL), its floor with
+# one launch fewer
 
 
 def copy_bandwidth() -> float:
@@ -137,11 +140,11 @@ def floor_split(k, n) -> int:
 
 
 def launch_count(cfg, k) -> int:
-    """Kernels per tpaware call: dequant + cuBLAS; or [x prep +] matmul [+ split-K reduction]."""
+    """Kernels per tpaware call: dequant + cuBLAS; or [x prep +] matmul [+ split-K reduction, unless SERIAL]."""
     if cfg["kind"] == "dequant":
         return 2
     split = common.split_plan(k // cfg["BLOCK_K"], cfg["SPLIT_K"])[1] > 1
-    return 1 + int(split) + int(cfg["kind"] == "gemv")
+    return 1 + int(split and not cfg.get("SERIAL")) + int(cfg["kind"] == "gemv")
 
 
 def tpaware_fns(copies, x, cfg=None):
@@ -149,7 +152,7 @@ def tpaware_fns(copies, x, cfg=None):
 
 
 def perm_fns(copies, x, perm, folded: bool):
-    """x[..., perm] @ W: the kernels read x through perm (folded), or index_select first, as the graph did."""
+    """x[..., perm] @ W: x and perm passed to the op (folded), or index_select first, as the graph did."""
     if folded:
         return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_sorted(x, qw, qz, sc, GROUP, 0, 0, perm=perm)
                 for qw, qz, sc in copies]
@@ -180,11 +183,21 @@ def gidx_fns(copies, x, k):
     return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_gidx(x, qw, qz, sc, g_idx, 0) for qw, qz, sc in copies]
 
 
+def own_config(provider, k, n, m, device):
+    """The config a provider of this repo runs at M (None for the other providers)."""
+    cfg = pick_config(m, k, n, GROUP, device)
+    if provider == "tpaware_rows":
+        return gemv_rows_config(m, k, n, GROUP, device)
+    if provider == "tpaware_serial":
+        return dict(cfg, SERIAL=True)
+    return cfg if provider == "tpaware" or provider in PERM_PROVIDERS else None
+
+
 def provider_fns(provider, copies, x, k, n, m, perm):
     if provider == "tpaware":
         return tpaware_fns(copies, x)
-    if provider == "tpaware_rows":
-        return tpaware_fns(copies, x, gemv_rows_config(m, k, n, GROUP, x.device))
+    if provider in ("tpaware_rows", "tpaware_serial"):
+        return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
     if provider in PERM_PROVIDERS:
         return perm_fns(copies, x, perm, folded=provider == "tpaware_perm_folded")
     if provider == "cublas_fp16":
@@ -216,6 +229,8 @@ def skip(provider, model, tp, layer, m):
     the multi-row GEMV only at its M, where tpaware's dispatch, torch int4 and cuBLAS run beside it."""
     if provider in PERM_PROVIDERS:
         return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
+    if provider == "tpaware_serial":
+        return m != 1
     if m in ROWS_MS:
         return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16")
     return provider == "tpaware_rows" or (provider in ("gidx_triton", "torch_int4") and m > 256)
@@ -226,12 +241,21 @@ def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
     perm = torch.randperm(k, device="cuda")  # int64, as the rewrite's P1
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.half)
-        cfg = pick_config(m, k, n, GROUP, x.device)
-        floor = graph_us(floor_fns(copies, k, n, floor_split(k, n), launch_count(cfg, k)))
+        floors = {}  # launches -> same-run streaming floor
+
+        def floor_of(cfg):
+            launches = launch_count(cfg, k)
+            if launches not in floors:
+                floors[launches] = graph_us(floor_fns(copies, k, n, floor_split(k, n), launches))
+            return floors[launches]
+
+        tp_floor = floor_of(pick_config(m, k, n, GROUP, x.device))
         roof = roof_bytes(k, n, m) / bw * 1e6
         for p in providers:
             if skip(p, model, tp, layer, m):
                 continue
+            own = own_config(p, k, n, m, x.device)
+            floor = tp_floor if own is None else floor_of(own)
             try:
                 fns = provider_fns(p, copies, x, k, n, m, perm)
                 row = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m, provider=p, median_us=graph_us(fns),
@@ -240,8 +264,8 @@ def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
                 print(f"{p} failed at K={k} N={n} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             row["pct_roof"] = 100 * roof / row["median_us"]
-            if p in ("tpaware", "tpaware_rows") or p in PERM_PROVIDERS:  # fns[0] computes on copies[0]
-                row["config"] = gemv_rows_config(m, k, n, GROUP, x.device) if p == "tpaware_rows" else cfg
+            if own is not None:  # fns[0] computes on copies[0]
+                row["config"] = own
                 x_used = x.index_select(-1, perm) if p in PERM_PROVIDERS else x
                 row["rel_err"] = check_tpaware(fns[0], copies[0], x_used)
             rows.append(row)

@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 
 PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton")
-PERM_PROVIDERS = ("tpaware_perm_gather", "tpaware_perm_folded")  # x[..., P1]: index_select + kernel, or inside
+PERM_PROVIDERS = ("tpaware_perm_gather", "tpaware_perm_folded")  # x[..., P1]: index_select + kernel, or perm
 
 
 def main(path):
@@ -32,8 +32,8 @@ def kernel_table(d):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, row in cells.items():
         model, tp, layer, k, n, m = key
-        any_row = next(iter(row.values()))
         t = row.get("tpaware")
+        any_row = t or next(iter(row.values()))
         cols = [model, tp, layer, f"{k}x{n}", m, f"{any_row['roof_us']:.1f}", f"{any_row['floor_us']:.1f}"]
         cols += [_cell(t), f"{t['pct_roof']:.0f}%" if t else "", f"{t['median_us'] / t['floor_us']:.2f}" if t else ""]
         cols += [_cell(row.get(p)) for p in PROVIDERS[1:]]
@@ -41,6 +41,24 @@ def kernel_table(d):
         print("| " + " | ".join(str(c) for c in cols) + " |")
     perm_table(cells)
     rows_table(cells)
+    serial_table(cells)
+
+
+def serial_table(cells):
+    """M = 1: the split-K reduced inside the GEMV's one launch, against the reduction launch after it."""
+    rows = [(key, row) for key, row in cells.items() if "tpaware_serial" in row and "tpaware" in row]
+    if not rows:
+        return
+    print("\nOne-launch split-K at M = 1 (us, CUDA-graph per-call; each with its same-launch-count floor):\n")
+    print("| model | TP | layer | K x N | tpaware | its floor | serial | its floor | serial / tpaware | serial x floor "
+          "| rel err | torch_int4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (model, tp, layer, k, n, m), row in rows:
+        t, s = row["tpaware"], row["tpaware_serial"]
+        cols = [model, tp, layer, f"{k}x{n}", _cell(t), f"{t['floor_us']:.1f}", _cell(s), f"{s['floor_us']:.1f}",
+                f"{s['median_us'] / t['median_us']:.2f}", f"{s['median_us'] / s['floor_us']:.2f}",
+                f"{s['rel_err']:.1e}", _cell(row.get("torch_int4"))]
+        print("| " + " | ".join(str(c) for c in cols) + " |")
 
 
 def rows_table(cells):

@@ -44,9 +44,10 @@ def _steps():
 @pytest.mark.gpu
 @pytest.mark.parametrize("presort,fold", [(False, True), (True, True), (True, False)])
 def test_fused_swiglu_lowering(presort, fold):
-    """Every block's gate and up run as one fused SwiGLU kernel after the rewrite (presorted modules too), which
-    reads x[P1] itself unless tpaware.fold_perm is off (then one index_select per block stays); the eager twin
-    runs the Triton kernels (sorted via x[P1] when presorted, else per-row g_idx)."""
+    """Every block's gate and up run as one fused SwiGLU kernel after the rewrite (presorted modules too); each
+    block's x[P1] stays an index_select with tpaware.fold_perm on or off, since its x is the block's RMSNorm
+    output (Inductor fuses the gather into the norm's kernel); the eager twin runs the Triton kernels (sorted via
+    x[P1] when presorted, else per-row g_idx)."""
     torch._dynamo.reset()
     R.clear_reports()
     eager, model = _decoder_pair(presort, kernel="triton")
@@ -55,10 +56,10 @@ def test_fused_swiglu_lowering(presort, fold):
         assert C.rel_err(eager(tokens, pos).float(), compiled(tokens, pos).float()) < 2e-2
     rep = R.all_reports()[0]
     assert all(r.applied and "one fused SwiGLU kernel" in r.kernels for r in rep.rows), rep.table()
-    assert all(("x[P1] read inside the kernel" in r.kernels) == fold for r in rep.rows), rep.table()
+    assert not any("x[P1] folded into the call" in r.kernels for r in rep.rows), rep.table()
     gathers = [n for n in rep.graph_module.graph.nodes
                if n.target is torch.index_select and any("gptq" in str(u.target) for u in n.users)]
-    assert len(gathers) == (0 if fold else 3), rep.graph_module.graph
+    assert len(gathers) == 3, rep.graph_module.graph
     assert [blk.mlp.form for blk in model.blocks] == ["T"] * 3
 
 

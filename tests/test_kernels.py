@@ -37,6 +37,8 @@ def make_weight(k, n, group_size, group_offset, zero_offset, sym, scale_dtype, d
 def interp_config(kind, n, group_size, k, split_k):
     gs = k if group_size == -1 else group_size
     from tpaware_compile.kernels.common import segment_rows
+    if kind.endswith("_serial"):  # "gemv_serial", "gemv_plain_serial": split-K reduced inside the one launch
+        return dict(interp_config(kind[:-len("_serial")], n, group_size, k, split_k), SERIAL=True)
     if kind.startswith("gemv_rows"):  # "gemv_rows4": the multi-row GEMV, 4 activation rows per program
         return dict(kind="gemv", ROWS=int(kind[len("gemv_rows"):]), BLOCK_N=min(128, n), BLOCK_K=segment_rows(gs, 64),
                     SPLIT_K=split_k)
@@ -68,6 +70,13 @@ def _interp_cases():
                                                        ("gemv_rows4", 6, 1, 128, 120, "fp32")]):
         cases.append(dict(kind=kind, m=m, split_k=sk, k=256, n=128 if i % 2 else 64, gs=gs, off=off, zo=i % 2,
                           sym=i == 2, dtype=dtype, seed=900 + i))
+    # one-launch split-K: several rows and N tiles (a ragged last one), each tile's counter re-armed for the next
+    for i, (kind, m, sk, n, gs, off, dtype) in enumerate([("gemv_serial", 1, 3, 192, 64, 8, "fp16"),
+                                                          ("gemv_serial", 3, 2, 64, 32, 16, "bf16"),
+                                                          ("gemv_plain_serial", 2, 4, 192, 128, 64, "fp16"),
+                                                          ("gemv_plain_serial", 1, 2, 64, -1, 0, "fp32")]):
+        cases.append(dict(kind=kind, m=m, split_k=sk, k=256, n=n, gs=gs, off=off, zo=i % 2, sym=i == 3, dtype=dtype,
+                          seed=950 + i))
     return cases
 
 
@@ -131,8 +140,8 @@ SWIGLU_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo
                     ("dequant", 3, 1, 64, 0, 1, "bf16"), ("gemv_rows4", 3, 2, 64, 8, 1, "fp16")])]
 
 
-# x[..., perm] read inside the kernels: every kernel kind, fp16 and bf16 (fp32 inside the interpreter), shards
-# cut inside a group (offset), int32 and int64 perms
+# x[..., perm] through the ops' perm (read by the x-prep kernel, gathered first for the other kinds): every kernel
+# kind, fp16 and bf16 (fp32 inside the interpreter), shards cut inside a group (offset), int32 and int64 perms
 PERM_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo=i % 2, sym=False, dtype=dt, seed=300 + i,
                    perm=pd)
               for i, (kind, m, sk, gs, off, dt, pd) in enumerate([
@@ -226,6 +235,8 @@ def _worker():
             results["swiglu-" + case_id(c)] = f"{type(e).__name__}: {e}"
     results["dequant_exact"] = _dequant_exact("cpu")
     results["rows_not_pow2"] = _rows_must_be_power_of_two()
+    from tpaware_compile.kernels.common import _TILE_COUNTS
+    results["serial_counts"] = {str(key): int(buf.count_nonzero()) for key, buf in _TILE_COUNTS.items()}
     try:
         results["op"] = _op_checks()
     except Exception as e:
@@ -262,7 +273,8 @@ def test_swiglu_interpreter(case, interp_results):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", PERM_CASES, ids=case_id)
 def test_perm_interpreter(case, interp_results):
-    """x[..., perm] @ W with the gather inside the kernel's x loads, against the fp32 reference on x[..., perm]."""
+    """x[..., perm] @ W through perm (the x-prep kernel's gathered load, or a gather first), against the fp32
+    reference on x[..., perm]."""
     err = interp_results[case_id(case)]
     assert not isinstance(err, str), err
     assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
@@ -307,6 +319,13 @@ def _rows_must_be_power_of_two() -> bool:
 
 
 @pytest.mark.interpreter
+def test_serial_split_k_rearms_counters_interpreter(interp_results):
+    """After every one-launch split-K case ran (their outputs checked above), each tile counter is back at zero."""
+    counts = interp_results["serial_counts"]
+    assert counts and all(v == 0 for v in counts.values()), counts
+
+
+@pytest.mark.interpreter
 def test_rows_must_be_power_of_two_interpreter(interp_results):
     assert interp_results["rows_not_pow2"] is True
 
@@ -319,6 +338,19 @@ def test_gemv_rows_config():
     for m in (1, 9):
         with pytest.raises(ValueError, match="2 to 8"):
             gemv_rows_config(m, 8192, 3584, 128, cpu)
+
+
+def test_dispatch_by_m(monkeypatch):
+    """pick_config's table for compiled kernels: the one-row GEMV at M = 1 (plain on small shards), the two-row
+    GEMV at M = 2, the tensor-core kernel from 3 to 128 tokens, dequantize + cuBLAS above."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    for (k, n), small in (((8192, 28672), "gemv"), ((8192, 3584), "gemv_plain")):
+        got = {m: (K.pick_config(m, k, n, 128, cpu)["kind"], K.pick_config(m, k, n, 128, cpu).get("ROWS", 1))
+               for m in (1, 2, 3, 16, 128, 129)}
+        assert got == {1: (small, 1), 2: ("gemv", 2), 3: ("dot", 1), 16: ("dot", 1), 128: ("dot", 1),
+                       129: ("dequant", 1)}, (k, n, got)
 
 
 def test_gemv_rows_configs_fit_registers():
@@ -411,6 +443,8 @@ GPU_CONFIGS = [
     ("gemv", 11, dict(ROWS=8, BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, num_warps=4)),
     ("gemv_plain", 1, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4)),
     ("gemv_plain", 3, dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=2)),
+    ("gemv", 1, dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=8, num_warps=4, SERIAL=True)),
+    ("gemv_plain", 3, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4, SERIAL=True)),
     ("dot", 16, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)),
     ("dot", 37, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=2)),
     ("dot", 130, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=8, num_stages=3)),
@@ -520,7 +554,7 @@ def test_production_configs_gpu(k, n, m, dtype, gs, off):
 @pytest.mark.parametrize("dtype,gs,off,perm", [("fp16", 128, 64, "i64"), ("bf16", 32, 16, "i32"),
                                                ("bf16", 128, 0, "i64")])
 def test_perm_production_gpu(k, n, m, dtype, gs, off, perm):
-    """The production configs reading x[..., perm] inside the kernels (M = 1 at TP 1: the x-prep GEMV)."""
+    """The production configs computing x[..., perm] @ W (M = 1 at TP 1: read by the x-prep GEMV; else gathered)."""
     assert _production_err(k, n, m, dtype, gs, off, PERM_DTYPES[perm]) < TOL[DTYPES[dtype]]
 
 
@@ -551,3 +585,31 @@ def _production_err(k, n, m, dtype, gs, off, perm_dtype=None, config=None) -> fl
     y = gptq_mm_sorted(x, qw, qz, sc, gs, off, 1, config=config, perm=perm)
     ref = gptq.reference_matmul(permuted(x, perm), w).float()
     return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n,kind", [(8192, 3584, "gemv_plain"), (3584, 8192, "gemv_plain"), (8192, 28672, "gemv")])
+def test_serial_split_k_in_cuda_graph(k, n, kind):
+    """The one-launch split-K on the TP 8 / TP 1 shapes, captured in a CUDA graph of back-to-back calls (each
+    launch must leave its tile counters at zero for the next) and replayed on new x: every call right."""
+    from tpaware_compile.kernels import gptq_mm_sorted, pick_config
+    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+    qz = torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda")
+    sc = (torch.rand(k // 128, n, device="cuda") * 0.01 + 1e-3).half()
+    cfg = dict(pick_config(1, k, n, 128, torch.device("cuda")), kind=kind, SERIAL=True)
+    x = torch.randn(4, 1, k, device="cuda").half()
+    call = lambda: [gptq_mm_sorted(x[i], qw, qz, sc, 128, 0, 1, config=cfg) for i in range(4)]  # noqa: E731
+    call()  # warm up (compiles, allocates the counters) outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = call()
+    ref_w = gptq.dequantize(gptq.GPTQWeight(qw, qz, sc, None, 128, 1, 0), torch.float32)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        for y in ys:
+            y.fill_(float("nan"))
+        graph.replay()
+        errs = [((y.float() - x[i].float() @ ref_w).norm() / (x[i].float() @ ref_w).norm()).item()
+                for i, y in enumerate(ys)]
+        assert max(errs) < TOL[torch.float16], errs
+

@@ -104,11 +104,12 @@ def test_swiglu_fusion_only_where_it_is_exact(shared_gate, other_x, fused):
                                                ("swiglu", False, False)])
 def test_first_layers_read_x_through_perm(ranks, kind, presort, fold):
     """Through the backend (rewrite, lowering, eager hand-off, the converted module's retrace): the first layers'
-    x[..., P1] is read inside their kernels, with no index_select left, and matches the reference; the rewrite's
-    P1 (a constant) and a presorted module's own in_perm alike. tpaware.fold_perm=False keeps the index_select."""
+    x[..., P1] (x a graph input here) is folded into their calls, with no index_select left, and matches the
+    reference; the rewrite's P1 (a constant) and a presorted module's own in_perm alike. tpaware.fold_perm=False
+    keeps the index_select."""
     for r in ranks(2, interpret=True).run(_compiled_mlp, kind, "reference", True, fold, presort):
         assert max(r["errs"]) < 1e-2, r["errs"]
-        assert ("x[P1] read inside the kernel" in r["kernels"]) == fold, r["kernels"]
+        assert ("x[P1] folded into the call" in r["kernels"]) == fold, r["kernels"]
         assert len(r["gathers"]) == 2  # the rewritten graph, then the retrace of the converted module (form T)
         for gathers, perms in zip(r["gathers"], r["perms"]):
             first, down = perms[:-1], perms[-1]  # the first layers' op(s) come before down in graph order
@@ -135,14 +136,15 @@ def _record(gm, args):
 
 def _traced_gather(variant: str):
     """silu(x[..., P] @ Wg) * (x[..., P] @ Wu) on the fast op, the gather spelled as the rewrite does; variants:
-    another reader of x[..., P], a gather along dim 0, or a P that takes only some of x's columns."""
+    another reader of x[..., P], a gather along dim 0, a P that takes only some of x's columns, or an x computed
+    in the graph (Inductor would fuse the gather into its producer)."""
     from tpaware_compile.kernels import op  # noqa: F401  registers tpaware::gptq_mm_fast
 
     dim = {"dim0": 0, "dim1": 1}.get(variant, -1)
 
     def f(x, perm, gq, gz, gs, uq, uz, us):
         fast = torch.ops.tpaware.gptq_mm_fast
-        xp = torch.index_select(x, dim, perm)
+        xp = torch.index_select(x * 2 if variant == "computed" else x, dim, perm)
         y = torch.nn.functional.silu(fast(xp, gq, gz, gs, 32, 0, 0)) * fast(xp, uq, uz, us, 32, 0, 0)
         return (y, xp.sum()) if variant == "other_reader" else y
 
@@ -159,10 +161,10 @@ def _traced_gather(variant: str):
 
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("variant,folded", [("plain", True), ("dim1", True), ("other_reader", False),
-                                            ("dim0", False), ("subset", False)])
+                                            ("dim0", False), ("subset", False), ("computed", False)])
 def test_perm_fold_only_where_every_reader_is_a_fast_op(variant, folded, fuse):
-    """The gather is folded only when it permutes x's whole last dim and every reader takes it as its x; the
-    folded graph computes what the gather did (fused SwiGLU or two calls)."""
+    """The gather is folded only when it permutes a graph input's whole last dim and every reader takes it as its
+    x; the folded graph computes what the gather did (fused SwiGLU or two calls)."""
     from tpaware_compile.passes.lower import _fold_perms, _fuse_swiglu
 
     gm, args = _traced_gather(variant)

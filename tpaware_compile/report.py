@@ -17,8 +17,8 @@ from tabulate import tabulate
 M = sympy.Symbol("M", positive=True, integer=True)  # tokens per call (product of the activation's leading dims)
 # Words that passes/lower.py puts in a first layer's lowering line, and what the kernels column then says
 SWIGLU_FUSED = "fused SwiGLU"
-PERM_FOLDED = "x[..., perm] read inside the kernel"
-_FIRST_LAYER_NOTES = ((SWIGLU_FUSED, "one fused SwiGLU kernel"), (PERM_FOLDED, "x[P1] read inside the kernel"))
+PERM_FOLDED = "x[..., perm] folded into the call"
+_FIRST_LAYER_NOTES = ((SWIGLU_FUSED, "one fused SwiGLU kernel"), (PERM_FOLDED, "x[P1] folded into the call"))
 
 
 @dataclass
@@ -67,7 +67,7 @@ class RewriteReport:
     def set_kernels(self, choices: List[str]) -> None:
         """Lowering lines ("node: kernel") -> the down part of each row's kernels column, by its down node; the
         first layers' part (e.g. "gate/up: sorted via x[P1]; ") stays, and says when they were fused and when
-        their x[P1] is read inside the kernel."""
+        their x[P1] is folded into the call."""
         by_node = dict(line.split(": ", 1) for line in choices if ": " in line)
         for r in self.rows:
             if r.down_node in by_node:

@@ -3,10 +3,12 @@
     gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=None) -> x @ W
 
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
-a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; the
-tensor-core kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
-With ``perm`` [K] it computes x[..., perm] @ W, the gather read inside the kernels' x loads instead of a
-launch of its own (the TP-aware rewrite's x[..., P1] before the first layers, folded by the lowering).
+a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; for M = 2 the
+two-row GEMV (gemv_prep.py, one weight read for both rows); the tensor-core kernels (gemm.py: swapped for
+M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
+With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
+by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
+gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
 ``gptq_mm_gidx`` is the per-row g_idx kernel (gidx.py) for act-order weights as stored: the baseline.
 Under TRITON_INTERPRET=1 (CPU tests) one fixed config runs, and bf16 is computed through fp32 (the
 interpreter's bf16 arithmetic is wrong).
@@ -26,7 +28,10 @@ from .gidx import gidx_config, gidx_dequant_mm, gidx_mm
 INTERPRET = is_interpreted(_dot_kernel)  # decided when triton.jit ran, i.e. at this package's import
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PERM_DTYPES = (torch.int32, torch.int64)
-GEMV_MAX_M = 1  # from M = 2 the tensor-core kernel wins: the GEMV would re-read the weights per row
+GEMV_MAX_M = 1  # one activation row: the GEMV (from M = 2 the one-row GEMV would re-read the weights per row)
+# M = 2: the two-row GEMV, 1.48x over the tensor-core kernel at TP 1, 1.1x at TP 8 (H100, bench/README.md); with
+# 4 or 8 rows it is issue-bound (12.7 / 30 instructions per weight) and loses, so M = 3.. go to the dot kernel
+ROWS_MAX_M = 2
 DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
 _SMS = {}
 
@@ -84,6 +89,8 @@ def pick_config(m: int, k: int, n: int, group_size: int, device) -> dict:
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)
+    if m <= ROWS_MAX_M:
+        return gemv_rows_config(m, k, n, group_size, device)
     if m <= DOT_MAX_M:
         return _dot_config(m, k, n, group_size, device)
     return dict(kind="dequant")
@@ -104,11 +111,10 @@ def _gemv_config(k, n, group_size, device) -> dict:
 
 
 def gemv_rows_config(m: int, k: int, n: int, group_size: int, device) -> dict:
-    """The multi-row GEMV for 2 <= M <= 8 (gemv_prep.py, ROWS rows per program). Not in pick_config's table yet:
-    a first choice until a GPU sweep times it against the tensor-core kernel (bench_kernels.py: provider
-    tpaware_rows and the sweep's M = 2, 4, 8): per ROWS, the config with the fewest hot-loop instructions per
-    weight among those without spills (bench/kernel_regs.py, compiled for sm_90a: 6.8 / 12.7 / 30.0 instructions
-    per weight at ROWS 2 / 4 / 8, against 4.4 for the one-row kernel)."""
+    """The multi-row GEMV for 2 <= M <= 8 (gemv_prep.py, ROWS rows per program); pick_config takes it for M = 2
+    only (ROWS_MAX_M: timed on an H100, bench/README.md). Per ROWS, the config with the fewest hot-loop
+    instructions per weight among those without spills (bench/kernel_regs.py, compiled for sm_90a: 6.8 / 12.7 /
+    30.0 instructions per weight at ROWS 2 / 4 / 8, against 4.4 for the one-row kernel)."""
     if not 2 <= m <= 8:
         raise ValueError(f"the multi-row GEMV takes 2 to 8 rows, got M = {m}")
     rows = 1 << (m - 1).bit_length()  # next power of two
@@ -150,16 +156,17 @@ def gptq_mm_sorted(
         return x.new_empty(*lead, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device)
+    x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
     args = (qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype)
     if cfg["kind"] == "gemv":
         y = gemv_prep(xc, *args, cfg, perm)
     elif cfg["kind"] == "gemv_plain":
-        y = gemv(xc, *args, cfg, perm)
+        y = gemv(xc, *args, cfg)
     elif cfg["kind"] == "dot":
-        y = dot_mm(xc, *args, cfg, perm)
+        y = dot_mm(xc, *args, cfg)
     else:
-        y = dequant_mm(xc, *args, perm)
+        y = dequant_mm(xc, *args)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -185,9 +192,20 @@ def gptq_swiglu_sorted(
         return x.new_empty(*lead, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device)
+    x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
     y = swiglu(xc, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm)
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def _gather_unless_prepared(x2, perm, cfg):
+    """(x, perm) for the kernel kind cfg names: the x-prep GEMV reads x[:, perm] itself (free: it rewrites x once
+    per call anyway; at TP 1, M = 1 on an H100, 61.3 us against 68.1 with a gather first). Every other kind gets
+    x gathered first: a gather inside their x loads measured slower (tensor-core kernel, M = 16: 2.9x at TP 1;
+    plain GEMV, TP 8, M = 1: 1.1 us more than the gather; bench/README.md)."""
+    if perm is None or cfg["kind"] == "gemv":
+        return x2, perm
+    return x2.index_select(-1, perm), None
 
 
 def _interpreter_upcast(x2):

@@ -117,6 +117,45 @@ def _splitk_reduce_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def store_split(y, part_ptr, out_ptr, count_ptr, tile, pid_k, split_k, row, M, N, offs_n, n_mask,
+                SERIAL: tl.constexpr):
+    """Store a program's [BN] result for output row ``row``: into part [SPLIT_K, M, N] (or the output itself when
+    split_k is 1). With SERIAL (one-launch split-K) the last of the tile's split_k programs to finish then sums
+    every partial in split order (deterministic, as the reduction kernel) into out [M, N] and re-arms the tile's
+    counter for the next launch: no second launch."""
+    tl.store(part_ptr + (pid_k * M + row) * N + offs_n, y.to(part_ptr.dtype.element_ty), mask=n_mask)
+    if SERIAL:
+        tl.debug_barrier()  # every thread's partial is written before this program counts as done
+        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if done == split_k - 1:
+            acc = tl.zeros_like(y)
+            for i in range(split_k):  # .cg: from L2, where the other programs' stores are
+                acc += tl.load(part_ptr + (i * M + row) * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+_TILE_COUNTS = {}  # (device type, index) -> int32 zeros: the one-launch split-K's per-tile counters
+
+
+def tile_counters(tiles: int, device):
+    """Zeroed int32 counters for a one-launch split-K over ``tiles`` output tiles (store_split), or None where
+    they cannot be had: a first use, or a larger one, during CUDA-graph capture (allocating there would bake a
+    memset into the graph; the caller then reduces with a second launch). One buffer per device, shared by
+    launches in stream order (each leaves its counters at zero); two such launches at once on two streams of one
+    device would share counters, as a Marlin-style kernel's workspace would: use one stream per device."""
+    key = (device.type, device.index if device.index is not None or device.type != "cuda"
+           else torch.cuda.current_device())
+    buf = _TILE_COUNTS.get(key)
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _TILE_COUNTS[key] = buf
+    return buf
+
+
 def splitk_buffers(m: int, n: int, split_k: int, dtype: torch.dtype, device):
     """(buffer the kernel writes, final output). Without split-K they are one tensor."""
     out = torch.empty((m, n), dtype=dtype, device=device)

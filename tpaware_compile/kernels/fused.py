@@ -2,11 +2,11 @@
 
 Both matmuls write fp32 partials into one buffer [2, SPLIT_K, M, N] and a single epilogue kernel sums them and
 applies silu(gate) * up, so the intermediate never round-trips through x's dtype and the separate elementwise
-kernel disappears. For decode the activation is prepared once for both (gemv_prep.py). Gate and up must share
-x's row order (the same act-order permutation, or none); callers fall back to two gptq_mm calls otherwise.
-A ``perm`` (x[..., perm] @ W) goes to whichever launch runs: the one x prep for decode, else both matmuls.
-Large M (dequantize + cuBLAS) writes gate and up in x's dtype straight into that buffer's one split (x gathered
-once for both if permuted), and the same epilogue applies the activation (one kernel, not five elementwise passes).
+kernel disappears. For decode the activation is prepared once for both (gemv_prep.py), through ``perm``
+(x[..., perm] @ W) when given; the other kinds take x already gathered (kernels.gptq_swiglu_sorted). Gate and up
+must share x's row order (the same act-order permutation, or none); callers fall back to two gptq_mm calls
+otherwise. Large M (dequantize + cuBLAS) writes gate and up in x's dtype straight into that buffer's one split,
+and the same epilogue applies the activation (one kernel, not five elementwise passes).
 """
 
 import torch
@@ -39,12 +39,13 @@ def _silu_mul_reduce_kernel(
 
 
 def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
-    """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype; with perm [K],
-    of x[:, perm]."""
+    """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype; with perm [K]
+    (kind "gemv" only), of x[:, perm]."""
     m, k = x.shape
     n = gate[0].shape[1]
+    if perm is not None and cfg["kind"] != "gemv":
+        raise ValueError(f"perm is read only by the x-prep GEMV; gather x first for kind {cfg['kind']!r}")
     if cfg["kind"] == "dequant":  # cuBLAS writes gate and up in x's dtype; the epilogue reads them as one split
-        x = x if perm is None else x.index_select(-1, perm)  # gathered once for both matmuls
         part = torch.empty((2, 1, m, n), dtype=x.dtype, device=x.device)
         for i, w in enumerate((gate, up)):
             torch.matmul(x, dequantize_sorted(*w, group_size, group_offset, zero_offset, x.dtype), out=part[i, 0])
@@ -54,12 +55,12 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm) if cfg["kind"] == "gemv" else None
     for i, w in enumerate((gate, up)):
         args = (*w, group_size, group_offset, zero_offset, part[i], per, cfg)
-        if prep is not None:  # the prepared x is already permuted
+        if prep is not None:
             launch_gemv_prep(prep, k, *args)
         elif cfg["kind"] == "gemv_plain":
-            launch_gemv(x, *args, perm)
+            launch_gemv(x, *args)
         else:
-            launch_dot(x, *args, perm)
+            launch_dot(x, *args)
     return _silu_mul(part, out_dtype)
 
 

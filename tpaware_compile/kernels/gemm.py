@@ -8,20 +8,17 @@ straight from shared memory. The weight operand is ``1 + q/16`` in x's dtype (ex
 scale/zero correction is applied once per K-step to the fp32 accumulator (see common.py).
 """
 
-from functools import partial
-
 import torch
 import triton
 import triton.language as tl
 
 from .common import (group_affine, load_group, mantissa_args, nibble_floats, segment_rows, split_k_matmul,
-                     splits_of, tl_dtype, x_columns)
+                     splits_of, tl_dtype)
 
 
 @triton.jit
 def _dot_kernel(
     x_ptr,  # [M, K] in DTYPE, row stride stride_xm
-    perm_ptr,  # [K] int32 / int64: row k of the weight multiplies x[:, perm[k]] (HAS_PERM), else None
     qw_ptr,  # [K/8, N] int32, packed along K
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
@@ -34,7 +31,6 @@ def _dot_kernel(
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     MANTISSA_SHIFT: tl.constexpr,
     DTYPE: tl.constexpr,  # dot operand dtype (x's)
-    HAS_PERM: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,8 +48,7 @@ def _dot_kernel(
         w_ok = (words >= 0) & (words < K // 8)
         q = tl.load(qw_ptr + words[None, :] * N + offs_n[:, None], mask=w_ok[None, :] & n_mask[:, None], other=0)
         rows = k0 + offs_r  # [BK]
-        cols = x_columns(perm_ptr, rows, K, HAS_PERM)  # x[:, perm] gathered in the tile load
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + rows[:, None],
                      mask=(rows >= 0)[:, None] & (rows < K)[:, None] & m_mask[None, :], other=0.0)  # [BK, BM]
         f = nibble_floats(q[:, :, None], one_bits, shifts, MANTISSA_SHIFT, DTYPE)  # [BN, BW, 8]
         f = tl.reshape(f, [BLOCK_N, BLOCK_K])  # row k = 8 * word + nibble
@@ -68,7 +63,6 @@ def _dot_kernel(
 @triton.jit
 def _dot_kernel_plain(
     x_ptr,  # [M, K] in DTYPE, row stride stride_xm
-    perm_ptr,  # [K] int32 / int64: row k of the weight multiplies x[:, perm[k]] (HAS_PERM), else None
     qw_ptr,  # [K/8, N] int32, packed along K
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
@@ -81,7 +75,6 @@ def _dot_kernel_plain(
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     MANTISSA_SHIFT: tl.constexpr,
     DTYPE: tl.constexpr,
-    HAS_PERM: tl.constexpr,
 ):
     """out = x @ (1 + q/16) tiles, un-swapped: for M >= 64 the weight tile can feed the MMA straight from shared
     memory as the B operand (the swapped form must bring it back to registers as A)."""
@@ -101,8 +94,7 @@ def _dot_kernel_plain(
         w_ok = (words >= 0) & (words < K // 8)
         q = tl.load(qw_ptr + words[:, None] * N + offs_n[None, :], mask=w_ok[:, None] & n_mask[None, :], other=0)
         rows = k0 + offs_r  # [BK]
-        cols = x_columns(perm_ptr, rows, K, HAS_PERM)  # x[:, perm] gathered in the tile load
-        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :],
                      mask=m_mask[:, None] & (rows.to(tl.uint32) < K)[None, :], other=0.0)  # [BM, BK]
         f = nibble_floats(q[:, None, :], one_bits, shifts, MANTISSA_SHIFT, DTYPE)  # [BW, 8, BN]
         f = tl.reshape(f, [BLOCK_K, BLOCK_N])  # row k = 8 * word + nibble
@@ -114,13 +106,13 @@ def _dot_kernel_plain(
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
-    """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype (x[:, perm] @ W with perm)."""
-    return split_k_matmul(partial(launch_dot, perm=perm), x, qweight, qzeros, scales, group_size, group_offset,
-                          zero_offset, out_dtype, cfg)
+def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
+    """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype."""
+    return split_k_matmul(launch_dot, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
+                          cfg)
 
 
-def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, perm=None):
+def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg):
     """One tensor-core launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -129,9 +121,9 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
     kernel = _dot_kernel if cfg.get("SWAP", True) else _dot_kernel_plain
     kernel[grid](
-        x, perm, qweight, qzeros, scales, part, m, n, k, x.stride(0), group_offset, zero_offset, per, one_bits,
+        x, qweight, qzeros, scales, part, m, n, k, x.stride(0), group_offset, zero_offset, per, one_bits,
         GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        MANTISSA_SHIFT=shift, DTYPE=tl_dtype(x.dtype), HAS_PERM=perm is not None,
+        MANTISSA_SHIFT=shift, DTYPE=tl_dtype(x.dtype),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
 
@@ -173,9 +165,7 @@ def dequantize_sorted(qweight, qzeros, scales, group_size, group_offset, zero_of
     return w
 
 
-def dequant_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, perm=None):
-    """Large M: dequantize once into x's dtype, then cuBLAS (compute-bound there, so the extra pass is cheap).
-    x[:, perm] is a plain gather here: at M > 128 it is small beside the dequantized weight written before it."""
-    x = x if perm is None else x.index_select(-1, perm)
+def dequant_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype):
+    """Large M: dequantize once into x's dtype, then cuBLAS (compute-bound there, so the extra pass is cheap)."""
     w = dequantize_sorted(qweight, qzeros, scales, group_size, group_offset, zero_offset, x.dtype)
     return torch.matmul(x, w).to(out_dtype)

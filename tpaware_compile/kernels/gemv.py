@@ -7,14 +7,12 @@ K-steps are BLOCK_K rows of the *virtual* row index ``v = k + group_offset``, al
 BLOCK_K dividing group_size: every step lies inside one group, also for shards that start inside a group.
 """
 
-from functools import partial
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import (affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of, step_words,
-                     x_columns)
+from .common import (affine_factors, load_group, mantissa_args, nibble_floats, split_plan, splitk_buffers,
+                     splitk_finish, splits_of, step_words, store_split, tile_counters)
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -22,17 +20,18 @@ FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay
 @triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] fp16 / bf16 / fp32, row stride stride_xm
-    perm_ptr,  # [K] int32 / int64: row k of the weight multiplies x[:, perm[k]] (HAS_PERM), else None
     qw_ptr,  # [K/8, N] int32, packed along K
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
+    final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
+    count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     M, N, K, stride_xm,
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     BLOCK_N: tl.constexpr,
-    HAS_PERM: tl.constexpr,
+    SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,44 +57,41 @@ def _gemv_kernel(
         # 2-D tiles in the load's layout, one nibble at a time: no 3-D broadcast to re-layout the words.
         for j in tl.static_range(8):
             # one unsigned compare is 0 <= row < K
-            xj = tl.load(_x_ptrs(x_row, perm_ptr, rows, j, K, HAS_PERM), mask=(rows + j).to(tl.uint32) < K,
-                         other=0.0).to(tl.float32)
+            xj = tl.load(x_row + rows + j, mask=(rows + j).to(tl.uint32) < K, other=0.0).to(tl.float32)
             d += nibble_floats(q, one_bits, 4 * j, FP32_SHIFT, tl.float32) * xj[:, None]  # (1 + q/16) x
             xs += xj
         acc += s16[None, :] * d - sz[None, :] * xs[:, None]
         q, s, zw = q_nxt, s_nxt, zw_nxt
     y = tl.sum(acc, axis=0)  # [BN]
-    dst = out_ptr + (pid_k * M + pid_m) * N + offs_n
-    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    store_split(y, out_ptr, final_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1),
+                pid_m, M, N, offs_n, n_mask, SERIAL)
 
 
-@triton.jit
-def _x_ptrs(x_row, perm_ptr, rows, j, K, HAS_PERM: tl.constexpr):
-    """&x[rows + j], or &x[perm[rows + j]] with HAS_PERM (perm is tiny and stays in L1/L2). The no-perm branch
-    keeps the kernel's original address arithmetic, (x_row + rows) + j: x_row + (rows + j) compiles differently."""
-    if HAS_PERM:
-        ptrs = x_row + x_columns(perm_ptr, rows + j, K, HAS_PERM)
-    else:
-        ptrs = x_row + rows + j
-    return ptrs
+def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
+    """x [M, K] (row-contiguous) -> [M, N] in out_dtype. cfg: BLOCK_N, BLOCK_K, SPLIT_K (wanted), num_warps,
+    SERIAL (split-K reduced inside the one launch; default False: a second, reduction launch)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
+    part, out = splitk_buffers(m, n, split_k, out_dtype, x.device)
+    counts = None
+    if cfg.get("SERIAL") and split_k > 1:
+        counts = tile_counters(triton.cdiv(n, cfg["BLOCK_N"]) * m, x.device)
+    launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out, counts)
+    return out if counts is not None else splitk_finish(part, out, split_k)
 
 
-def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
-    """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
-    SPLIT_K (wanted), num_warps."""
-    return split_k_matmul(partial(launch_gemv, perm=perm), x, qweight, qzeros, scales, group_size, group_offset,
-                          zero_offset, out_dtype, cfg)
-
-
-def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, perm=None):
-    """One GEMV launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output."""
+def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
+                counts=None):
+    """One GEMV launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output; with counts
+    (tile_counters) the launch also reduces part into out."""
     m, k = x.shape
     n = qweight.shape[1]
     split_k = splits_of(part)
     one_bits, _ = mantissa_args(torch.float32)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
     _gemv_kernel[grid](
-        x, perm, qweight, qzeros, scales, part, m, n, k, x.stride(0), group_offset, zero_offset, per, one_bits,
-        GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], HAS_PERM=perm is not None,
+        x, qweight, qzeros, scales, part, out, counts, m, n, k, x.stride(0), group_offset, zero_offset, per,
+        one_bits, GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], SERIAL=counts is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=1,
     )

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import load_group, split_plan, splitk_buffers, splitk_finish, splits_of, step_words, x_columns
+from .common import (load_group, split_plan, splitk_buffers, splitk_finish, splits_of, step_words, store_split,
+                     tile_counters, x_columns)
 
 
 @triton.jit
@@ -84,11 +85,14 @@ def _gemv_prep_kernel(
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
+    final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
+    count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     M, N, K, KPAD,
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     BLOCK_N: tl.constexpr,
+    SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,7 +118,8 @@ def _gemv_prep_kernel(
         acc += (128.0 * sf)[None, :] * d - sf[None, :] * t  # s (sum x q - z sum x)
         q, s, zw = q_nxt, s_nxt, zw_nxt
     y = tl.sum(acc, axis=0)  # [BN]
-    tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    store_split(y, out_ptr, final_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1),
+                pid_m, M, N, offs_n, n_mask, SERIAL)
 
 
 @triton.jit
@@ -203,16 +208,24 @@ def prepare_x(x, block_k, group_offset, perm=None):
 
 def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
     """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
-    SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1)."""
+    SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1), SERIAL (one-row kernel: split-K
+    reduced inside the launch; default False: a reduction launch after it)."""
+    m, n = x.shape[0], qweight.shape[1]
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm)
     per, split_k = split_plan(prep[0].shape[1] // cfg["BLOCK_K"], cfg["SPLIT_K"])
-    part, out = splitk_buffers(x.shape[0], qweight.shape[1], split_k, out_dtype, x.device)
-    launch_gemv_prep(prep, x.shape[1], qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg)
-    return splitk_finish(part, out, split_k)
+    part, out = splitk_buffers(m, n, split_k, out_dtype, x.device)
+    counts = None
+    if cfg.get("SERIAL") and split_k > 1 and cfg.get("ROWS", 1) == 1:
+        counts = tile_counters(triton.cdiv(n, cfg["BLOCK_N"]) * m, x.device)
+    launch_gemv_prep(prep, x.shape[1], qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg,
+                     out, counts)
+    return out if counts is not None else splitk_finish(part, out, split_k)
 
 
-def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg):
-    """One GEMV launch on prepared activations into part [SPLIT_K, M, N] (split_k = part.shape[0] or 1)."""
+def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg,
+                     out=None, counts=None):
+    """One GEMV launch on prepared activations into part [SPLIT_K, M, N] (split_k = part.shape[0] or 1); with
+    counts (tile_counters, one-row kernel only) the launch also reduces part into out."""
     xp, c, xs = prep
     m, kpad = xp.shape
     n = qweight.shape[1]
@@ -221,10 +234,11 @@ def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset,
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"ROWS must be a power of two, got {rows}")
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, rows))
-    args = (xp, c, xs, qweight, qzeros, scales, part, m, n, k, kpad, group_offset, zero_offset, per, 0x3F800000)
+    tensors = (xp, c, xs, qweight, qzeros, scales, part)
+    sizes = (m, n, k, kpad, group_offset, zero_offset, per, 0x3F800000)
     meta = dict(GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
                 num_warps=cfg.get("num_warps", 4), num_stages=1)
     if rows == 1:
-        _gemv_prep_kernel[grid](*args, **meta)
+        _gemv_prep_kernel[grid](*tensors, out, counts, *sizes, SERIAL=counts is not None, **meta)
     else:
-        _gemv_prep_rows_kernel[grid](*args, ROWS=rows, **meta)
+        _gemv_prep_rows_kernel[grid](*tensors, *sizes, ROWS=rows, **meta)

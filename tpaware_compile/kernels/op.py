@@ -6,7 +6,8 @@ one extern call: ``triton_op``/``wrap_triton`` would not compile under the inter
 
 CUDA runs the Triton kernels; CPU runs them under TRITON_INTERPRET=1 (tests) and the reference otherwise.
 Bias stays outside, as for ``gptq_mm``. The fast ops' optional last argument ``perm`` [K] makes them compute
-x[..., perm] @ W, the gather read inside the kernels (the lowering folds an ``index_select`` into it).
+x[..., perm] @ W (the lowering folds an ``index_select`` into it): read inside the decode x-prep kernel, a gather
+before the other kernels (kernels.gptq_mm_sorted).
 """
 
 from typing import Optional

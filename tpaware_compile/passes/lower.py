@@ -4,9 +4,11 @@ Contiguous-group weights (g_idx None, what the TP-aware rewrite leaves behind) g
 which takes no g_idx at all; a weight that still carries a g_idx goes to the per-row g_idx kernel
 (``tpaware::gptq_mm_triton``). Then ``silu(x @ W_gate) * (x @ W_up)`` on two such fast calls of one x becomes one
 ``tpaware::gptq_swiglu_fast`` (one x prep, one epilogue instead of two split-K reductions and a multiply).
-Last, an ``index_select(x, -1, P)`` read only by fast ops as their x (the rewrite's x[..., P1] before the first
-layers, or a presorted module's own) is folded into them: they take x and ``perm=P`` and gather inside their x
-loads, one launch fewer. On CPU the reference stays unless the Triton interpreter runs (tests): there the
+Last, an ``index_select(x, -1, P)`` of a graph input x, read only by fast ops as their x (the rewrite's
+x[..., P1] before the first layers, or a presorted module's own), is folded into them: they take x and ``perm=P``
+(the decode x-prep kernel reads x[..., P] for free, the other kernels gather first). Where x is computed in the
+graph the gather stays: Inductor fuses it into x's producer (an RMSNorm and the gather compile to one kernel),
+which costs nothing at any M. On CPU the reference stays unless the Triton interpreter runs (tests): there the
 Triton ops would only call the reference too.
 """
 
@@ -25,7 +27,7 @@ MODES = ("auto", "always", "never")
 _FUSED_FROM = "tpaware_fused_from"  # meta key: the gptq_mm nodes a fused call replaced (their report lines)
 
 
-def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True, fold_perm: bool = False
+def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True, fold_perm: bool = True
                   ) -> List[str]:
     """Swap eligible nodes in place; returns one line per gptq_mm node saying which kernel it got."""
     if mode not in MODES:
@@ -103,14 +105,15 @@ _INDEX_SELECTS = {torch.index_select, torch.ops.aten.index_select.default}
 
 
 def _fold_perms(gm: GraphModule) -> List[str]:
-    """Fold each last-dim ``index_select(x, -1, P)`` whose only readers are fast ops taking it as x (and not
-    already a perm) into them: they read x and gather through ``perm=P``. Returns the gptq_mm node names
-    (report lines) of the calls that now do. Any other reader keeps the gather as it is."""
+    """Fold each last-dim ``index_select(x, -1, P)`` of a graph input x whose only readers are fast ops taking it
+    as x (and not already a perm) into them: they read x and gather through ``perm=P``. Returns the gptq_mm node
+    names (report lines) of the calls that now do. Any other reader, or an x computed in the graph (Inductor
+    fuses the gather into its producer), keeps the gather as it is."""
     folded = []
     for sel in [n for n in gm.graph.nodes if _last_dim_gather(n) is not None]:
-        if not sel.users or not all(_takes_as_x(u, sel) for u in sel.users):
-            continue
         x, perm = _last_dim_gather(sel)
+        if x.op != "placeholder" or not sel.users or not all(_takes_as_x(u, sel) for u in sel.users):
+            continue
         for user in list(sel.users):
             user.args = (x, *user.args[1:], perm)  # perm is the ops' last argument
             folded += user.meta.get(_FUSED_FROM, (user.name,))
