@@ -34,15 +34,15 @@ GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
 PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather",
-             "tpaware_rows", "tpaware_serial")
+             "tpaware_rows", "tpaware_reduce_launch")
 # x[..., P1] before the first layers (TP-aware rewrite): read inside the kernel, or an index_select launch first.
 # Timed where the rewrite leaves it: the Llama-70B up projections (K = 8192) at TP 1 and 8, decode M.
 PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
 PERM_SHAPES = {("llama70b", 1, "up"), ("llama70b", 8, "up")}
 PERM_MS = (1, 16)
 ROWS_MS = (2, 4, 8)  # tpaware_rows: the multi-row GEMV (gemv_rows_config) beside tpaware's dispatch at these M
-# tpaware_serial: tpaware's M = 1 config with the split-K reduced inside the one launch (SERIAL), its floor with
-# one launch fewer
+# tpaware_reduce_launch: tpaware's M = 1 config with the split-K reduced by a second launch (SERIAL off, as up to
+# 53b9390), its floor with one launch more
 
 
 def copy_bandwidth() -> float:
@@ -188,15 +188,15 @@ def own_config(provider, k, n, m, device):
     cfg = pick_config(m, k, n, GROUP, device)
     if provider == "tpaware_rows":
         return gemv_rows_config(m, k, n, GROUP, device)
-    if provider == "tpaware_serial":
-        return dict(cfg, SERIAL=True)
+    if provider == "tpaware_reduce_launch":
+        return dict(cfg, SERIAL=False)
     return cfg if provider == "tpaware" or provider in PERM_PROVIDERS else None
 
 
 def provider_fns(provider, copies, x, k, n, m, perm):
     if provider == "tpaware":
         return tpaware_fns(copies, x)
-    if provider in ("tpaware_rows", "tpaware_serial"):
+    if provider in ("tpaware_rows", "tpaware_reduce_launch"):
         return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
     if provider in PERM_PROVIDERS:
         return perm_fns(copies, x, perm, folded=provider == "tpaware_perm_folded")
@@ -229,7 +229,7 @@ def skip(provider, model, tp, layer, m):
     the multi-row GEMV only at its M, where tpaware's dispatch, torch int4 and cuBLAS run beside it."""
     if provider in PERM_PROVIDERS:
         return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
-    if provider == "tpaware_serial":
+    if provider == "tpaware_reduce_launch":
         return m != 1
     if m in ROWS_MS:
         return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16")

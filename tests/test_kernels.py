@@ -137,7 +137,8 @@ SWIGLU_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo
                 for i, (kind, m, sk, gs, off, zo, dt) in enumerate([
                     ("gemv", 1, 2, 64, 8, 1, "fp16"), ("gemv_plain", 2, 1, 32, 0, 0, "bf16"),
                     ("dot", 5, 2, 128, 64, 1, "fp16"), ("dotplain", 20, 1, -1, 0, 0, "fp16"),
-                    ("dequant", 3, 1, 64, 0, 1, "bf16"), ("gemv_rows4", 3, 2, 64, 8, 1, "fp16")])]
+                    ("dequant", 3, 1, 64, 0, 1, "bf16"), ("gemv_rows4", 3, 2, 64, 8, 1, "fp16"),
+                    ("gemv_serial", 1, 3, 64, 8, 0, "bf16"), ("gemv_plain_serial", 2, 2, 32, 16, 1, "fp16")])]
 
 
 # x[..., perm] through the ops' perm (read by the x-prep kernel, gathered first for the other kinds): every kernel
@@ -170,7 +171,7 @@ def run_swiglu_case(c, device="cpu", config=None):
     return ((y.float() - ref).norm() / ref.norm()).item() if torch.isfinite(y).all() else float("nan")
 
 
-SWIGLU_PERM_CASES = [dict(c, perm=pd, seed=c["seed"] + 400) for c, pd in zip(SWIGLU_CASES, ("i64", "i32") * 3)]
+SWIGLU_PERM_CASES = [dict(c, perm=pd, seed=c["seed"] + 400) for c, pd in zip(SWIGLU_CASES, ("i64", "i32") * 4)]
 
 
 def _op_checks() -> dict:
@@ -510,6 +511,19 @@ def test_swiglu_gpu(case, m):
     _poison()
     c = dict(case, m=m, k=1024, n=512)
     assert run_swiglu_case(c, "cuda") < TOL[DTYPES[c["dtype"]]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,cfg", [("gemv", dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=8, num_warps=4, SERIAL=True)),
+                                      ("gemv_plain", dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4,
+                                                          SERIAL=True))])
+@pytest.mark.parametrize("m,dtype,perm", [(1, "fp16", None), (3, "bf16", "i64"), (1, "bf16", "i32")])
+def test_swiglu_serial_gpu(kind, cfg, m, dtype, perm):
+    """The one-launch split-K SwiGLU (up's launch applies silu(gate) * up), forced, with and without a perm."""
+    _poison()
+    c = dict(kind=kind, m=m, split_k=0, k=1024, n=512, gs=128, off=64, zo=1, sym=False, dtype=dtype, seed=70 + m,
+             perm=perm)
+    assert run_swiglu_case(c, "cuda", config=dict(cfg, kind=kind)) < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu

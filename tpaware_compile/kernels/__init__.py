@@ -98,16 +98,18 @@ def pick_config(m: int, k: int, n: int, group_size: int, device) -> dict:
 
 def _gemv_config(k, n, group_size, device) -> dict:
     """Table from the H100 sweeps (bench/README.md): the x-prepared GEMV with 8-16 columns per thread on large
-    shards, ~6 programs per SM; on small shards (TP 8) the plain GEMV, which saves the x-prep launch."""
+    shards, ~6 programs per SM; on small shards (TP 8) the plain GEMV, which saves the x-prep launch. Both reduce
+    their split-K inside the launch (SERIAL: H100, 14.7 against 16.4 us on the TP 8 up shard, 59.5 against 61.0
+    at TP 1; bench/README.md)."""
     sms = _num_sms(device)
     if k * n <= 32 * 2**20:
         tiles = -(-n // 128)
         return dict(kind="gemv_plain", BLOCK_N=128, BLOCK_K=segment_rows(group_size, 128),
-                    SPLIT_K=max(1, 2 * sms // tiles), num_warps=4)
+                    SPLIT_K=max(1, 2 * sms // tiles), num_warps=4, SERIAL=True)
     block_n, block_k = (512, 32) if n >= 16384 else (256, 64)
     tiles = -(-n // block_n)
     return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, block_k),
-                SPLIT_K=max(1, 6 * sms // tiles), num_warps=4)
+                SPLIT_K=max(1, 6 * sms // tiles), num_warps=4, SERIAL=True)
 
 
 def gemv_rows_config(m: int, k: int, n: int, group_size: int, device) -> dict:

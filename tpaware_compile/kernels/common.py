@@ -118,22 +118,32 @@ def _splitk_reduce_kernel(
 
 
 @triton.jit
-def store_split(y, part_ptr, out_ptr, count_ptr, tile, pid_k, split_k, row, M, N, offs_n, n_mask,
-                SERIAL: tl.constexpr):
+def store_split(y, part_ptr, out_ptr, count_ptr, gate_ptr, tile, pid_k, split_k, row, M, N, offs_n, n_mask,
+                SERIAL: tl.constexpr, SWIGLU: tl.constexpr):
     """Store a program's [BN] result for output row ``row``: into part [SPLIT_K, M, N] (or the output itself when
     split_k is 1). With SERIAL (one-launch split-K) the last of the tile's split_k programs to finish then sums
     every partial in split order (deterministic, as the reduction kernel) into out [M, N] and re-arms the tile's
-    counter for the next launch: no second launch."""
+    counter for the next launch: no second launch. With SWIGLU this launch is up's, and out gets
+    silu(gate) * up, gate summed from gate_ptr's partials (written by the launch before, complete in stream order)."""
     tl.store(part_ptr + (pid_k * M + row) * N + offs_n, y.to(part_ptr.dtype.element_ty), mask=n_mask)
     if SERIAL:
         tl.debug_barrier()  # every thread's partial is written before this program counts as done
         done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if done == split_k - 1:
-            acc = tl.zeros_like(y)
-            for i in range(split_k):  # .cg: from L2, where the other programs' stores are
-                acc += tl.load(part_ptr + (i * M + row) * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            acc = _sum_splits(part_ptr, split_k, row, M, N, offs_n, n_mask)
+            if SWIGLU:
+                g = _sum_splits(gate_ptr, split_k, row, M, N, offs_n, n_mask)
+                acc = g / (1.0 + tl.exp(-g)) * acc
             tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _sum_splits(part_ptr, split_k, row, M, N, offs_n, n_mask):
+    acc = tl.zeros(offs_n.shape, dtype=tl.float32)
+    for i in range(split_k):  # .cg: from L2, where the other programs' stores are
+        acc += tl.load(part_ptr + (i * M + row) * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+    return acc
 
 
 _TILE_COUNTS = {}  # (device type, index) -> int32 zeros: the one-launch split-K's per-tile counters
@@ -154,6 +164,14 @@ def tile_counters(tiles: int, device):
         buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
         _TILE_COUNTS[key] = buf
     return buf
+
+
+def serial_counters(cfg: dict, m: int, n: int, split_k: int, device):
+    """tile_counters when cfg asks for the one-launch split-K (SERIAL, one-row GEMVs) and there are splits to
+    reduce; None means a reduction launch after the GEMV."""
+    if not (cfg.get("SERIAL") and split_k > 1 and cfg.get("ROWS", 1) == 1):
+        return None
+    return tile_counters(triton.cdiv(n, cfg["BLOCK_N"]) * m, device)
 
 
 def splitk_buffers(m: int, n: int, split_k: int, dtype: torch.dtype, device):

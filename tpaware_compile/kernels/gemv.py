@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import (affine_factors, load_group, mantissa_args, nibble_floats, split_plan, splitk_buffers,
-                     splitk_finish, splits_of, step_words, store_split, tile_counters)
+                     splitk_finish, splits_of, step_words, store_split, serial_counters)
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -26,12 +26,14 @@ def _gemv_kernel(
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
+    gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
     M, N, K, stride_xm,
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     BLOCK_N: tl.constexpr,
     SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
+    SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,8 +65,8 @@ def _gemv_kernel(
         acc += s16[None, :] * d - sz[None, :] * xs[:, None]
         q, s, zw = q_nxt, s_nxt, zw_nxt
     y = tl.sum(acc, axis=0)  # [BN]
-    store_split(y, out_ptr, final_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1),
-                pid_m, M, N, offs_n, n_mask, SERIAL)
+    store_split(y, out_ptr, final_ptr, count_ptr, gate_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
+                tl.num_programs(1), pid_m, M, N, offs_n, n_mask, SERIAL, SWIGLU)
 
 
 def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
@@ -74,24 +76,23 @@ def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_
     n = qweight.shape[1]
     per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
     part, out = splitk_buffers(m, n, split_k, out_dtype, x.device)
-    counts = None
-    if cfg.get("SERIAL") and split_k > 1:
-        counts = tile_counters(triton.cdiv(n, cfg["BLOCK_N"]) * m, x.device)
+    counts = serial_counters(cfg, m, n, split_k, x.device)
     launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out, counts)
     return out if counts is not None else splitk_finish(part, out, split_k)
 
 
 def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
-                counts=None):
+                counts=None, gate=None):
     """One GEMV launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output; with counts
-    (tile_counters) the launch also reduces part into out."""
+    (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials."""
     m, k = x.shape
     n = qweight.shape[1]
     split_k = splits_of(part)
     one_bits, _ = mantissa_args(torch.float32)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
     _gemv_kernel[grid](
-        x, qweight, qzeros, scales, part, out, counts, m, n, k, x.stride(0), group_offset, zero_offset, per,
+        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
         one_bits, GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], SERIAL=counts is not None,
+        SWIGLU=gate is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=1,
     )

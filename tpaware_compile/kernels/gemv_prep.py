@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import (load_group, split_plan, splitk_buffers, splitk_finish, splits_of, step_words, store_split,
-                     tile_counters, x_columns)
+                     serial_counters, x_columns)
 
 
 @triton.jit
@@ -87,12 +87,14 @@ def _gemv_prep_kernel(
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
+    gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
     M, N, K, KPAD,
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     BLOCK_N: tl.constexpr,
     SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
+    SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,8 +120,8 @@ def _gemv_prep_kernel(
         acc += (128.0 * sf)[None, :] * d - sf[None, :] * t  # s (sum x q - z sum x)
         q, s, zw = q_nxt, s_nxt, zw_nxt
     y = tl.sum(acc, axis=0)  # [BN]
-    store_split(y, out_ptr, final_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1),
-                pid_m, M, N, offs_n, n_mask, SERIAL)
+    store_split(y, out_ptr, final_ptr, count_ptr, gate_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
+                tl.num_programs(1), pid_m, M, N, offs_n, n_mask, SERIAL, SWIGLU)
 
 
 @triton.jit
@@ -214,18 +216,17 @@ def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm)
     per, split_k = split_plan(prep[0].shape[1] // cfg["BLOCK_K"], cfg["SPLIT_K"])
     part, out = splitk_buffers(m, n, split_k, out_dtype, x.device)
-    counts = None
-    if cfg.get("SERIAL") and split_k > 1 and cfg.get("ROWS", 1) == 1:
-        counts = tile_counters(triton.cdiv(n, cfg["BLOCK_N"]) * m, x.device)
+    counts = serial_counters(cfg, m, n, split_k, x.device)
     launch_gemv_prep(prep, x.shape[1], qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg,
                      out, counts)
     return out if counts is not None else splitk_finish(part, out, split_k)
 
 
 def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg,
-                     out=None, counts=None):
+                     out=None, counts=None, gate=None):
     """One GEMV launch on prepared activations into part [SPLIT_K, M, N] (split_k = part.shape[0] or 1); with
-    counts (tile_counters, one-row kernel only) the launch also reduces part into out."""
+    counts (tile_counters, one-row kernel only) the launch also reduces part into out, as silu(gate) * up with
+    gate's partials."""
     xp, c, xs = prep
     m, kpad = xp.shape
     n = qweight.shape[1]
@@ -239,6 +240,7 @@ def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset,
     meta = dict(GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
                 num_warps=cfg.get("num_warps", 4), num_stages=1)
     if rows == 1:
-        _gemv_prep_kernel[grid](*tensors, out, counts, *sizes, SERIAL=counts is not None, **meta)
+        _gemv_prep_kernel[grid](*tensors, out, counts, gate, *sizes, SERIAL=counts is not None,
+                                SWIGLU=gate is not None, **meta)
     else:
         _gemv_prep_rows_kernel[grid](*tensors, *sizes, ROWS=rows, **meta)
