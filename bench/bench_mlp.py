@@ -79,6 +79,11 @@ def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, pr
     out["formL"] = (make("L"), f"{kernel}: {first}, down per-row g_idx (rank-local act-order)")
     out["tpaware"] = (convert_each(make("N"), hidden, device, dtype, {"tpaware.fuse_swiglu": fuse}),
                       f"tpaware lowering{'' if fuse else ', SwiGLU unfused'} (see report)")
+    # x here is the compiled graph's input: with tpaware.fold_perm the first layers take x and P1 (their op gathers,
+    # or the decode x-prep kernel reads x[..., P1]); without it Inductor runs the gather
+    out["tpaware_fold_perm"] = (convert_each(make("N"), hidden, device, dtype,
+                                             {"tpaware.fuse_swiglu": fuse, "tpaware.fold_perm": True}),
+                                "tpaware lowering, x[P1] folded into the first layers' call")
     return out
 
 

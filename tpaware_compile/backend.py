@@ -10,9 +10,9 @@ Backend keys (all start with ``tpaware.``; the rest of ``options`` are Inductor 
     tpaware.allow_group_offset  shards may share a boundary group (default True; False skips such MLPs)
     tpaware.lower       passes/lower.py mode: "auto" (default), "always" or "never"
     tpaware.fuse_swiglu lower silu(gate) * up on two sorted-group matmuls to one fused kernel (default True)
-    tpaware.fold_perm   when x is a graph input, the first layers' kernels take x[..., P1] as x and perm
-                        instead of after an index_select launch (default True; a computed x keeps the gather,
-                        which Inductor fuses into its producer)
+    tpaware.fold_perm   when x is a graph input, the first layers' calls take x and P1 instead of x[..., P1]
+                        (default False: on an H100 the MLP was as fast or faster with Inductor's gather,
+                        bench/README.md; a computed x always keeps the gather, fused into its producer)
     tpaware.fail_rank   failure injection for tests: that rank raises during the exchange
     tpaware.keep_graph  keep the rewritten graph and its inputs on the report (tests, debugging; holds memory)
 """
@@ -52,7 +52,7 @@ def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_)
 
 
 def _finish(gm, example_inputs, ours, inductor, mode, rep, pending) -> Callable:
-    _lower(gm, rep, ours.get("lower", "auto"), ours.get("fuse_swiglu", True), ours.get("fold_perm", True))
+    _lower(gm, rep, ours.get("lower", "auto"), ours.get("fuse_swiglu", True), ours.get("fold_perm", False))
     if ours.get("keep_graph"):
         rep.graph_module, rep.example_inputs = gm, list(example_inputs)
     rep.hand_off = _choose_hand_off(ours.get("hand_off", "inductor"), rep)

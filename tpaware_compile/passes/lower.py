@@ -4,11 +4,11 @@ Contiguous-group weights (g_idx None, what the TP-aware rewrite leaves behind) g
 which takes no g_idx at all; a weight that still carries a g_idx goes to the per-row g_idx kernel
 (``tpaware::gptq_mm_triton``). Then ``silu(x @ W_gate) * (x @ W_up)`` on two such fast calls of one x becomes one
 ``tpaware::gptq_swiglu_fast`` (one x prep, one epilogue instead of two split-K reductions and a multiply).
-Last, an ``index_select(x, -1, P)`` of a graph input x, read only by fast ops as their x (the rewrite's
-x[..., P1] before the first layers, or a presorted module's own), is folded into them: they take x and ``perm=P``
-(the decode x-prep kernel reads x[..., P] for free, the other kernels gather first). Where x is computed in the
-graph the gather stays: Inductor fuses it into x's producer (an RMSNorm and the gather compile to one kernel),
-which costs nothing at any M. On CPU the reference stays unless the Triton interpreter runs (tests): there the
+Last, with fold_perm (off by default), an ``index_select(x, -1, P)`` of a graph input x, read only by fast ops
+as their x (the rewrite's x[..., P1] before the first layers, or a presorted module's own), is folded into them:
+they take x and ``perm=P`` (the decode x-prep kernel reads x[..., P] itself, the other kernels gather first).
+Where x is computed in the graph the gather always stays: Inductor fuses it into x's producer (an RMSNorm and the
+gather compile to one kernel). On CPU the reference stays unless the Triton interpreter runs (tests): there the
 Triton ops would only call the reference too.
 """
 
@@ -27,7 +27,7 @@ MODES = ("auto", "always", "never")
 _FUSED_FROM = "tpaware_fused_from"  # meta key: the gptq_mm nodes a fused call replaced (their report lines)
 
 
-def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True, fold_perm: bool = True
+def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True, fold_perm: bool = False
                   ) -> List[str]:
     """Swap eligible nodes in place; returns one line per gptq_mm node saying which kernel it got."""
     if mode not in MODES:
