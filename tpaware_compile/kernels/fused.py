@@ -3,11 +3,12 @@
 Both matmuls write fp32 partials into one buffer [2, SPLIT_K, M, N] and a single epilogue kernel sums them and
 applies silu(gate) * up, so the intermediate never round-trips through x's dtype and the separate elementwise
 kernel disappears. With the one-launch split-K (config SERIAL, decode GEMVs) up's launch does that epilogue
-itself, in its last program per tile. For decode the activation is prepared once for both (gemv_prep.py), through ``perm``
-(x[..., perm] @ W) when given; the other kinds take x already gathered (kernels.gptq_swiglu_sorted). Gate and up
-must share x's row order (the same act-order permutation, or none); callers fall back to two gptq_mm calls
-otherwise. Large M (dequantize + cuBLAS) writes gate and up in x's dtype straight into that buffer's one split,
-and the same epilogue applies the activation (one kernel, not five elementwise passes).
+itself, in its last program per tile. For decode the activation is prepared once for both (gemv_prep.py),
+through ``perm`` (x[..., perm] @ W) when given; the other kinds take x already gathered
+(kernels.gptq_swiglu_sorted). Gate and up must share x's row order (the same act-order permutation, or none);
+callers fall back to two gptq_mm calls otherwise. Large M (dequantize + cuBLAS) writes gate and up in x's dtype
+straight into that buffer's one split, and the same epilogue applies the activation (one kernel, not five
+elementwise passes).
 """
 
 import torch

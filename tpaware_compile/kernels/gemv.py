@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (affine_factors, load_group, mantissa_args, nibble_floats, split_plan, splitk_buffers,
-                     splitk_finish, splits_of, step_words, store_split, serial_counters)
+from .common import (affine_factors, load_group, mantissa_args, nibble_floats, serial_counters, split_plan,
+                     splitk_buffers, splitk_finish, splits_of, step_words, store_split)
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 

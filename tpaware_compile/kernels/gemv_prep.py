@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (load_group, split_plan, splitk_buffers, splitk_finish, splits_of, step_words, store_split,
-                     serial_counters, x_columns)
+from .common import (load_group, serial_counters, split_plan, splitk_buffers, splitk_finish, splits_of, step_words,
+                     store_split, x_columns)
 
 
 @triton.jit
