@@ -41,8 +41,8 @@ PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
 PERM_SHAPES = {("llama70b", 1, "up"), ("llama70b", 8, "up")}
 PERM_MS = (1, 16)
 ROWS_MS = (2, 4, 8)  # tpaware_rows: the multi-row GEMV (gemv_rows_config) beside tpaware's dispatch at these M
-# tpaware_reduce_launch: tpaware's M = 1 config with the split-K reduced by a second launch (SERIAL off, as up to
-# 53b9390), its floor with one launch more
+# tpaware_reduce_launch: tpaware's config with the split-K reduced by a second launch (SERIAL off: at M = 1 as up
+# to 53b9390, at M >= 2 as up to 582eb33), its floor with one launch more; at M <= 16
 
 
 def copy_bandwidth() -> float:
@@ -230,9 +230,9 @@ def skip(provider, model, tp, layer, m):
     if provider in PERM_PROVIDERS:
         return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
     if provider == "tpaware_reduce_launch":
-        return m != 1
+        return m > 16
     if m in ROWS_MS:
-        return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16")
+        return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16", "tpaware_reduce_launch")
     return provider == "tpaware_rows" or (provider in ("gidx_triton", "torch_int4") and m > 256)
 
 

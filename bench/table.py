@@ -45,19 +45,19 @@ def kernel_table(d):
 
 
 def serial_table(cells):
-    """M = 1: the split-K reduced inside the GEMV's one launch (tpaware; tpaware_serial in the file of 53b9390)
-    against a reduction launch after it (tpaware_reduce_launch; tpaware in that file)."""
+    """The split-K reduced inside the kernel's one launch (tpaware; tpaware_serial, M = 1 only, in the file of
+    53b9390) against a reduction launch after it (tpaware_reduce_launch; tpaware in that file)."""
     pairs = (("tpaware", "tpaware_reduce_launch"), ("tpaware_serial", "tpaware"))
     rows = [(key, row, one, two) for key, row in cells.items() for one, two in pairs if one in row and two in row]
     if not rows:
         return
-    print("\nOne-launch split-K at M = 1 (us, CUDA-graph per-call; each with its same-launch-count floor):\n")
-    print("| model | TP | layer | K x N | reduction launch | its floor | one launch | its floor | one / two launches "
+    print("\nOne-launch split-K (us, CUDA-graph per-call; each with its same-launch-count floor):\n")
+    print("| model | TP | layer | K x N | M | reduction launch | its floor | one launch | its floor | one / two launches "
           "| one launch x floor | rel err | torch_int4 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (model, tp, layer, k, n, m), row, one, two in rows:
         s, t = row[one], row[two]
-        cols = [model, tp, layer, f"{k}x{n}", _cell(t), f"{t['floor_us']:.1f}", _cell(s), f"{s['floor_us']:.1f}",
+        cols = [model, tp, layer, f"{k}x{n}", m, _cell(t), f"{t['floor_us']:.1f}", _cell(s), f"{s['floor_us']:.1f}",
                 f"{s['median_us'] / t['median_us']:.2f}", f"{s['median_us'] / s['floor_us']:.2f}",
                 f"{s['rel_err']:.1e}", _cell(row.get("torch_int4"))]
         print("| " + " | ".join(str(c) for c in cols) + " |")

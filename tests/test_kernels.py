@@ -74,7 +74,11 @@ def _interp_cases():
     for i, (kind, m, sk, n, gs, off, dtype) in enumerate([("gemv_serial", 1, 3, 192, 64, 8, "fp16"),
                                                           ("gemv_serial", 3, 2, 64, 32, 16, "bf16"),
                                                           ("gemv_plain_serial", 2, 4, 192, 128, 64, "fp16"),
-                                                          ("gemv_plain_serial", 1, 2, 64, -1, 0, "fp32")]):
+                                                          ("gemv_plain_serial", 1, 2, 64, -1, 0, "fp32"),
+                                                          ("dot_serial", 17, 3, 192, 64, 8, "fp16"),
+                                                          ("dotplain_serial", 18, 2, 64, 32, 0, "bf16"),
+                                                          ("gemv_rows4_serial", 6, 2, 192, 64, 8, "fp16"),
+                                                          ("gemv_rows2_serial", 3, 3, 64, 128, 64, "bf16")]):
         cases.append(dict(kind=kind, m=m, split_k=sk, k=256, n=n, gs=gs, off=off, zo=i % 2, sym=i == 3, dtype=dtype,
                           seed=950 + i))
     return cases
@@ -138,7 +142,8 @@ SWIGLU_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo
                     ("gemv", 1, 2, 64, 8, 1, "fp16"), ("gemv_plain", 2, 1, 32, 0, 0, "bf16"),
                     ("dot", 5, 2, 128, 64, 1, "fp16"), ("dotplain", 20, 1, -1, 0, 0, "fp16"),
                     ("dequant", 3, 1, 64, 0, 1, "bf16"), ("gemv_rows4", 3, 2, 64, 8, 1, "fp16"),
-                    ("gemv_serial", 1, 3, 64, 8, 0, "bf16"), ("gemv_plain_serial", 2, 2, 32, 16, 1, "fp16")])]
+                    ("gemv_serial", 1, 3, 64, 8, 0, "bf16"), ("gemv_plain_serial", 2, 2, 32, 16, 1, "fp16"),
+                    ("dot_serial", 5, 2, 64, 0, 0, "fp16"), ("gemv_rows2_serial", 2, 2, 128, 64, 1, "bf16")])]
 
 
 # x[..., perm] through the ops' perm (read by the x-prep kernel, gathered first for the other kinds): every kernel
@@ -171,7 +176,7 @@ def run_swiglu_case(c, device="cpu", config=None):
     return ((y.float() - ref).norm() / ref.norm()).item() if torch.isfinite(y).all() else float("nan")
 
 
-SWIGLU_PERM_CASES = [dict(c, perm=pd, seed=c["seed"] + 400) for c, pd in zip(SWIGLU_CASES, ("i64", "i32") * 4)]
+SWIGLU_PERM_CASES = [dict(c, perm=pd, seed=c["seed"] + 400) for c, pd in zip(SWIGLU_CASES, ("i64", "i32") * 5)]
 
 
 def _op_checks() -> dict:
@@ -446,6 +451,10 @@ GPU_CONFIGS = [
     ("gemv_plain", 3, dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=2)),
     ("gemv", 1, dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=8, num_warps=4, SERIAL=True)),
     ("gemv_plain", 3, dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=4, SERIAL=True)),
+    ("gemv", 3, dict(ROWS=2, BLOCK_N=256, BLOCK_K=64, SPLIT_K=6, num_warps=4, SERIAL=True)),
+    ("dot", 16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=3, SERIAL=True)),
+    ("dot", 70, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3,
+                     SERIAL=True)),
     ("dot", 16, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)),
     ("dot", 37, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=2)),
     ("dot", 130, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=8, num_stages=3)),

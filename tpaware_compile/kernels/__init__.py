@@ -123,7 +123,7 @@ def gemv_rows_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     block_n, block_k, num_warps = {2: (256, 64, 4), 4: (512, 16, 8), 8: (256, 16, 8)}[rows]
     tiles = -(-n // block_n)
     return dict(kind="gemv", ROWS=rows, BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, block_k),
-                SPLIT_K=max(1, 6 * _num_sms(device) // tiles), num_warps=num_warps)
+                SPLIT_K=max(1, 6 * _num_sms(device) // tiles), num_warps=num_warps, SERIAL=True)
 
 
 def _dot_config(m, k, n, group_size, device) -> dict:
@@ -132,10 +132,10 @@ def _dot_config(m, k, n, group_size, device) -> dict:
         tiles = -(-n // block_n) * -(-m // block_m)
         want = 4 if tiles >= 100 else 12
         return dict(kind="dot", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, 128),
-                    SPLIT_K=want, num_warps=4, num_stages=3)
+                    SPLIT_K=want, num_warps=4, num_stages=3, SERIAL=True)
     # un-swapped: the dequantized tile is the B operand straight from shared memory
     return dict(kind="dot", SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=segment_rows(group_size, 64), SPLIT_K=4,
-                num_warps=4, num_stages=3)
+                num_warps=4, num_stages=3, SERIAL=True)
 
 
 def gptq_mm_sorted(

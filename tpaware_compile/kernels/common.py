@@ -118,31 +118,34 @@ def _splitk_reduce_kernel(
 
 
 @triton.jit
-def store_split(y, part_ptr, out_ptr, count_ptr, gate_ptr, tile, pid_k, split_k, row, M, N, offs_n, n_mask,
-                SERIAL: tl.constexpr, SWIGLU: tl.constexpr):
-    """Store a program's [BN] result for output row ``row``: into part [SPLIT_K, M, N] (or the output itself when
-    split_k is 1). With SERIAL (one-launch split-K) the last of the tile's split_k programs to finish then sums
-    every partial in split order (deterministic, as the reduction kernel) into out [M, N] and re-arms the tile's
-    counter for the next launch: no second launch. With SWIGLU this launch is up's, and out gets
-    silu(gate) * up, gate summed from gate_ptr's partials (written by the launch before, complete in stream order)."""
-    tl.store(part_ptr + (pid_k * M + row) * N + offs_n, y.to(part_ptr.dtype.element_ty), mask=n_mask)
+def store_split(y, part_ptr, out_ptr, count_ptr, gate_ptr, pid_k, MN, offs, mask, SERIAL: tl.constexpr,
+                SWIGLU: tl.constexpr):
+    """Store a program's output tile y (any shape; offs = row * N + column of each element, mask its bounds) into
+    part [SPLIT_K, M, N] (or the output itself when there is no split-K). With SERIAL (one-launch split-K) the
+    last of the tile's SPLIT_K programs (grid axis 1) to finish then sums every partial in split order
+    (deterministic, as the reduction kernel) into out [M, N] and re-arms the tile's counter for the next launch:
+    no second launch. With SWIGLU this launch is up's, and out gets silu(gate) * up, gate summed from gate_ptr's
+    partials (written by the launch before, complete in stream order)."""
+    tl.store(part_ptr + pid_k * MN + offs, y.to(part_ptr.dtype.element_ty), mask=mask)
     if SERIAL:
+        split_k = tl.num_programs(1)
+        tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
         tl.debug_barrier()  # every thread's partial is written before this program counts as done
         done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if done == split_k - 1:
-            acc = _sum_splits(part_ptr, split_k, row, M, N, offs_n, n_mask)
+            acc = _sum_splits(part_ptr, split_k, MN, offs, mask)
             if SWIGLU:
-                g = _sum_splits(gate_ptr, split_k, row, M, N, offs_n, n_mask)
+                g = _sum_splits(gate_ptr, split_k, MN, offs, mask)
                 acc = g / (1.0 + tl.exp(-g)) * acc
-            tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _sum_splits(part_ptr, split_k, row, M, N, offs_n, n_mask):
-    acc = tl.zeros(offs_n.shape, dtype=tl.float32)
+def _sum_splits(part_ptr, split_k, MN, offs, mask):
+    acc = tl.zeros(offs.shape, dtype=tl.float32)
     for i in range(split_k):  # .cg: from L2, where the other programs' stores are
-        acc += tl.load(part_ptr + (i * M + row) * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        acc += tl.load(part_ptr + i * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
     return acc
 
 
@@ -167,9 +170,9 @@ def tile_counters(tiles: int, device):
 
 
 def serial_counters(cfg: dict, m: int, n: int, split_k: int, device):
-    """tile_counters when cfg asks for the one-launch split-K (SERIAL, one-row GEMVs) and there are splits to
-    reduce; None means a reduction launch after the GEMV."""
-    if not (cfg.get("SERIAL") and split_k > 1 and cfg.get("ROWS", 1) == 1):
+    """tile_counters when cfg asks for the one-launch split-K (SERIAL) and there are splits to reduce; None means
+    a reduction launch after the kernel. One counter per output row and column block: at least one per tile."""
+    if not (cfg.get("SERIAL") and split_k > 1):
         return None
     return tile_counters(triton.cdiv(n, cfg["BLOCK_N"]) * m, device)
 
@@ -188,11 +191,14 @@ def splits_of(part: torch.Tensor) -> int:
 
 
 def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
-    """Plan split-K over x's K (group offset included), run ``launch`` once into the partials, reduce."""
+    """Plan split-K over x's K (group offset included), run ``launch`` once into the partials, reduce them (inside
+    that launch with cfg SERIAL: ``launch`` then also takes out and counts)."""
     per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
     part, out = splitk_buffers(x.shape[0], qweight.shape[1], split_k, out_dtype, x.device)
-    launch(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg)
-    return splitk_finish(part, out, split_k)
+    counts = serial_counters(cfg, x.shape[0], qweight.shape[1], split_k, x.device)
+    serial = {} if counts is None else dict(out=out, counts=counts)
+    launch(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, **serial)
+    return out if counts is not None else splitk_finish(part, out, split_k)
 
 
 def splitk_finish(part: torch.Tensor, out: torch.Tensor, split_k: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import (group_affine, load_group, mantissa_args, nibble_floats, segment_rows, split_k_matmul,
-                     splits_of, tl_dtype)
+                     splits_of, store_split, tl_dtype)
 
 
 @triton.jit
@@ -23,6 +23,9 @@ def _dot_kernel(
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
+    final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
+    count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
+    gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
     M, N, K, stride_xm,
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
@@ -31,6 +34,8 @@ def _dot_kernel(
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     MANTISSA_SHIFT: tl.constexpr,
     DTYPE: tl.constexpr,  # dot operand dtype (x's)
+    SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
+    SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,8 +61,8 @@ def _dot_kernel(
         xs = tl.sum(xt.to(tl.float32), axis=0)  # [BM]
         s16, sz = group_affine(qz_ptr, sc_ptr, (seg * BLOCK_K) // GROUP_SIZE, offs_n, n_mask, N, zero_offset)
         acc += s16[:, None] * d - sz[:, None] * xs[None, :]
-    dst = out_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+    store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, offs_m[None, :] * N + offs_n[:, None],
+                n_mask[:, None] & m_mask[None, :], SERIAL, SWIGLU)
 
 
 @triton.jit
@@ -67,6 +72,9 @@ def _dot_kernel_plain(
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
+    final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
+    count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
+    gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
     M, N, K, stride_xm,
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
@@ -75,6 +83,8 @@ def _dot_kernel_plain(
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     MANTISSA_SHIFT: tl.constexpr,
     DTYPE: tl.constexpr,
+    SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
+    SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
 ):
     """out = x @ (1 + q/16) tiles, un-swapped: for M >= 64 the weight tile can feed the MMA straight from shared
     memory as the B operand (the swapped form must bring it back to registers as A)."""
@@ -102,8 +112,8 @@ def _dot_kernel_plain(
         xs = tl.sum(xv.to(tl.float32), axis=1)  # [BM]
         s16, sz = group_affine(qz_ptr, sc_ptr, (seg * BLOCK_K) // GROUP_SIZE, offs_n, n_mask, N, zero_offset)
         acc += s16[None, :] * d - sz[None, :] * xs[:, None]
-    dst = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, offs_m[:, None] * N + offs_n[None, :],
+                m_mask[:, None] & n_mask[None, :], SERIAL, SWIGLU)
 
 
 def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
@@ -112,8 +122,10 @@ def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, ou
                           cfg)
 
 
-def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg):
-    """One tensor-core launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output."""
+def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
+               counts=None, gate=None):
+    """One tensor-core launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output; with counts
+    (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials."""
     m, k = x.shape
     n = qweight.shape[1]
     split_k = splits_of(part)
@@ -121,9 +133,9 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
     kernel = _dot_kernel if cfg.get("SWAP", True) else _dot_kernel_plain
     kernel[grid](
-        x, qweight, qzeros, scales, part, m, n, k, x.stride(0), group_offset, zero_offset, per, one_bits,
-        GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        MANTISSA_SHIFT=shift, DTYPE=tl_dtype(x.dtype),
+        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
+        one_bits, GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        MANTISSA_SHIFT=shift, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
 

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (affine_factors, load_group, mantissa_args, nibble_floats, serial_counters, split_plan,
-                     splitk_buffers, splitk_finish, splits_of, step_words, store_split)
+from .common import (affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of, step_words,
+                     store_split)
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -65,20 +65,14 @@ def _gemv_kernel(
         acc += s16[None, :] * d - sz[None, :] * xs[:, None]
         q, s, zw = q_nxt, s_nxt, zw_nxt
     y = tl.sum(acc, axis=0)  # [BN]
-    store_split(y, out_ptr, final_ptr, count_ptr, gate_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
-                tl.num_programs(1), pid_m, M, N, offs_n, n_mask, SERIAL, SWIGLU)
+    store_split(y, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, pid_m * N + offs_n, n_mask, SERIAL, SWIGLU)
 
 
 def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
     """x [M, K] (row-contiguous) -> [M, N] in out_dtype. cfg: BLOCK_N, BLOCK_K, SPLIT_K (wanted), num_warps,
     SERIAL (split-K reduced inside the one launch; default False: a second, reduction launch)."""
-    m, k = x.shape
-    n = qweight.shape[1]
-    per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
-    part, out = splitk_buffers(m, n, split_k, out_dtype, x.device)
-    counts = serial_counters(cfg, m, n, split_k, x.device)
-    launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out, counts)
-    return out if counts is not None else splitk_finish(part, out, split_k)
+    return split_k_matmul(launch_gemv, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
+                          cfg)
 
 
 def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,

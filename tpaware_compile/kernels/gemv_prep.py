@@ -120,8 +120,7 @@ def _gemv_prep_kernel(
         acc += (128.0 * sf)[None, :] * d - sf[None, :] * t  # s (sum x q - z sum x)
         q, s, zw = q_nxt, s_nxt, zw_nxt
     y = tl.sum(acc, axis=0)  # [BN]
-    store_split(y, out_ptr, final_ptr, count_ptr, gate_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k,
-                tl.num_programs(1), pid_m, M, N, offs_n, n_mask, SERIAL, SWIGLU)
+    store_split(y, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, pid_m * N + offs_n, n_mask, SERIAL, SWIGLU)
 
 
 @triton.jit
@@ -133,12 +132,17 @@ def _gemv_prep_rows_kernel(
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
+    final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
+    count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
+    gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
     M, N, K, KPAD,
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,  # activation rows per program, each weight word decoded once for all of them
+    SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
+    SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # Every tensor is a view of one [R, BW, BN] layout, loads included (size-1 axes where a factor does not vary):
@@ -172,8 +176,8 @@ def _gemv_prep_rows_kernel(
     y = tl.sum(acc - corr / (BLOCK_K // 8), axis=1)  # [R, BN]
     rows = pid_m * ROWS + tl.arange(0, ROWS)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dst = out_ptr + (pid_k * M + rows[:, None]) * N + cols[None, :]
-    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+    store_split(y, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, rows[:, None] * N + cols[None, :],
+                (rows < M)[:, None] & (cols < N)[None, :], SERIAL, SWIGLU)
 
 
 @triton.jit
@@ -210,8 +214,8 @@ def prepare_x(x, block_k, group_offset, perm=None):
 
 def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
     """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
-    SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1), SERIAL (one-row kernel: split-K
-    reduced inside the launch; default False: a reduction launch after it)."""
+    SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1), SERIAL (split-K reduced inside
+    the launch; default False: a reduction launch after it)."""
     m, n = x.shape[0], qweight.shape[1]
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm)
     per, split_k = split_plan(prep[0].shape[1] // cfg["BLOCK_K"], cfg["SPLIT_K"])
@@ -225,8 +229,7 @@ def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
 def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg,
                      out=None, counts=None, gate=None):
     """One GEMV launch on prepared activations into part [SPLIT_K, M, N] (split_k = part.shape[0] or 1); with
-    counts (tile_counters, one-row kernel only) the launch also reduces part into out, as silu(gate) * up with
-    gate's partials."""
+    counts (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials."""
     xp, c, xs = prep
     m, kpad = xp.shape
     n = qweight.shape[1]
@@ -239,8 +242,8 @@ def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset,
     sizes = (m, n, k, kpad, group_offset, zero_offset, per, 0x3F800000)
     meta = dict(GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
                 num_warps=cfg.get("num_warps", 4), num_stages=1)
+    meta.update(SERIAL=counts is not None, SWIGLU=gate is not None)
     if rows == 1:
-        _gemv_prep_kernel[grid](*tensors, out, counts, gate, *sizes, SERIAL=counts is not None,
-                                SWIGLU=gate is not None, **meta)
+        _gemv_prep_kernel[grid](*tensors, out, counts, gate, *sizes, **meta)
     else:
-        _gemv_prep_rows_kernel[grid](*tensors, *sizes, ROWS=rows, **meta)
+        _gemv_prep_rows_kernel[grid](*tensors, out, counts, gate, *sizes, ROWS=rows, **meta)
