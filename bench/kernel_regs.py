@@ -36,10 +36,10 @@ CONFIGS = [(1, 256, 64, 4), (1, 512, 32, 4), (2, 256, 32, 4), (2, 512, 32, 8), (
 def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
     """The one-row (rows 1) or multi-row GEMV on prepared x, compiled for sm_90a as the JIT would specialize it."""
     fn = gemv_prep._gemv_prep_kernel if rows == 1 else gemv_prep._gemv_prep_rows_kernel
-    # the one-row kernel as pick_config runs it: its split-K reduced inside the launch (SERIAL), not a SwiGLU's up
-    own = dict(SERIAL=True, SWIGLU=False) if rows == 1 else dict(ROWS=rows)
-    consts = dict(GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=block_n, **own)
-    serial_args = {"final_ptr": "*fp16", "count_ptr": "*i32", "gate_ptr": "*fp32"} if rows == 1 else {}
+    # as pick_config runs them: the split-K reduced inside the launch (SERIAL), not a SwiGLU's up launch
+    consts = dict(GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=block_n, SERIAL=True, SWIGLU=False,
+                  **({} if rows == 1 else {"ROWS": rows}))
+    serial_args = {"final_ptr": "*fp16", "count_ptr": "*i32", "gate_ptr": "*fp32"}
     sig = dict(ARGS, **serial_args, **{k: "constexpr" for k in consts})
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
                if sig[a].startswith("*") or a in ("N", "K", "KPAD")}
