@@ -277,10 +277,13 @@ def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
 
 
 def sweep_configs():
-    """(M, configs) tried per shape: the source of pick_config's table (bench/README.md has both rounds)."""
+    """(M, configs) tried per shape: the source of pick_config's table (bench/README.md has the rounds). Every
+    config reduces its split-K inside the launch (SERIAL), as the dispatch does since 18ff6e7 / 2d5f932; at M = 1
+    that changes which split-K and which GEMV (x-prep: 2 launches, plain: 1) win on small shards."""
     gemv = [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw)
             for bn, bk, nw in ((256, 64, 4), (512, 32, 4), (128, 128, 4), (256, 128, 8)) for sk in (4, 8, 16)]
-    gemv += [dict(kind="gemv_plain", BLOCK_N=128, BLOCK_K=128, SPLIT_K=sk, num_warps=4) for sk in (4, 8)]
+    gemv += [dict(kind="gemv_plain", BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=4)
+             for bn in (64, 128) for sk in (4, 8, 16, 32)]
     swap = [dict(kind="dot", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=sk, num_warps=4, num_stages=3)
             for sk in (4, 8)]
     plain = [dict(kind="dot", SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=sk, num_warps=4, num_stages=3)
@@ -291,7 +294,8 @@ def sweep_configs():
     rows = [(m, [dict(kind="gemv", ROWS=r, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw)
                  for r in (m // 2, m) for bn, bk, nw in fits[r] for sk in (4, 8)] + swap)
             for m in ROWS_MS]
-    return ((1, gemv), *rows, (32, swap + plain), (128, plain + [dict(kind="dequant")]))
+    per_m = ((1, gemv), *rows, (32, swap + plain), (128, plain + [dict(kind="dequant")]))
+    return tuple((m, [c if c["kind"] == "dequant" else dict(c, SERIAL=True) for c in cfgs]) for m, cfgs in per_m)
 
 
 def sweep(bw):
