@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (load_group, serial_counters, split_plan, splitk_buffers, splitk_finish, splits_of, step_words,
-                     store_split, x_columns)
+from .common import load_group, split_k_matmul, splits_of, step_words, store_split, x_columns
 
 
 @triton.jit
@@ -216,14 +215,12 @@ def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
     """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
     SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1), SERIAL (split-K reduced inside
     the launch; default False: a reduction launch after it)."""
-    m, n = x.shape[0], qweight.shape[1]
-    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm)
-    per, split_k = split_plan(prep[0].shape[1] // cfg["BLOCK_K"], cfg["SPLIT_K"])
-    part, out = splitk_buffers(m, n, split_k, out_dtype, x.device)
-    counts = serial_counters(cfg, m, n, split_k, x.device)
-    launch_gemv_prep(prep, x.shape[1], qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg,
-                     out, counts)
-    return out if counts is not None else splitk_finish(part, out, split_k)
+    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm)  # its K-steps are the ones split_k_matmul plans
+
+    def launch(x, *args, **serial):
+        launch_gemv_prep(prep, x.shape[1], *args, **serial)
+
+    return split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg)
 
 
 def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg,

@@ -110,8 +110,11 @@ def _fold_perms(gm: GraphModule) -> List[str]:
     names (report lines) of the calls that now do. Any other reader, or an x computed in the graph (Inductor
     fuses the gather into its producer), keeps the gather as it is."""
     folded = []
-    for sel in [n for n in gm.graph.nodes if _last_dim_gather(n) is not None]:
-        x, perm = _last_dim_gather(sel)
+    for sel in list(gm.graph.nodes):  # a copy: folded gathers are erased on the way
+        gather = _last_dim_gather(sel)
+        if gather is None:
+            continue
+        x, perm = gather
         if x.op != "placeholder" or not sel.users or not all(_takes_as_x(u, sel) for u in sel.users):
             continue
         for user in list(sel.users):
