@@ -259,20 +259,22 @@ def interp_results():
     return json.loads(lines[-1][len("RESULTS"):])
 
 
+def _assert_within_tol(err, case):
+    """A worker result: an error message fails as itself, a relative error must be under the case dtype's TOL."""
+    assert not isinstance(err, str), err
+    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_kernel_interpreter(case, interp_results):
-    err = interp_results[case_id(case)]
-    assert not isinstance(err, str), err
-    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+    _assert_within_tol(interp_results[case_id(case)], case)
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", SWIGLU_CASES, ids=case_id)
 def test_swiglu_interpreter(case, interp_results):
-    err = interp_results["swiglu-" + case_id(case)]
-    assert not isinstance(err, str), err
-    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+    _assert_within_tol(interp_results["swiglu-" + case_id(case)], case)
 
 
 @pytest.mark.interpreter
@@ -280,17 +282,13 @@ def test_swiglu_interpreter(case, interp_results):
 def test_perm_interpreter(case, interp_results):
     """x[..., perm] @ W through perm (the x-prep kernel's gathered load, or a gather first), against the fp32
     reference on x[..., perm]."""
-    err = interp_results[case_id(case)]
-    assert not isinstance(err, str), err
-    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+    _assert_within_tol(interp_results[case_id(case)], case)
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", SWIGLU_PERM_CASES, ids=case_id)
 def test_swiglu_perm_interpreter(case, interp_results):
-    err = interp_results["swiglu-" + case_id(case)]
-    assert not isinstance(err, str), err
-    assert err < TOL[DTYPES[case["dtype"]]], f"rel err {err}"
+    _assert_within_tol(interp_results["swiglu-" + case_id(case)], case)
 
 
 @pytest.mark.interpreter
