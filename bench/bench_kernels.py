@@ -295,26 +295,42 @@ def sweep_configs():
                  for r in (m // 2, m) for bn, bk, nw in fits[r] for sk in (4, 8)] + swap)
             for m in ROWS_MS]
     per_m = ((1, gemv), *rows, (32, swap + plain), (128, plain + [dict(kind="dequant")]))
+    per_m = tuple((m, cfgs + wgmma_configs(m)) for m, cfgs in per_m) + tuple((m, swap + wgmma_configs(m))
+                                                                             for m in (16, 64))
     return tuple((m, [c if c["kind"] == "dequant" else dict(c, SERIAL=True) for c in cfgs]) for m, cfgs in per_m)
 
 
-def sweep(bw):
+def wgmma_configs(m):
+    """The Hopper kernel (wgmma.py) at M = 3..64: token tile = M rounded up to a power of two (8 at least)."""
+    if not 3 <= m <= 64:
+        return []
+    bm = max(8, 1 << (m - 1).bit_length())
+    tiles = [(64, 128, sk) for sk in (2, 4, 8, 16)] + [(64, 64, sk) for sk in (4, 8)]
+    tiles += [(128, 128, sk) for sk in (4, 8)] if bm <= 16 else []  # larger tiles spill (255 registers)
+    return [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
+
+
+def sweep(bw, only_ms=None):
     res = []
     for k, n in ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192)):
         copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
         for m, cfgs in sweep_configs():
+            if only_ms and m not in only_ms:
+                continue
             x = torch.randn(m, k, device="cuda", dtype=torch.half)
             roof = roof_bytes(k, n, m) / bw * 1e6
             ref = graph_us(cublas_fns(k, n, m))
             print(f"sweep K={k} N={n} M={m} cublas_fp16 {ref:.1f} us", flush=True)
             for cfg in cfgs:
                 try:
-                    us = graph_us(tpaware_fns(copies, x, cfg))
+                    fns = tpaware_fns(copies, x, cfg)
+                    us, err = graph_us(fns), check_tpaware(fns[0], copies[0], x)
                 except Exception as e:  # a config out of resources is a result, not a crash
-                    us = float("nan")
+                    us = err = float("nan")
                     print("config failed", cfg, type(e).__name__, str(e)[:200])
-                res.append(dict(K=k, N=n, M=m, cfg=cfg, graph_us=us, roof_us=roof, cublas_us=ref))
-                print(f"sweep K={k} N={n} M={m} {cfg} {us:.1f} us ({100 * roof / us:.0f}% roof)", flush=True)
+                res.append(dict(K=k, N=n, M=m, cfg=cfg, graph_us=us, roof_us=roof, cublas_us=ref, rel_err=err))
+                print(f"sweep K={k} N={n} M={m} {cfg} {us:.1f} us ({100 * roof / us:.0f}% roof) err {err:.1e}",
+                      flush=True)
         del copies
         torch.cuda.empty_cache()
     return res
@@ -324,6 +340,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -339,7 +356,7 @@ def main():
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     head["rows"] = rows
     if args.sweep:
-        head["sweep"] = sweep(bw)
+        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m])
     else:
         for model, tp, layer, k, n in shapes(args.quick):
             run_shape(model, tp, layer, k, n, ms_for(model, tp, args.quick), bw, args.providers.split(","), rows)

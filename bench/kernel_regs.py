@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -22,6 +23,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the module itself: the package re-exports a function of the same name
 gemv_prep = importlib.import_module("tpaware_compile.kernels.gemv_prep")
+wgmma = importlib.import_module("tpaware_compile.kernels.wgmma")
+from tpaware_compile.kernels.common import mantissa_args, tl_dtype  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 CUOBJDUMP = os.path.join(os.path.dirname(PTXAS), "cuobjdump")
@@ -31,6 +34,8 @@ ARGS = {"xp_ptr": "*fp32", "c_ptr": "*fp32", "xs_ptr": "*fp32", "qw_ptr": "*i32"
 # (ROWS, BLOCK_N, BLOCK_K, num_warps); ROWS 1 is the one-row kernel (pick_config's M = 1 configs)
 CONFIGS = [(1, 256, 64, 4), (1, 512, 32, 4), (2, 256, 32, 4), (2, 512, 32, 8), (2, 256, 64, 4), (4, 256, 16, 4),
            (4, 512, 16, 8), (4, 256, 32, 8), (4, 128, 64, 4), (8, 128, 16, 4), (8, 256, 16, 8), (8, 128, 64, 4)]
+WGMMA_CONFIGS = [(8, 64, 128), (16, 64, 128), (16, 64, 64), (16, 128, 128), (32, 64, 128), (64, 64, 128), (64, 64, 64)]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
@@ -47,9 +52,26 @@ def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
                           options=dict(num_warps=num_warps, num_stages=1))
 
 
-def registers(rows, block_n, block_k, num_warps, group_size=128):
-    """(registers per thread, spill store bytes, spill load bytes) of one config."""
-    kernel = compile_gemv(rows, block_n, block_k, num_warps, group_size)
+def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128):
+    """The Hopper kernel (wgmma.py) compiled for sm_90a: compiling checks that the unpacked weights reach the MMA
+    operand layout without data movement (its convert_layout asserts it)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    fn = wgmma._wgmma_kernel
+    consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                  MANTISSA_SHIFT=mantissa_args(DTYPES[dtype])[1], DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial,
+                  SWIGLU=swiglu, WORDS=wgmma.word_layout(block_n, block_k), XL=wgmma.x_layout(block_m, block_k))
+    sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": f"*{dtype}", "out_ptr": "*fp32",
+           "final_ptr": f"*{dtype}", "count_ptr": "*i32", "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32",
+           "one_bits": "i32", **{k: "constexpr" for k in consts}}
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
+               if sig[a].startswith("*") or a in ("N", "K", "stride_xm")}
+    return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=wgmma.NUM_WARPS))
+
+
+def ptxas_usage(kernel):
+    """(registers per thread, spill store bytes, spill load bytes) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
@@ -61,22 +83,34 @@ def registers(rows, block_n, block_k, num_warps, group_size=128):
     return regs, spill_st, spill_ld
 
 
-def loop_instructions_per_weight(rows, block_n, block_k, num_warps, group_size=128) -> float:
-    """SASS instructions in the K-step loop over the weights one thread handles per step."""
-    kernel = compile_gemv(rows, block_n, block_k, num_warps, group_size)
+def registers(rows, block_n, block_k, num_warps, group_size=128):
+    """(registers per thread, spill store bytes, spill load bytes) of one GEMV config."""
+    return ptxas_usage(compile_gemv(rows, block_n, block_k, num_warps, group_size))
+
+
+def sass(kernel) -> str:
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "k.cubin"), "wb") as f:
             f.write(kernel.asm["cubin"])
-        sass = subprocess.run([CUOBJDUMP, "-sass", os.path.join(d, "k.cubin")], capture_output=True, text=True,
+        return subprocess.run([CUOBJDUMP, "-sass", os.path.join(d, "k.cubin")], capture_output=True, text=True,
                               check=True).stdout
-    at = [(int(m.group(1), 16), line) for line in sass.splitlines() if (m := re.match(r"\s+/\*([0-9a-f]{4})\*/", line))]
+
+
+def loop_length(code: str) -> int:
+    """SASS instructions in the body of the longest backward branch (the K-step loop)."""
+    at = [(int(m.group(1), 16), line) for line in code.splitlines() if (m := re.match(r"\s+/\*([0-9a-f]{4})\*/", line))]
     loop = 0
-    for addr, line in at:  # the longest backward branch spans the loop body
+    for addr, line in at:
         target = re.search(r"BRA.*?0x([0-9a-f]+)", line)
         if target and int(target.group(1), 16) < addr:
             loop = max(loop, sum(1 for a, _ in at if int(target.group(1), 16) <= a <= addr))
+    return loop
+
+
+def loop_instructions_per_weight(rows, block_n, block_k, num_warps, group_size=128) -> float:
+    """SASS instructions in the K-step loop over the weights one thread handles per step."""
     weights = block_k * block_n / (32 * num_warps)  # 4-bit weights per thread per step
-    return loop / weights
+    return loop_length(sass(compile_gemv(rows, block_n, block_k, num_warps, group_size))) / weights
 
 
 def main():
@@ -88,6 +122,14 @@ def main():
         per_weight = loop_instructions_per_weight(*cfg)
         cols = (*cfg, *registers(*cfg), f"{per_weight:.2f}", f"{per_weight / cfg[0]:.2f}")
         print("| " + " | ".join(str(v) for v in cols) + " |", flush=True)
+    print("\nHopper kernel (wgmma.py), fp16, SERIAL")
+    print("| BLOCK_M | BLOCK_N | BLOCK_K | registers | spill stores | spill loads | loop instructions per weight |")
+    print("|---|---|---|---|---|---|---|")
+    for bm, bn, bk in WGMMA_CONFIGS:
+        kernel = compile_wgmma(bm, bn, bk)
+        per_weight = loop_length(sass(kernel)) / (bk * bn / (32 * wgmma.NUM_WARPS))
+        print("| " + " | ".join(str(v) for v in (bm, bn, bk, *ptxas_usage(kernel), f"{per_weight:.2f}")) + " |",
+              flush=True)
 
 
 if __name__ == "__main__":

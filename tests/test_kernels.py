@@ -8,6 +8,7 @@ with --worker), and each test checks its case's result. `gpu` tests run the same
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -369,6 +370,25 @@ def test_gemv_rows_configs_fit_registers():
         assert spill_st == spill_ld == 0 and regs <= 255, (m, cfg, regs, spill_st, spill_ld)
 
 
+@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu", [(8, 64, 128, "fp16", True, False),
+                                                       (16, 128, 64, "bf16", False, False),
+                                                       (32, 64, 32, "fp16", True, True),
+                                                       (64, 64, 128, "bf16", True, False)])
+def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu):
+    """Compiled for sm_90a here (no GPU; Gluon does not run under the interpreter): the unpacked weights become
+    the MMA's A operand with no data movement (the kernel's convert_layout asserts it while compiling), and the
+    SASS issues wgmma with A in registers (``HGMMA ... R<a>, gdesc[...]``, not a shared-memory descriptor)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import kernel_regs
+    from tpaware_compile.kernels import INTERPRET
+    if INTERPRET or not os.path.exists(kernel_regs.CUOBJDUMP):
+        pytest.skip("needs compiled (not interpreted) kernels and the ptxas / cuobjdump triton ships on x86-64 Linux")
+    code = kernel_regs.sass(kernel_regs.compile_wgmma(bm, bn, bk, dtype, serial, swiglu))
+    mma = [line for line in code.splitlines() if "HGMMA" in line]
+    assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
+    assert len(mma) == bk // 16 * bn // 64, len(mma)  # one per 16 rows of K and 64 output columns
+
+
 def _dequant_exact(device) -> dict:
     """dequantize_sorted (the large-M path and the benchmark's reference) against gptq.dequantize, bit for bit."""
     from tpaware_compile.kernels import INTERPRET, dequantize_sorted
@@ -458,11 +478,22 @@ GPU_CONFIGS = [
     ("dot", 70, dict(SWAP=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=8, num_stages=3)),
     ("dot", 300, dict(SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)),
     ("dequant", 9, dict()),
+    # the Hopper kernel (Gluon, wgmma.py); fp32 x runs the tl.dot kernel with the same tiles
+    ("dot", 5, dict(WGMMA=True, BLOCK_M=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True)),
+    ("dot", 16, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=3)),
+    ("dot", 20, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SERIAL=True)),
+    ("dot", 61, dict(WGMMA=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1)),
+    ("dot", 100, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, SERIAL=True)),
 ]
 
 
+def config_id(value):
+    """Test ids of forced configs name the Hopper kernel's (``-k wgmma`` selects them)."""
+    return ("wgmma" if value.get("WGMMA") else None) if isinstance(value, dict) else None
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,m,cfg", GPU_CONFIGS)
+@pytest.mark.parametrize("kind,m,cfg", GPU_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("gs,off", [(32, 16), (128, 64), (-1, 0)])
 def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off):
@@ -475,7 +506,7 @@ def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,m,cfg", GPU_CONFIGS)
+@pytest.mark.parametrize("kind,m,cfg", GPU_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("gs,off", [(32, 16), (128, 64)])
 def test_perm_gpu_configs(kind, m, cfg, dtype, gs, off):
@@ -530,6 +561,18 @@ def test_swiglu_serial_gpu(kind, cfg, m, dtype, perm):
     c = dict(kind=kind, m=m, split_k=0, k=1024, n=512, gs=128, off=64, zo=1, sym=False, dtype=dtype, seed=70 + m,
              perm=perm)
     assert run_swiglu_case(c, "cuda", config=dict(cfg, kind=kind)) < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,dtype,gs,off", [(4, "fp16", 128, 64), (16, "bf16", 32, 8), (40, "fp16", -1, 0)])
+def test_swiglu_wgmma_gpu(m, dtype, gs, off):
+    """The SwiGLU through the Hopper kernel (forced config): both launches write partials, the epilogue kernel
+    applies silu(gate) * up."""
+    _poison()
+    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=max(8, 1 << (m - 1).bit_length()), BLOCK_N=64,
+               BLOCK_K=32 if gs == 32 else 128, SPLIT_K=4, SERIAL=True)
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=90 + m)
+    assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu

@@ -143,8 +143,9 @@ def store_split(y, part_ptr, out_ptr, count_ptr, gate_ptr, pid_k, MN, offs, mask
 
 @triton.jit
 def _sum_splits(part_ptr, split_k, MN, offs, mask):
-    acc = tl.zeros(offs.shape, dtype=tl.float32)
-    for i in range(split_k):  # .cg: from L2, where the other programs' stores are
+    # starts from partial 0 rather than zeros so that no layout is named here: Gluon kernels call this too
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")  # .cg: from L2, where the
+    for i in range(1, split_k):  # other programs' stores are
         acc += tl.load(part_ptr + i * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
     return acc
 

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (group_affine, load_group, mantissa_args, nibble_floats, segment_rows, split_k_matmul,
-                     splits_of, store_split, tl_dtype)
+from .common import (group_affine, is_interpreted, load_group, mantissa_args, nibble_floats, segment_rows,
+                     split_k_matmul, splits_of, store_split, tl_dtype)
+from .wgmma import launch_wgmma
 
 
 @triton.jit
@@ -125,7 +126,13 @@ def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, ou
 def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
                counts=None, gate=None):
     """One tensor-core launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output; with counts
-    (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials."""
+    (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials. Config WGMMA
+    runs the Hopper kernel of wgmma.py for fp16 / bf16 x."""
+    if cfg.get("WGMMA") and x.dtype in (torch.float16, torch.bfloat16):  # fp32 x: the tl.dot kernel below
+        if is_interpreted(_dot_kernel):
+            raise ValueError("WGMMA configs run a Gluon kernel, which TRITON_INTERPRET cannot run")
+        return launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out,
+                            counts, gate)
     m, k = x.shape
     n = qweight.shape[1]
     split_k = splits_of(part)

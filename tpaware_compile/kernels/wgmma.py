@@ -1,0 +1,179 @@
+"""Hopper tensor-core kernel for decode batches (M = 3..64): the dequantized weights go straight from the loaded
+int32 words into the registers of ``wgmma``'s A operand, with no shared-memory round trip.
+
+The plain ``tl.dot`` kernels (gemm.py) unpack a weight tile in one register layout and Triton moves it through
+shared memory into the MMA operand layout (on an H100 that stalled every variant near a third of the copy
+roof). Here the kernel is written in Gluon (explicit layouts) and computes ``out^T [BN, BM] = W^T @ x^T`` with
+the weight tile as A in registers and x^T [BK, BM] as B in shared memory. A thread's A fragment holds, per 16
+rows of K, rows {2t, 2t+1, 2t+8, 2t+9} (t = lane % 4) of two output columns. No repack of the checkpoint's
+words is needed for that: the sum over K does not care about K's order, so the MMA's K order is chosen so that
+a thread's fragment rows of each 32-row block are exactly the 8 nibbles of one packed word (word 4b + t of the
+step holds weight rows 32b + 8t + 0..7), and x's rows are read in the same order:
+
+    MMA row 32b + 16h + 8c + 2t + e  <-  weight row 32b + 8t + 4h + 2c + e     (x_rows, reorder_words)
+
+The words are loaded in a layout where lane t of each quad holds words t, t+4, ..., so after unpacking
+``convert_layout(..., assert_trivial=True)`` into the MMA operand layout is free: the compiler checks it.
+Everything else (mantissa-trick dequantization, per-group correction on the fp32 accumulator, split-K reduced
+inside the launch) is as in the other kernels (common.py). Gluon does not run under TRITON_INTERPRET: CPU tests
+compile it for sm_90a and check the layouts; the GPU tests check its results.
+"""
+
+import functools
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+from .common import mantissa_args, splits_of, store_split
+
+NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
+
+
+def _powers(n):
+    return [1 << i for i in range(n.bit_length() - 1)]
+
+
+@functools.lru_cache(maxsize=None)
+def word_layout(block_n: int, block_k: int) -> gl.DistributedLinearLayout:
+    """Layout of the unpacked tile [BN, BK/8 words, 8 nibbles]: lane g (of 8 per quad row) holds column g, lane t
+    (of 4) words t, t+4, ...; registers hold the 8 nibbles, column + 8, the further words and column + 64, and
+    warp w columns 16w: what the A operand layout needs once the nibbles are put in MMA K order (module doc)."""
+    words = block_k // 8
+    reg = ([[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0]] + [[0, w, 0] for w in _powers(words)[2:]]
+           + [[c, 0, 0] for c in _powers(block_n)[6:]])
+    lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp = [[16, 0, 0], [32, 0, 0]]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, words, 8])
+
+
+@functools.lru_cache(maxsize=None)
+def x_layout(block_m: int, block_k: int) -> gl.BlockedLayout:
+    """Layout of x's tile [BM, BK] as loaded: 8 consecutive rows of K per thread (one 16-byte load)."""
+    lanes_k = min(32, block_k // 8)
+    return gl.BlockedLayout([1, 8], [32 // lanes_k, lanes_k], [NUM_WARPS, 1], [1, 0])
+
+
+@gluon.jit
+def mma_k_order(t, BLOCK_K: gl.constexpr):
+    """[R, BK] in weight-row order 32b + 8t + 4h + 2c + e -> MMA K order 32b + 16h + 8c + 2t + e (module doc):
+    a relabelling of registers, no data moves."""
+    rows: gl.constexpr = t.shape[0]
+    t = gl.reshape(t, [rows, BLOCK_K // 32, 4, 2, 2, 2])  # [r, b, t, h, c, e]
+    t = gl.permute(t, [0, 1, 3, 4, 2, 5])  # [r, b, h, c, t, e]
+    return gl.reshape(t, [rows, BLOCK_K])
+
+
+@gluon.jit
+def _step_loads(seg, live, x_ptr, qw_ptr, qz_ptr, sc_ptr, N, K, M, stride_xm, group_offset, offs_nq, offs_w, offs_kx,
+                offs_mx, offs_n, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr):
+    """K-step seg's packed words [BN, BW], x [BM, BK], scales and zero words [BN] (zeros outside the matrix or
+    when not live: the prefetch past the last step)."""
+    # negative in the first step of a shard cut inside a group; a multiple of 8 (checked on the host), which
+    # lets x's rows load as 16-byte vectors
+    k0 = gl.multiple_of(seg * BLOCK_K - group_offset, 8)
+    words = k0 // 8 + offs_w
+    w_ok = (words >= 0) & (words < K // 8) & live
+    q = gl.load(qw_ptr + gl.expand_dims(words, 0) * N + gl.expand_dims(offs_nq, 1),
+                mask=gl.expand_dims(w_ok, 0) & gl.expand_dims(offs_nq < N, 1), other=0)
+    rows = k0 + offs_kx
+    r_ok = (rows >= 0) & (rows < K) & live
+    xv = gl.load(x_ptr + gl.expand_dims(offs_mx, 1) * stride_xm + gl.expand_dims(rows, 0),
+                 mask=gl.expand_dims(offs_mx < M, 1) & gl.expand_dims(r_ok, 0), other=0.0)
+    g = (seg * BLOCK_K) // GROUP_SIZE
+    n_ok = (offs_n < N) & live
+    s = gl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+    zw = gl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
+    return q, xv, s, zw
+
+
+@gluon.jit
+def _wgmma_kernel(
+    x_ptr,  # [M, K] fp16 / bf16, row stride stride_xm
+    qw_ptr,  # [K/8, N] int32, packed along K
+    qz_ptr,  # [G, N/8] int32, packed along N
+    sc_ptr,  # [G, N]
+    out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
+    final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
+    count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
+    gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
+    M, N, K, stride_xm,
+    group_offset, zero_offset, segs_per_split, one_bits,
+    GROUP_SIZE: gl.constexpr,
+    BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (8..64)
+    BLOCK_N: gl.constexpr,  # output columns per tile: the MMA's M (64 or 128)
+    BLOCK_K: gl.constexpr,  # rows per step: a multiple of 32 dividing GROUP_SIZE
+    MANTISSA_SHIFT: gl.constexpr,
+    DTYPE: gl.constexpr,  # x's dtype (fp16 or bf16)
+    SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
+    SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
+    WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K)
+    XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
+):
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    Q: gl.constexpr = gl.SliceLayout(2, WORDS)
+    XT_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], DTYPE)
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
+    offs_w = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, Q))
+    shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS))) * 4
+    shifts = gl.expand_dims(gl.expand_dims(shifts, 0), 1)  # [1, 1, 8]
+    offs_kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
+    offs_mx = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+    # two x^T slots: a step writes one while a warp that is behind may still be in the previous step's MMA
+    x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_K, BLOCK_M], XT_SMEM)
+    seg_start = pid_k * segs_per_split
+    seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    q, xv, s, zw = _step_loads(seg_start, seg_start < seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, N, K, M, stride_xm,
+                               group_offset, offs_nq, offs_w, offs_kx, offs_mx, offs_n, GROUP_SIZE, BLOCK_K)
+    for seg in range(seg_start, seg_end):
+        # the next step's loads are issued before this step's arithmetic: two steps of weights in flight
+        nq, nxv, ns, nzw = _step_loads(seg + 1, seg + 1 < seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, N, K, M, stride_xm,
+                                       group_offset, offs_nq, offs_w, offs_kx, offs_mx, offs_n, GROUP_SIZE, BLOCK_K)
+        slot = x_smem.index((seg - seg_start) % 2)
+        slot.store(gl.permute(mma_k_order(xv, BLOCK_K), [1, 0]))  # x^T [BK, BM], rows in MMA K order
+        fence_async_shared()
+        gl.thread_barrier()  # every warp's part of x^T is in shared memory before the warpgroup's MMA reads it
+        bits = ((gl.expand_dims(q, 2) >> shifts) << MANTISSA_SHIFT) & (0xF << MANTISSA_SHIFT) | one_bits
+        f = bits.to(gl.int16).to(DTYPE, bitcast=True)  # [BN, BW, 8]: 1 + q/16, exact
+        f = mma_k_order(gl.reshape(f, [BLOCK_N, BLOCK_K]), BLOCK_K)
+        d = warpgroup_mma(gl.convert_layout(f, A_REGS, assert_trivial=True), slot, zero, use_acc=False)
+        xs = gl.convert_layout(gl.sum(xv.to(gl.float32), axis=1), gl.SliceLayout(0, MMA))  # [BM]
+        z = ((zw >> ((offs_n % 8) * 4)) & 0xF) + zero_offset
+        s32 = s.to(gl.float32)
+        sz = s32 * (16 + z).to(gl.float32)
+        acc += gl.expand_dims(16.0 * s32, 1) * d - gl.expand_dims(sz, 1) * gl.expand_dims(xs, 0)
+        q, xv, s, zw = nq, nxv, ns, nzw
+    store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
+                gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
+                gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
+
+
+_GL_DTYPE = {"torch.float16": gl.float16, "torch.bfloat16": gl.bfloat16}
+
+
+def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
+                 counts=None, gate=None):
+    """One launch into part [SPLIT_K, M, N] (or the [M, N] output); with counts also the in-launch reduction into
+    out (silu(gate) * up with gate's partials). launch_dot's contract; x fp16 or bf16."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if bk % 32 or bn not in (64, 128) or bm not in (8, 16, 32, 64):
+        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M 8..64: {cfg}")
+    one_bits, shift = mantissa_args(x.dtype)
+    grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
+    _wgmma_kernel[grid](
+        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
+        one_bits, GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MANTISSA_SHIFT=shift,
+        DTYPE=_GL_DTYPE[str(x.dtype)], SERIAL=counts is not None, SWIGLU=gate is not None,
+        WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
+    )
