@@ -301,10 +301,10 @@ def sweep_configs():
 
 
 def wgmma_configs(m):
-    """The Hopper kernel (wgmma.py) at M = 3..64: token tile = M rounded up to a power of two (8 at least)."""
+    """The Hopper kernel (wgmma.py) at M = 3..64: token tile = M rounded up to a power of two (16 at least)."""
     if not 3 <= m <= 64:
         return []
-    bm = max(8, 1 << (m - 1).bit_length())
+    bm = max(16, 1 << (m - 1).bit_length())
     tiles = [(64, 128, sk) for sk in (2, 4, 8, 16)] + [(64, 64, sk) for sk in (4, 8)]
     tiles += [(128, 128, sk) for sk in (4, 8)] if bm <= 16 else []  # larger tiles spill (255 registers)
     return [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]

@@ -370,7 +370,7 @@ def test_gemv_rows_configs_fit_registers():
         assert spill_st == spill_ld == 0 and regs <= 255, (m, cfg, regs, spill_st, spill_ld)
 
 
-@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu", [(8, 64, 128, "fp16", True, False),
+@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu", [(16, 64, 128, "fp16", True, False),
                                                        (16, 128, 64, "bf16", False, False),
                                                        (32, 64, 32, "fp16", True, True),
                                                        (64, 64, 128, "bf16", True, False)])
@@ -479,7 +479,7 @@ GPU_CONFIGS = [
     ("dot", 300, dict(SWAP=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)),
     ("dequant", 9, dict()),
     # the Hopper kernel (Gluon, wgmma.py); fp32 x runs the tl.dot kernel with the same tiles
-    ("dot", 5, dict(WGMMA=True, BLOCK_M=8, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True)),
+    ("dot", 5, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True)),
     ("dot", 16, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=3)),
     ("dot", 20, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SERIAL=True)),
     ("dot", 61, dict(WGMMA=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1)),
@@ -569,7 +569,7 @@ def test_swiglu_wgmma_gpu(m, dtype, gs, off):
     """The SwiGLU through the Hopper kernel (forced config): both launches write partials, the epilogue kernel
     applies silu(gate) * up."""
     _poison()
-    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=max(8, 1 << (m - 1).bit_length()), BLOCK_N=64,
+    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=64,
                BLOCK_K=32 if gs == 32 else 128, SPLIT_K=4, SERIAL=True)
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=90 + m)
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
