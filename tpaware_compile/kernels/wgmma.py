@@ -37,15 +37,15 @@ def _powers(n):
 
 @functools.lru_cache(maxsize=None)
 def word_layout(block_n: int, block_k: int) -> gl.DistributedLinearLayout:
-    """Layout of the unpacked tile [BN, BK/8 words, 8 nibbles]: lane g (of 8 per quad row) holds column g, lane t
-    (of 4) words t, t+4, ...; registers hold the 8 nibbles, column + 8, the further words and column + 64, and
+    """Layout of the tile [BN, BK/8 words, 4 nibble pairs]: lane g (of 8 per quad row) holds column g, lane t
+    (of 4) words t, t+4, ...; registers hold the 4 pairs, column + 8, the further words and column + 64, and
     warp w columns 16w: what the A operand layout needs once the nibbles are put in MMA K order (module doc)."""
     words = block_k // 8
-    reg = ([[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0]] + [[0, w, 0] for w in _powers(words)[2:]]
+    reg = ([[0, 0, 1], [0, 0, 2], [8, 0, 0]] + [[0, w, 0] for w in _powers(words)[2:]]
            + [[c, 0, 0] for c in _powers(block_n)[6:]])
     lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
     warp = [[16, 0, 0], [32, 0, 0]]
-    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, words, 8])
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, words, 4])
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,13 +56,32 @@ def x_layout(block_m: int, block_k: int) -> gl.BlockedLayout:
 
 
 @gluon.jit
-def mma_k_order(t, BLOCK_K: gl.constexpr):
-    """[R, BK] in weight-row order 32b + 8t + 4h + 2c + e -> MMA K order 32b + 16h + 8c + 2t + e (module doc):
-    a relabelling of registers, no data moves."""
-    rows: gl.constexpr = t.shape[0]
-    t = gl.reshape(t, [rows, BLOCK_K // 32, 4, 2, 2, 2])  # [r, b, t, h, c, e]
-    t = gl.permute(t, [0, 1, 3, 4, 2, 5])  # [r, b, h, c, t, e]
-    return gl.reshape(t, [rows, BLOCK_K])
+def unpack_pairs(q, lshift, rshift, zero_pairs, one_pair, MANTISSA_SHIFT: gl.constexpr, DTYPE: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Words [BN, BW] -> (q - z) / 16 [BN, BK] in x's dtype (exact), in MMA K order (module doc). Nibbles j and
+    j + 4 sit 16 bits apart, so one shift (left or right: the other is by 0) and one AND-OR make both halves of
+    a 32-bit register 1 + q/16 (no int-to-float), and one paired subtract of 1 + z/16 (zero_pairs [BN, 1, 1])
+    leaves (q - z)/16: the two K-adjacent values a thread's MMA fragment register holds."""
+    mask: gl.constexpr = (0xF << MANTISSA_SHIFT) * 0x10001
+    w = gl.expand_dims(q, 2).to(gl.uint32, bitcast=True)
+    pairs = ((w << lshift) >> rshift & mask).to(gl.int32, bitcast=True) | one_pair  # [BN, BW, 4]: nibbles j, j+4
+    sub: gl.constexpr = "sub.rn.f16x2 $0, $1, $2;" if DTYPE == gl.float16 else "sub.rn.bf16x2 $0, $1, $2;"
+    pairs = gl.inline_asm_elementwise(sub, "=r,r,r", [pairs, zero_pairs], dtype=gl.int32, is_pure=True, pack=1)
+    lo = pairs.to(gl.int16).to(DTYPE, bitcast=True)
+    hi = (pairs >> 16).to(gl.int16).to(DTYPE, bitcast=True)
+    f = gl.reshape(gl.join(lo, hi), [BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2])  # [n, b, t, h, c, e]: nibble 4e + 2h + c
+    f = gl.permute(f, [0, 1, 3, 4, 2, 5])  # [n, b, h, c, t, e]
+    return gl.reshape(f, [BLOCK_N, BLOCK_K])
+
+
+@gluon.jit
+def x_in_mma_order(x, BLOCK_K: gl.constexpr):
+    """x [BM, BK] (row 32b + 8t + 4e + 2h + c of the step) -> MMA K order 32b + 16h + 8c + 2t + e: a relabelling
+    of registers, no data moves."""
+    rows: gl.constexpr = x.shape[0]
+    x = gl.reshape(x, [rows, BLOCK_K // 32, 4, 2, 2, 2])  # [r, b, t, e, h, c]
+    x = gl.permute(x, [0, 1, 4, 5, 2, 3])  # [r, b, h, c, t, e]
+    return gl.reshape(x, [rows, BLOCK_K])
 
 
 @gluon.jit
@@ -84,7 +103,7 @@ def _step_loads(seg, live, x_ptr, qw_ptr, qz_ptr, sc_ptr, N, K, M, stride_xm, gr
     g = (seg * BLOCK_K) // GROUP_SIZE
     n_ok = (offs_n < N) & live
     s = gl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
-    zw = gl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
+    zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8, mask=(offs_nq < N) & live, other=0)
     return q, xv, s, zw
 
 
@@ -114,20 +133,24 @@ def _wgmma_kernel(
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
-    XT_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], DTYPE)
+    X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], DTYPE)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
     offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
     offs_w = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, Q))
-    shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS))) * 4
-    shifts = gl.expand_dims(gl.expand_dims(shifts, 0), 1)  # [1, 1, 8]
+    # nibble pair j, j + 4 sits at bits 4j and 16 + 4j: shift it by MANTISSA_SHIFT - 4j (left or right)
+    pair = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
+    lshift = gl.expand_dims(gl.expand_dims(gl.maximum(MANTISSA_SHIFT - 4 * pair, 0).to(gl.uint32), 0), 1)
+    rshift = gl.expand_dims(gl.expand_dims(gl.maximum(4 * pair - MANTISSA_SHIFT, 0).to(gl.uint32), 0), 1)
+    one_pair = one_bits * 0x10001  # 1.0 in both halves (a run-time value: as a constant ptxas splits the OR)
     offs_kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
     offs_mx = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-    # two x^T slots: a step writes one while a warp that is behind may still be in the previous step's MMA
-    x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_K, BLOCK_M], XT_SMEM)
+    # two x slots (K-major: the MMA reads its transpose): a step writes one while a warp that is behind may still
+    # be in the previous step's MMA
+    x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_M, BLOCK_K], X_SMEM)
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -139,18 +162,15 @@ def _wgmma_kernel(
         nq, nxv, ns, nzw = _step_loads(seg + 1, seg + 1 < seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, N, K, M, stride_xm,
                                        group_offset, offs_nq, offs_w, offs_kx, offs_mx, offs_n, GROUP_SIZE, BLOCK_K)
         slot = x_smem.index((seg - seg_start) % 2)
-        slot.store(gl.permute(mma_k_order(xv, BLOCK_K), [1, 0]))  # x^T [BK, BM], rows in MMA K order
+        slot.store(x_in_mma_order(xv, BLOCK_K))
         fence_async_shared()
-        gl.thread_barrier()  # every warp's part of x^T is in shared memory before the warpgroup's MMA reads it
-        bits = ((gl.expand_dims(q, 2) >> shifts) << MANTISSA_SHIFT) & (0xF << MANTISSA_SHIFT) | one_bits
-        f = bits.to(gl.int16).to(DTYPE, bitcast=True)  # [BN, BW, 8]: 1 + q/16, exact
-        f = mma_k_order(gl.reshape(f, [BLOCK_N, BLOCK_K]), BLOCK_K)
-        d = warpgroup_mma(gl.convert_layout(f, A_REGS, assert_trivial=True), slot, zero, use_acc=False)
-        xs = gl.convert_layout(gl.sum(xv.to(gl.float32), axis=1), gl.SliceLayout(0, MMA))  # [BM]
-        z = ((zw >> ((offs_n % 8) * 4)) & 0xF) + zero_offset
-        s32 = s.to(gl.float32)
-        sz = s32 * (16 + z).to(gl.float32)
-        acc += gl.expand_dims(16.0 * s32, 1) * d - gl.expand_dims(sz, 1) * gl.expand_dims(xs, 0)
+        gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
+        xt = slot.permute([1, 0])  # x^T [BK, BM]
+        z = ((zw >> ((offs_nq % 8) * 4)) & 0xF) + zero_offset  # [BN]
+        zero_pairs = gl.expand_dims(gl.expand_dims(((z << MANTISSA_SHIFT) | one_bits) * 0x10001, 1), 2)  # 1 + z/16
+        f = unpack_pairs(q, lshift, rshift, zero_pairs, one_pair, MANTISSA_SHIFT, DTYPE, BLOCK_N, BLOCK_K)
+        d = warpgroup_mma(gl.convert_layout(f, A_REGS, assert_trivial=True), xt, zero, use_acc=False)
+        acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * d
         q, xv, s, zw = nq, nxv, ns, nzw
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
