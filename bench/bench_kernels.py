@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tpaware_compile.kernels import (common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx, gptq_mm_sorted,
-                                    pick_config)
+from tpaware_compile.kernels import (WGMMA_MAX_M, common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx,
+                                    gptq_mm_sorted, pick_config, wgmma_config)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import graph_us, header  # noqa: E402
@@ -34,7 +34,9 @@ GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
 PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather",
-             "tpaware_rows", "tpaware_reduce_launch")
+             "tpaware_rows", "tpaware_tldot", "tpaware_wgmma", "tpaware_reduce_launch")
+# tpaware_tldot: where tpaware runs the wgmma kernel (sm_90, M = 2..64), the config it ran before (two-row GEMV at
+# M = 2, tl.dot kernels above); tpaware_wgmma: the wgmma kernel at M = 1, beside the GEMV that tpaware runs there
 # x[..., P1] before the first layers (TP-aware rewrite): read inside the kernel, or an index_select launch first.
 # Timed where the rewrite leaves it: the Llama-70B up projections (K = 8192) at TP 1 and 8, decode M.
 PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
@@ -42,7 +44,7 @@ PERM_SHAPES = {("llama70b", 1, "up"), ("llama70b", 8, "up")}
 PERM_MS = (1, 16)
 ROWS_MS = (2, 4, 8)  # tpaware_rows: the multi-row GEMV (gemv_rows_config) beside tpaware's dispatch at these M
 # tpaware_reduce_launch: tpaware's config with the split-K reduced by a second launch (SERIAL off: at M = 1 as up
-# to 53b9390, at M >= 2 as up to 582eb33), its floor with one launch more; at M <= 16
+# to 53b9390, at M >= 2 as up to 582eb33), its floor with one launch more; at M <= 16, only when asked for
 
 
 def copy_bandwidth() -> float:
@@ -188,6 +190,10 @@ def own_config(provider, k, n, m, device):
     cfg = pick_config(m, k, n, GROUP, device)
     if provider == "tpaware_rows":
         return gemv_rows_config(m, k, n, GROUP, device)
+    if provider == "tpaware_tldot":
+        return pick_config(m, k, n, GROUP, device, wgmma=False)
+    if provider == "tpaware_wgmma":
+        return wgmma_config(m, k, n, GROUP, device)
     if provider == "tpaware_reduce_launch":
         return dict(cfg, SERIAL=False)
     return cfg if provider == "tpaware" or provider in PERM_PROVIDERS else None
@@ -196,7 +202,7 @@ def own_config(provider, k, n, m, device):
 def provider_fns(provider, copies, x, k, n, m, perm):
     if provider == "tpaware":
         return tpaware_fns(copies, x)
-    if provider in ("tpaware_rows", "tpaware_reduce_launch"):
+    if provider in ("tpaware_rows", "tpaware_reduce_launch", "tpaware_tldot", "tpaware_wgmma"):
         return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
     if provider in PERM_PROVIDERS:
         return perm_fns(copies, x, perm, folded=provider == "tpaware_perm_folded")
@@ -218,7 +224,7 @@ def shapes(quick):
 
 
 def ms_for(model, tp, quick):
-    ms = [1, *ROWS_MS, 16] if quick else [1, *ROWS_MS, 16, 64, 256]
+    ms = [1, *ROWS_MS, 16, 64] if quick else [1, *ROWS_MS, 16, 32, 64, 256]
     if not quick and model == "llama70b" and tp in (1, 8):
         ms += [512, 1024, 2048, 4096]  # where does fp16 overtake?
     return ms
@@ -231,8 +237,12 @@ def skip(provider, model, tp, layer, m):
         return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
     if provider == "tpaware_reduce_launch":
         return m > 16
+    if provider == "tpaware_tldot":
+        return not 2 <= m <= WGMMA_MAX_M
+    if provider == "tpaware_wgmma":
+        return m != 1
     if m in ROWS_MS:
-        return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16", "tpaware_reduce_launch")
+        return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16", "tpaware_tldot")
     return provider == "tpaware_rows" or (provider in ("gidx_triton", "torch_int4") and m > 256)
 
 
@@ -342,7 +352,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--providers", default=",".join(p for p in PROVIDERS if p != "tpaware_reduce_launch"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     head = header()

@@ -37,9 +37,10 @@ def kernel_table(d):
         cols = [model, tp, layer, f"{k}x{n}", m, f"{any_row['roof_us']:.1f}", f"{any_row['floor_us']:.1f}"]
         cols += [_cell(t), f"{t['pct_roof']:.0f}%" if t else "", f"{t['median_us'] / t['floor_us']:.2f}" if t else ""]
         cols += [_cell(row.get(p)) for p in PROVIDERS[1:]]
-        cols.append(t["config"]["kind"] if t else "")
+        cols.append(kernel_name(t["config"]) if t else "")
         print("| " + " | ".join(str(c) for c in cols) + " |")
     perm_table(cells)
+    wgmma_table(cells)
     rows_table(cells)
     serial_table(cells)
 
@@ -60,6 +61,33 @@ def serial_table(cells):
         cols = [model, tp, layer, f"{k}x{n}", m, _cell(t), f"{t['floor_us']:.1f}", _cell(s), f"{s['floor_us']:.1f}",
                 f"{s['median_us'] / t['median_us']:.2f}", f"{s['median_us'] / s['floor_us']:.2f}",
                 f"{s['rel_err']:.1e}", _cell(row.get("torch_int4"))]
+        print("| " + " | ".join(str(c) for c in cols) + " |")
+
+
+def kernel_name(cfg):
+    return "wgmma" if cfg.get("WGMMA") else cfg["kind"] + (f" x{cfg['ROWS']}" if cfg.get("ROWS", 1) > 1 else "")
+
+
+def wgmma_table(cells):
+    """The wgmma kernel against what ran without it: at M = 2..64 tpaware (wgmma) and tpaware_tldot (the two-row
+    GEMV or the tl.dot kernel); at M = 1 tpaware_wgmma against tpaware (the GEMV)."""
+    rows = []
+    for key, row in cells.items():
+        if "tpaware_tldot" in row and "tpaware" in row:
+            rows.append((key, row["tpaware"], row["tpaware_tldot"]))
+        if "tpaware_wgmma" in row and "tpaware" in row:
+            rows.append((key, row["tpaware_wgmma"], row["tpaware"]))
+    if not rows:
+        return
+    print("\nwgmma kernel against the kernel it replaces or competes with (us, CUDA-graph per-call):\n")
+    print("| model | TP | layer | K x N | M | roof | floor | wgmma | % roof | x floor | other | other kernel "
+          "| other / wgmma | wgmma rel err | torch_int4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, w, o in rows:
+        model, tp, layer, k, n, m = key
+        cols = [model, tp, layer, f"{k}x{n}", m, f"{w['roof_us']:.1f}", f"{w['floor_us']:.1f}", _cell(w),
+                f"{w['pct_roof']:.0f}%", f"{w['median_us'] / w['floor_us']:.2f}", _cell(o), kernel_name(o["config"]),
+                f"{o['median_us'] / w['median_us']:.2f}", f"{w['rel_err']:.1e}", _cell(cells[key].get("torch_int4"))]
         print("| " + " | ".join(str(c) for c in cols) + " |")
 
 

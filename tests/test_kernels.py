@@ -357,6 +357,20 @@ def test_dispatch_by_m(monkeypatch):
                        129: ("dequant", 1)}, (k, n, got)
 
 
+def test_dispatch_wgmma(monkeypatch):
+    """On sm_90 (forced here: wgmma=True) M = 2..64 run the wgmma kernel, with token tiles of 16 / 32 / 64; group
+    sizes whose segments are not multiples of 32 rows, M = 1 and M > 64 keep their kernels."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    got = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True) for m in (1, 2, 16, 17, 33, 64, 65)}
+    assert got[1]["kind"] == "gemv_plain" and got[65] == K.pick_config(65, 8192, 3584, 128, cpu, wgmma=False)
+    assert {m: (c.get("WGMMA"), c["BLOCK_M"]) for m, c in got.items() if 2 <= m <= 64} == {
+        2: (True, 16), 16: (True, 16), 17: (True, 32), 33: (True, 64), 64: (True, 64)}
+    assert not K.pick_config(16, 8192, 3584, 16, cpu, wgmma=True).get("WGMMA")  # 16-row groups: tl.dot
+    assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
+
+
 def test_gemv_rows_configs_fit_registers():
     """Compiled for sm_90a here (no GPU): the multi-row GEMV's configs spill nothing (bench/kernel_regs.py)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))

@@ -3,9 +3,10 @@
     gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=None) -> x @ W
 
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
-a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; for M = 2 the
-two-row GEMV (gemv_prep.py, one weight read for both rows); the tensor-core kernels (gemm.py: swapped for
-M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
+a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
+(sm_90) the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's registers) for M = 2..64 with
+fp16 / bf16 x; elsewhere, and above, the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels (gemm.py:
+swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
 gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
@@ -33,10 +34,13 @@ GEMV_MAX_M = 1  # one activation row: the GEMV (from M = 2 the one-row GEMV woul
 # 4 or 8 rows it is issue-bound (12.7 / 30 instructions per weight) and loses, so M = 3.. go to the dot kernel
 ROWS_MAX_M = 2
 DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
+# sm_90: the wgmma kernel from M = 2 (two-row GEMV) up to 64 tokens, where it still beats cuBLAS (H100 sweep)
+WGMMA_MAX_M = 64
 _SMS = {}
+_CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "gemv_rows_config", "INTERPRET"]
+           "gemv_rows_config", "wgmma_config", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -82,13 +86,17 @@ def _num_sms(device) -> int:
     return _SMS[idx]
 
 
-def pick_config(m: int, k: int, n: int, group_size: int, device) -> dict:
-    """Kernel and block sizes per shape (a table from the H100 sweep in bench/README.md)."""
+def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional[bool] = None) -> dict:
+    """Kernel and block sizes per shape (a table from the H100 sweeps in bench/README.md). ``wgmma``: whether the
+    Hopper kernel may run (default: on sm_90 devices)."""
     if INTERPRET:  # one config, large blocks: the interpreter costs ~ms per program and step
         kind = "gemv" if m <= GEMV_MAX_M else "dot"
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)
+    wgmma = has_wgmma(device) if wgmma is None else wgmma
+    if wgmma and m <= WGMMA_MAX_M and segment_rows(group_size, 128) % 32 == 0:
+        return wgmma_config(m, k, n, group_size, device)
     if m <= ROWS_MAX_M:
         return gemv_rows_config(m, k, n, group_size, device)
     if m <= DOT_MAX_M:
@@ -124,6 +132,30 @@ def gemv_rows_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     tiles = -(-n // block_n)
     return dict(kind="gemv", ROWS=rows, BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, block_k),
                 SPLIT_K=max(1, 6 * _num_sms(device) // tiles), num_warps=num_warps, SERIAL=True)
+
+
+def has_wgmma(device) -> bool:
+    """Whether the Hopper kernel (wgmma.py: sm_90 instructions) can run on this device."""
+    if device.type != "cuda" or INTERPRET:
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx] == (9, 0)
+
+
+def wgmma_config(m: int, k: int, n: int, group_size: int, device) -> dict:
+    """The Hopper kernel for M <= 64: 64 output columns by M rounded up to 16, 32 or 64 tokens per program, one
+    group segment (up to 128 rows) per step, split-K for 4-8 programs per output tile (fewer for 64 tokens),
+    reduced in the launch. From the H100 sweep (bench/README.md): these choices are within 5% of the best
+    tried on the Llama-70B TP 1 and TP 8 shapes at M = 4, 16, 32 and 64."""
+    block_m = max(16, 1 << (m - 1).bit_length())
+    if block_m > 64:
+        raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
+    tiles = -(-n // 64)
+    split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
+    return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=segment_rows(group_size, 128),
+                SPLIT_K=split_k, SERIAL=True)
 
 
 def _dot_config(m, k, n, group_size, device) -> dict:

@@ -2,9 +2,9 @@
 
 Both matmuls write fp32 partials into one buffer [2, SPLIT_K, M, N] and a single epilogue kernel sums them and
 applies silu(gate) * up, so the intermediate never round-trips through x's dtype and the separate elementwise
-kernel disappears. With the one-launch split-K (config SERIAL, one-row GEMVs) up's launch does that epilogue
-itself, in its last program per tile. For decode the activation is prepared once for both (gemv_prep.py),
-through ``perm`` (x[..., perm] @ W) when given; the other kinds take x already gathered
+kernel disappears. With the one-launch split-K (config SERIAL; one-row GEMVs, wgmma kernel) up's launch does
+that epilogue itself, in its last program per tile. For decode the activation is prepared once for both
+(gemv_prep.py), through ``perm`` (x[..., perm] @ W) when given; the other kinds take x already gathered
 (kernels.gptq_swiglu_sorted). Gate and up must share x's row order (the same act-order permutation, or none);
 callers fall back to two gptq_mm calls otherwise. Large M (dequantize + cuBLAS) writes gate and up in x's dtype
 straight into that buffer's one split, and the same epilogue applies the activation (one kernel, not five
@@ -55,9 +55,11 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm) if cfg["kind"] == "gemv" else None
-    # the in-launch epilogue has run on a GPU for the one-row GEMVs only; the other kinds keep the epilogue kernel
+    # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma kernel (fp16 / bf16 x); the
+    # other kinds keep the epilogue kernel
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
-    counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv else None
+    wgmma = cfg.get("WGMMA") and x.dtype in (torch.float16, torch.bfloat16)
+    counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or wgmma else None
     out = torch.empty((m, n), dtype=out_dtype, device=x.device) if counts is not None else None
     for i, w in enumerate((gate, up)):
         args = (*w, group_size, group_offset, zero_offset, part[i], per, cfg)
