@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from tpaware_compile.kernels import (WGMMA_MAX_M, common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx,
-                                    gptq_mm_sorted, pick_config, wgmma_config)
+                                    gptq_mm_sorted, pick_config)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import graph_us, header  # noqa: E402
@@ -34,9 +34,9 @@ GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
 PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather",
-             "tpaware_rows", "tpaware_tldot", "tpaware_wgmma", "tpaware_reduce_launch")
-# tpaware_tldot: where tpaware runs the wgmma kernel (sm_90, M = 2..64), the config it ran before (two-row GEMV at
-# M = 2, tl.dot kernels above); tpaware_wgmma: the wgmma kernel at M = 1, beside the GEMV that tpaware runs there
+             "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch")
+# tpaware_tldot: where tpaware runs the wgmma kernel (sm_90, M = 1..64), the config it ran before (the GEMVs at
+# M = 1, the two-row GEMV at M = 2, tl.dot kernels above)
 # x[..., P1] before the first layers (TP-aware rewrite): read inside the kernel, or an index_select launch first.
 # Timed where the rewrite leaves it: the Llama-70B up projections (K = 8192) at TP 1 and 8, decode M.
 PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
@@ -192,8 +192,6 @@ def own_config(provider, k, n, m, device):
         return gemv_rows_config(m, k, n, GROUP, device)
     if provider == "tpaware_tldot":
         return pick_config(m, k, n, GROUP, device, wgmma=False)
-    if provider == "tpaware_wgmma":
-        return wgmma_config(m, k, n, GROUP, device)
     if provider == "tpaware_reduce_launch":
         return dict(cfg, SERIAL=False)
     return cfg if provider == "tpaware" or provider in PERM_PROVIDERS else None
@@ -202,7 +200,7 @@ def own_config(provider, k, n, m, device):
 def provider_fns(provider, copies, x, k, n, m, perm):
     if provider == "tpaware":
         return tpaware_fns(copies, x)
-    if provider in ("tpaware_rows", "tpaware_reduce_launch", "tpaware_tldot", "tpaware_wgmma"):
+    if provider in ("tpaware_rows", "tpaware_reduce_launch", "tpaware_tldot"):
         return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
     if provider in PERM_PROVIDERS:
         return perm_fns(copies, x, perm, folded=provider == "tpaware_perm_folded")
@@ -238,9 +236,7 @@ def skip(provider, model, tp, layer, m):
     if provider == "tpaware_reduce_launch":
         return m > 16
     if provider == "tpaware_tldot":
-        return not 2 <= m <= WGMMA_MAX_M
-    if provider == "tpaware_wgmma":
-        return m != 1
+        return m > WGMMA_MAX_M
     if m in ROWS_MS:
         return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16", "tpaware_tldot")
     return provider == "tpaware_rows" or (provider in ("gidx_triton", "torch_int4") and m > 256)

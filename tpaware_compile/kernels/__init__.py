@@ -4,9 +4,9 @@
 
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
-(sm_90) the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's registers) for M = 2..64 with
-fp16 / bf16 x; elsewhere, and above, the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels (gemm.py:
-swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
+(sm_90) the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's registers) for M = 1..64 with
+fp16 / bf16 x instead; elsewhere, and above, the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels
+(gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
 gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
@@ -34,7 +34,8 @@ GEMV_MAX_M = 1  # one activation row: the GEMV (from M = 2 the one-row GEMV woul
 # 4 or 8 rows it is issue-bound (12.7 / 30 instructions per weight) and loses, so M = 3.. go to the dot kernel
 ROWS_MAX_M = 2
 DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
-# sm_90: the wgmma kernel from M = 2 (two-row GEMV) up to 64 tokens, where it still beats cuBLAS (H100 sweep)
+# sm_90: the wgmma kernel from one token (it beat the GEMVs at M = 1 too) up to 64, where it still beats cuBLAS
+# (H100, bench/README.md)
 WGMMA_MAX_M = 64
 _SMS = {}
 _CAPABILITY = {}
@@ -88,15 +89,15 @@ def _num_sms(device) -> int:
 
 def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional[bool] = None) -> dict:
     """Kernel and block sizes per shape (a table from the H100 sweeps in bench/README.md). ``wgmma``: whether the
-    Hopper kernel may run (default: on sm_90 devices)."""
+    Hopper kernel may run (default: on sm_90 devices; gptq_mm_sorted passes False for fp32 x)."""
     if INTERPRET:  # one config, large blocks: the interpreter costs ~ms per program and step
         kind = "gemv" if m <= GEMV_MAX_M else "dot"
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
-    if m <= GEMV_MAX_M:
-        return _gemv_config(k, n, group_size, device)
     wgmma = has_wgmma(device) if wgmma is None else wgmma
     if wgmma and m <= WGMMA_MAX_M and segment_rows(group_size, 128) % 32 == 0:
         return wgmma_config(m, k, n, group_size, device)
+    if m <= GEMV_MAX_M:
+        return _gemv_config(k, n, group_size, device)
     if m <= ROWS_MAX_M:
         return gemv_rows_config(m, k, n, group_size, device)
     if m <= DOT_MAX_M:
@@ -189,7 +190,7 @@ def gptq_mm_sorted(
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device)
+    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device, wgmma=_wgmma_for(x2))
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
     args = (qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype)
@@ -225,11 +226,16 @@ def gptq_swiglu_sorted(
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device)
+    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device, wgmma=_wgmma_for(x2))
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
     y = swiglu(xc, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm)
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def _wgmma_for(x2) -> bool:
+    """The wgmma kernel takes fp16 / bf16 x on sm_90 devices (fp32 x keeps the GEMV / tl.dot table)."""
+    return x2.dtype in (torch.float16, torch.bfloat16) and has_wgmma(x2.device)
 
 
 def _gather_unless_prepared(x2, perm, cfg):

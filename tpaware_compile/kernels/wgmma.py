@@ -166,8 +166,11 @@ def _wgmma_kernel(
         fence_async_shared()
         gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
         xt = slot.permute([1, 0])  # x^T [BK, BM]
+        # 1 + z/16 in both halves, by arithmetic: z reaches 16 (a v1 checkpoint's stored 15 plus zero_offset 1),
+        # which the mantissa trick cannot hold (exact in fp16 and bf16 for z in 0..16)
         z = ((zw >> ((offs_nq % 8) * 4)) & 0xF) + zero_offset  # [BN]
-        zero_pairs = gl.expand_dims(gl.expand_dims(((z << MANTISSA_SHIFT) | one_bits) * 0x10001, 1), 2)  # 1 + z/16
+        zc = (1.0 + z.to(gl.float32) * 0.0625).to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        zero_pairs = gl.expand_dims(gl.expand_dims(zc * 0x10001, 1), 2)
         f = unpack_pairs(q, lshift, rshift, zero_pairs, one_pair, MANTISSA_SHIFT, DTYPE, BLOCK_N, BLOCK_K)
         d = warpgroup_mma(gl.convert_layout(f, A_REGS, assert_trivial=True), xt, zero, use_acc=False)
         acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * d
