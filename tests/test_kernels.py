@@ -581,8 +581,8 @@ def test_swiglu_serial_gpu(kind, cfg, m, dtype, perm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,dtype,gs,off", [(4, "fp16", 128, 64), (16, "bf16", 32, 8), (40, "fp16", -1, 0)])
 def test_swiglu_wgmma_gpu(m, dtype, gs, off):
-    """The SwiGLU through the Hopper kernel (forced config): both launches write partials, the epilogue kernel
-    applies silu(gate) * up."""
+    """The SwiGLU through the Hopper kernel (forced config): up's launch applies silu(gate) * up in its last
+    program per tile (one-launch split-K)."""
     _poison()
     cfg = dict(kind="dot", WGMMA=True, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=64,
                BLOCK_K=32 if gs == 32 else 128, SPLIT_K=4, SERIAL=True)
@@ -593,7 +593,7 @@ def test_swiglu_wgmma_gpu(m, dtype, gs, off):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", SWIGLU_PERM_CASES, ids=case_id)
 @pytest.mark.parametrize("m,k,n", [(1, 1024, 512), (16, 1024, 512), (77, 1024, 512), (300, 1024, 512),
-                                   (1, 8192, 7168), (16, 8192, 7168)])  # 8192 x 7168: M = 1 runs the x-prep GEMV
+                                   (1, 8192, 7168), (16, 8192, 7168)])  # 8192 x 7168: M = 1 runs the x-prep GEMV (no sm_90)
 def test_swiglu_perm_gpu(case, m, k, n):
     _poison()
     c = dict(case, m=m, k=k, n=n)
@@ -666,7 +666,8 @@ def _production_err(k, n, m, dtype, gs, off, perm_dtype=None, config=None) -> fl
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k,n,kind", [(8192, 3584, "gemv_plain"), (3584, 8192, "gemv_plain"), (8192, 28672, "gemv")])
+@pytest.mark.parametrize("k,n,kind", [(8192, 3584, "gemv_plain"), (3584, 8192, "gemv_plain"), (8192, 28672, "gemv"),
+                                      (8192, 3584, "wgmma"), (28672, 8192, "wgmma")])
 def test_serial_split_k_in_cuda_graph(k, n, kind):
     """The one-launch split-K on the TP 8 / TP 1 shapes, captured in a CUDA graph of back-to-back calls (each
     launch must leave its tile counters at zero for the next) and replayed on new x: every call right."""
@@ -674,7 +675,8 @@ def test_serial_split_k_in_cuda_graph(k, n, kind):
     qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
     qz = torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda")
     sc = (torch.rand(k // 128, n, device="cuda") * 0.01 + 1e-3).half()
-    cfg = dict(pick_config(1, k, n, 128, torch.device("cuda")), kind=kind, SERIAL=True)
+    cfg = pick_config(1, k, n, 128, torch.device("cuda"), wgmma=kind == "wgmma")
+    cfg = cfg if kind == "wgmma" else dict(cfg, kind=kind, SERIAL=True)
     x = torch.randn(4, 1, k, device="cuda").half()
     call = lambda: [gptq_mm_sorted(x[i], qw, qz, sc, 128, 0, 1, config=cfg) for i in range(4)]  # noqa: E731
     call()  # warm up (compiles, allocates the counters) outside capture
