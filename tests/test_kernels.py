@@ -593,7 +593,7 @@ def test_swiglu_wgmma_gpu(m, dtype, gs, off):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", SWIGLU_PERM_CASES, ids=case_id)
 @pytest.mark.parametrize("m,k,n", [(1, 1024, 512), (16, 1024, 512), (77, 1024, 512), (300, 1024, 512),
-                                   (1, 8192, 7168), (16, 8192, 7168)])  # 8192 x 7168: M = 1 runs the x-prep GEMV (no sm_90)
+                                   (1, 8192, 7168), (16, 8192, 7168)])  # 8192 x 7168, M = 1: x-prep GEMV (no sm_90)
 def test_swiglu_perm_gpu(case, m, k, n):
     _poison()
     c = dict(case, m=m, k=k, n=n)
