@@ -348,6 +348,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
+    ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
+    ap.add_argument("--tps", default="", help="comma-separated TP degrees to run (default: all)")
+    ap.add_argument("--ms", default="", help="comma-separated M to run (default: per --quick)")
     ap.add_argument("--providers", default=",".join(p for p in PROVIDERS if p != "tpaware_reduce_launch"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -365,8 +368,12 @@ def main():
     if args.sweep:
         head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m])
     else:
-        for model, tp, layer, k, n in shapes(args.quick):
-            run_shape(model, tp, layer, k, n, ms_for(model, tp, args.quick), bw, args.providers.split(","), rows)
+        models, tps = args.models.split(",") if args.models else MODELS, [int(t) for t in args.tps.split(",") if t]
+        for model, tp, layer, k, n in shapes(args.quick and not args.models):
+            if model not in models or (tps and tp not in tps):
+                continue
+            ms = [int(m) for m in args.ms.split(",")] if args.ms else ms_for(model, tp, args.quick)
+            run_shape(model, tp, layer, k, n, ms, bw, args.providers.split(","), rows)
             save(head, out, t0)  # after every shape: a run cut short still leaves its rows
     save(head, out, t0)
     print("wrote", out, f"in {head['seconds']:.0f} s")
