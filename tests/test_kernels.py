@@ -619,7 +619,7 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(8192, 28672), (28672, 8192), (3584, 8192), (8192, 3584)])
-@pytest.mark.parametrize("m", [1, 16, 33, 64, 256])
+@pytest.mark.parametrize("m", [1, 16, 20, 33, 64, 256])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 32, 16), ("bf16", 128, 0)])
 def test_production_configs_gpu(k, n, m, dtype, gs, off):
     """The dispatch table's own configs (split-K, block shapes) on the real per-rank shapes."""

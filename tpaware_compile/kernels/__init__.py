@@ -147,16 +147,16 @@ def has_wgmma(device) -> bool:
 
 def wgmma_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     """The Hopper kernel for M <= 64: 64 output columns by M rounded up to 16, 32 or 64 tokens per program, one
-    group segment (up to 128 rows) per step, split-K for 4-8 programs per output tile (fewer for 64 tokens),
-    reduced in the launch. From the H100 sweep (bench/README.md): these choices are within 5% of the best
-    tried on the Llama-70B TP 1 and TP 8 shapes at M = 4, 16, 32 and 64."""
+    group segment (up to 128 rows; 64 for 32 tokens) per step, split-K for 4-8 programs per output tile (fewer for
+    64 tokens), reduced in the launch. From the H100 sweeps (bench/README.md), on the Llama-70B TP 1 and TP 8
+    shapes at M = 4, 16, 32 and 64."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
     tiles = -(-n // 64)
     split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
-    return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=segment_rows(group_size, 128),
-                SPLIT_K=split_k, SERIAL=True)
+    block_k = segment_rows(group_size, 64 if block_m == 32 else 128)  # 32 tokens: 64-row steps (sweep at 4acf489)
+    return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split_k, SERIAL=True)
 
 
 def _dot_config(m, k, n, group_size, device) -> dict:
