@@ -1,22 +1,24 @@
-"""Hopper tensor-core kernel for decode batches (M = 3..64): the dequantized weights go straight from the loaded
+"""Hopper tensor-core kernel for decode batches (M = 1..64): the dequantized weights go straight from the loaded
 int32 words into the registers of ``wgmma``'s A operand, with no shared-memory round trip.
 
 The plain ``tl.dot`` kernels (gemm.py) unpack a weight tile in one register layout and Triton moves it through
 shared memory into the MMA operand layout (on an H100 that stalled every variant near a third of the copy
 roof). Here the kernel is written in Gluon (explicit layouts) and computes ``out^T [BN, BM] = W^T @ x^T`` with
 the weight tile as A in registers and x^T [BK, BM] as B in shared memory. A thread's A fragment holds, per 16
-rows of K, rows {2t, 2t+1, 2t+8, 2t+9} (t = lane % 4) of two output columns. No repack of the checkpoint's
-words is needed for that: the sum over K does not care about K's order, so the MMA's K order is chosen so that
-a thread's fragment rows of each 32-row block are exactly the 8 nibbles of one packed word (word 4b + t of the
-step holds weight rows 32b + 8t + 0..7), and x's rows are read in the same order:
+rows of K, rows {2t, 2t+1, 2t+8, 2t+9} (t = lane % 4) of two output columns, K-adjacent pairs sharing a 32-bit
+register. No repack of the checkpoint's words is needed for that: the sum over K does not care about K's order,
+so the MMA's K order is chosen so that a thread's fragment rows of each 32-row block are exactly the 8 nibbles
+of one packed word (word 4b + t of the step holds weight rows 32b + 8t + 0..7), the nibbles j and j + 4 of a
+word sharing a register, and x's rows are read in the same order:
 
-    MMA row 32b + 16h + 8c + 2t + e  <-  weight row 32b + 8t + 4h + 2c + e     (x_rows, reorder_words)
+    MMA row 32b + 16h + 8c + 2t + e  <-  weight row 32b + 8t + 4e + 2h + c     (unpack_pairs, x_in_mma_order)
 
 The words are loaded in a layout where lane t of each quad holds words t, t+4, ..., so after unpacking
-``convert_layout(..., assert_trivial=True)`` into the MMA operand layout is free: the compiler checks it.
-Everything else (mantissa-trick dequantization, per-group correction on the fp32 accumulator, split-K reduced
-inside the launch) is as in the other kernels (common.py). Gluon does not run under TRITON_INTERPRET: CPU tests
-compile it for sm_90a and check the layouts; the GPU tests check its results.
+``convert_layout(..., assert_trivial=True)`` into the MMA operand layout is free: the compiler checks it. The
+operand is (q - z)/16, exact in fp16 and bf16 (unpack_pairs), so the scale is the only per-group factor on the
+fp32 accumulator; the split-K is reduced inside the launch as in the other kernels (common.store_split). Gluon
+does not run under TRITON_INTERPRET: CPU tests compile it for sm_90a and check the SASS; the GPU tests check
+its results.
 """
 
 import functools
@@ -26,7 +28,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from .common import mantissa_args, splits_of, store_split
+from .common import mantissa_args, splits_of, store_split, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 
@@ -180,9 +182,6 @@ def _wgmma_kernel(
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
 
 
-_GL_DTYPE = {"torch.float16": gl.float16, "torch.bfloat16": gl.bfloat16}
-
-
 def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
                  counts=None, gate=None):
     """One launch into part [SPLIT_K, M, N] (or the [M, N] output); with counts also the in-launch reduction into
@@ -197,6 +196,6 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
         one_bits, GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MANTISSA_SHIFT=shift,
-        DTYPE=_GL_DTYPE[str(x.dtype)], SERIAL=counts is not None, SWIGLU=gate is not None,
+        DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
     )
