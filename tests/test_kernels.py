@@ -242,6 +242,7 @@ def _worker():
             results["swiglu-" + case_id(c)] = f"{type(e).__name__}: {e}"
     results["dequant_exact"] = _dequant_exact("cpu")
     results["rows_not_pow2"] = _rows_must_be_power_of_two()
+    results["wgmma_refused"] = _wgmma_refused_when_interpreted()
     from tpaware_compile.kernels.common import _TILE_COUNTS
     results["serial_counts"] = {str(key): int(buf.count_nonzero()) for key, buf in _TILE_COUNTS.items()}
     try:
@@ -321,6 +322,29 @@ def _rows_must_be_power_of_two() -> bool:
     except ValueError as e:
         return "power of two" in str(e)
     return False
+
+
+def _wgmma_refused_when_interpreted() -> bool:
+    """A forced WGMMA config with fp16 x names why it cannot run (Gluon has no interpreter); fp32 x takes the
+    tl.dot kernel with the same tiles and is right."""
+    from tpaware_compile.kernels import gptq_mm_sorted
+    w = make_weight(256, 64, 64, 0, 0, False, torch.float32)
+    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, SERIAL=True)
+    x = torch.randn(3, 256)
+    y = gptq_mm_sorted(x, w.qweight, w.qzeros, w.scales, 64, config=cfg)
+    ref = gptq.reference_matmul(x, w)
+    if not torch.allclose(y, ref, rtol=1e-4, atol=1e-4):
+        return False
+    try:
+        gptq_mm_sorted(x.half(), w.qweight, w.qzeros, w.scales.half(), 64, config=cfg)
+    except ValueError as e:
+        return "TRITON_INTERPRET" in str(e)
+    return False
+
+
+@pytest.mark.interpreter
+def test_wgmma_config_refused_when_interpreted(interp_results):
+    assert interp_results["wgmma_refused"] is True
 
 
 @pytest.mark.interpreter
