@@ -307,8 +307,8 @@ def sweep_configs():
 
 
 def wgmma_configs(m):
-    """The Hopper kernel (wgmma.py) at M = 3..64: token tile = M rounded up to a power of two (16 at least)."""
-    if not 3 <= m <= 64:
+    """The Hopper kernel (wgmma.py) at M = 1..64: token tile = M rounded up to a power of two (16 at least)."""
+    if not 1 <= m <= 64:
         return []
     bm = max(16, 1 << (m - 1).bit_length())
     tiles = [(64, 128, sk) for sk in (2, 4, 8)] + [(64, 64, sk) for sk in (4, 8)]

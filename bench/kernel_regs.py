@@ -1,11 +1,12 @@
-"""Registers, spills and hot-loop instructions per weight of the decode GEMV kernels per config, compiled for
-sm_90a here, no GPU needed: the kernels are specialized as the JIT would specialize them at run time (16-byte
-aligned pointers, N, K and KPAD multiples of 16), the PTX is assembled by the ptxas that ships with triton
-(`ptxas -v`), and the SASS of the longest backward branch's body (the K-step loop) is counted with its cuobjdump.
-Instructions per weight predict the issue-bound time (the one-row kernel reaches 61-68% of the copy roof on an
-H100); a prediction, not a measurement.
+"""Registers, spills and hot-loop instructions per weight of the decode kernels per config, compiled for sm_90a
+here, no GPU needed: the kernels are specialized as the JIT would specialize them at run time (16-byte aligned
+pointers, N, K and KPAD multiples of 16), the PTX is assembled by the ptxas that ships with triton (`ptxas -v`),
+and the SASS of the longest backward branch's body (the K-step loop) is counted with its cuobjdump.
+Instructions per weight predict the issue-bound time (the one-row GEMV reaches 61-68% of the copy roof on an
+H100 at 4.4; the wgmma kernel 61-69% at 5.0); a prediction, not a measurement. The wgmma kernel is Gluon,
+compiled through triton's GluonASTSource (triton 3.6).
 
-    python bench/kernel_regs.py            # the one-row GEMV's table configs and the multi-row GEMV's
+    python bench/kernel_regs.py            # the GEMVs' configs, then the wgmma kernel's
 """
 
 import importlib
