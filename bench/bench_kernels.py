@@ -311,7 +311,7 @@ def wgmma_configs(m):
     if not 1 <= m <= 64:
         return []
     bm = max(16, 1 << (m - 1).bit_length())
-    tiles = [(64, 128, sk) for sk in (2, 4, 8)] + [(64, 64, sk) for sk in (4, 8)]
+    tiles = [(64, 128, sk) for sk in (2, 4, 8, 16)] + [(64, 64, sk) for sk in (4, 8, 16)]
     tiles += [(128, 64, sk) for sk in (4, 8)] if bm <= 32 else []  # larger tiles: 255 registers (kernel_regs.py)
     tiles += [(128, 128, sk) for sk in (2, 4, 8)] if bm <= 16 else []
     return [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
