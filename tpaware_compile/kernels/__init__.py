@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .common import is_interpreted, segment_rows
+from .common import cuda_index, is_interpreted, segment_rows
 from .gemm import _dot_kernel, dequant_mm, dequantize_sorted, dot_mm
 from .fused import swiglu
 from .gemv import gemv
@@ -81,7 +81,7 @@ def check_perm(perm: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.
 def _num_sms(device) -> int:
     if device.type != "cuda":
         return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = cuda_index(device)
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SMS[idx]
@@ -139,7 +139,7 @@ def has_wgmma(device) -> bool:
     """Whether the Hopper kernel (wgmma.py: sm_90 instructions) can run on this device."""
     if device.type != "cuda" or INTERPRET:
         return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = cuda_index(device)
     if idx not in _CAPABILITY:
         _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
     return _CAPABILITY[idx] == (9, 0)

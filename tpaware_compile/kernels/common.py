@@ -150,6 +150,11 @@ def _sum_splits(part_ptr, split_k, MN, offs, mask):
     return acc
 
 
+def cuda_index(device) -> int:
+    """A CUDA device's index (the current device for a bare "cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 _TILE_COUNTS = {}  # (device type, index) -> int32 zeros: the one-launch split-K's per-tile counters
 
 
@@ -159,8 +164,7 @@ def tile_counters(tiles: int, device):
     memset into the graph; the caller then reduces with a second launch). One buffer per device, shared by
     launches in stream order (each leaves its counters at zero); two such launches at once on two streams of one
     device would share counters, as a Marlin-style kernel's workspace would: use one stream per device."""
-    key = (device.type, device.index if device.index is not None or device.type != "cuda"
-           else torch.cuda.current_device())
+    key = (device.type, cuda_index(device) if device.type == "cuda" else device.index)
     buf = _TILE_COUNTS.get(key)
     if buf is None or buf.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
