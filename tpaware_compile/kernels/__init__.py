@@ -25,6 +25,7 @@ from .fused import swiglu
 from .gemv import gemv
 from .gemv_prep import gemv_prep
 from .gidx import gidx_config, gidx_dequant_mm, gidx_mm
+from .wgmma import X_DTYPES as WGMMA_DTYPES
 
 INTERPRET = is_interpreted(_dot_kernel)  # decided when triton.jit ran, i.e. at this package's import
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -235,7 +236,7 @@ def gptq_swiglu_sorted(
 
 def _wgmma_for(x2) -> bool:
     """The wgmma kernel takes fp16 / bf16 x on sm_90 devices (fp32 x keeps the GEMV / tl.dot table)."""
-    return x2.dtype in (torch.float16, torch.bfloat16) and has_wgmma(x2.device)
+    return x2.dtype in WGMMA_DTYPES and has_wgmma(x2.device)
 
 
 def _gather_unless_prepared(x2, perm, cfg):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import serial_counters, split_plan
-from .gemm import dequantize_sorted, launch_dot
+from .gemm import dequantize_sorted, launch_dot, runs_wgmma
 from .gemv import launch_gemv
 from .gemv_prep import launch_gemv_prep, prepare_x
 
@@ -58,8 +58,7 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma kernel (fp16 / bf16 x); the
     # other kinds keep the epilogue kernel
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
-    wgmma = cfg.get("WGMMA") and x.dtype in (torch.float16, torch.bfloat16)
-    counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or wgmma else None
+    counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or runs_wgmma(cfg, x) else None
     out = torch.empty((m, n), dtype=out_dtype, device=x.device) if counts is not None else None
     for i, w in enumerate((gate, up)):
         args = (*w, group_size, group_offset, zero_offset, part[i], per, cfg)

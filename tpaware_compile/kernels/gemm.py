@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .common import (group_affine, is_interpreted, load_group, mantissa_args, nibble_floats, segment_rows,
                      split_k_matmul, splits_of, store_split, tl_dtype)
-from .wgmma import launch_wgmma
+from .wgmma import X_DTYPES as WGMMA_DTYPES, launch_wgmma
 
 
 @triton.jit
@@ -124,12 +124,17 @@ def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, ou
                           cfg)
 
 
+def runs_wgmma(cfg, x) -> bool:
+    """Whether launch_dot runs wgmma.py's kernel for this config and x (config WGMMA; fp32 x takes tl.dot)."""
+    return bool(cfg.get("WGMMA")) and x.dtype in WGMMA_DTYPES
+
+
 def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
                counts=None, gate=None):
     """One tensor-core launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output; with counts
     (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials. Config WGMMA
     runs the Hopper kernel of wgmma.py for fp16 / bf16 x."""
-    if cfg.get("WGMMA") and x.dtype in (torch.float16, torch.bfloat16):  # fp32 x: the tl.dot kernel below
+    if runs_wgmma(cfg, x):
         if is_interpreted(_dot_kernel):
             raise ValueError("WGMMA configs run a Gluon kernel, which TRITON_INTERPRET cannot run")
         return launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out,

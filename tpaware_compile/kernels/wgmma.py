@@ -23,6 +23,7 @@ its results.
 
 import functools
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -31,6 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from .common import mantissa_args, splits_of, store_split, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
+X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
 
 
 def _powers(n):
