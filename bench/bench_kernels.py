@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpaware_compile.kernels import (WGMMA_MAX_M, common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx,
+from tpaware_compile.kernels import (PREFILL_MAX_M, common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx,
                                     gptq_mm_sorted, pick_config)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +35,8 @@ ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
 PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather",
              "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch")
-# tpaware_tldot: where tpaware runs the wgmma kernel (sm_90, M = 1..64), the config it ran before (the GEMVs at
-# M = 1, the two-row GEMV at M = 2, tl.dot kernels above)
+# tpaware_tldot: where tpaware runs the wgmma kernels (sm_90, M = 1..256 or 1024), the config it ran before them
+# (the GEMVs at M = 1, the two-row GEMV at M = 2, tl.dot kernels up to 128, dequantize + cuBLAS above)
 # x[..., P1] before the first layers (TP-aware rewrite): read inside the kernel, or an index_select launch first.
 # Timed where the rewrite leaves it: the Llama-70B up projections (K = 8192) at TP 1 and 8, decode M.
 PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
@@ -236,10 +236,13 @@ def skip(provider, model, tp, layer, m):
     if provider == "tpaware_reduce_launch":
         return m > 16
     if provider == "tpaware_tldot":
-        return m > WGMMA_MAX_M
+        return m > PREFILL_MAX_M
     if m in ROWS_MS:
         return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16", "tpaware_tldot")
-    return provider == "tpaware_rows" or (provider in ("gidx_triton", "torch_int4") and m > 256)
+    # the per-row g_idx kernel is 100x slower than the rest: its M = 256 rows (65 ms a call at TP 1) are in the
+    # full file of 5d21f9e
+    return provider == "tpaware_rows" or (provider == "torch_int4" and m > 256) or (provider == "gidx_triton"
+                                                                                    and m > 64)
 
 
 def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
@@ -303,7 +306,11 @@ def sweep_configs():
     per_m = ((1, gemv), *rows, (32, swap + plain), (128, plain + [dict(kind="dequant")]))
     per_m = tuple((m, cfgs + wgmma_configs(m)) for m, cfgs in per_m) + tuple((m, swap + wgmma_configs(m))
                                                                              for m in (16, 64))
+    per_m += tuple((m, [dict(kind="dequant")]) for m in PREFILL_MS)
     return tuple((m, [c if c["kind"] == "dequant" else dict(c, SERIAL=True) for c in cfgs]) for m, cfgs in per_m)
+
+
+PREFILL_MS = (256, 512, 1024)  # swept for the prefill kernel beside dequantize + cuBLAS (and M = 64, 128 above)
 
 
 def wgmma_configs(m):
@@ -317,6 +324,24 @@ def wgmma_configs(m):
     return [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
 
 
+def prefill_configs(m, n):
+    """The Hopper prefill kernel (wgmma_prefill.py): (tokens, columns, rows per step, warps, x slots) tiles,
+    split-K only where the output tiles alone leave SMs idle; below 64 tokens the decode token tiles."""
+    if m < 64:
+        bm = max(16, 1 << (m - 1).bit_length())
+        tiles = [(bm, 128, 128, 8, 3), (bm, 64, 128, 4, 3), (bm, 128, 64, 8, 4)]
+    else:
+        tiles = [(64, 128, 128, 8, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                 (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+    out = []
+    for bm, bn, bk, warps, stages in tiles:
+        output_tiles = -(-n // bn) * -(-m // bm)
+        for sk in (1,) if output_tiles >= 264 else (1, 2, 4) if m >= 64 else (2, 4, 8):
+            out.append(dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
+                            num_warps=warps, SPLIT_K=sk, SERIAL=m < 64))
+    return out
+
+
 def sweep(bw, only_ms=None):
     res = []
     for k, n in ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192)):
@@ -328,7 +353,7 @@ def sweep(bw, only_ms=None):
             roof = roof_bytes(k, n, m) / bw * 1e6
             ref = graph_us(cublas_fns(k, n, m))
             print(f"sweep K={k} N={n} M={m} cublas_fp16 {ref:.1f} us", flush=True)
-            for cfg in cfgs:
+            for cfg in cfgs + prefill_configs(m, n):
                 try:
                     fns = tpaware_fns(copies, x, cfg)
                     us, err = graph_us(fns), check_tpaware(fns[0], copies[0], x)

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the module itself: the package re-exports a function of the same name
 gemv_prep = importlib.import_module("tpaware_compile.kernels.gemv_prep")
 wgmma = importlib.import_module("tpaware_compile.kernels.wgmma")
+prefill = importlib.import_module("tpaware_compile.kernels.wgmma_prefill")
 from tpaware_compile.kernels.common import mantissa_args, tl_dtype  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -69,6 +70,27 @@ def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=F
                if sig[a].startswith("*") or a in ("N", "K", "stride_xm")}
     return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=wgmma.NUM_WARPS))
+
+
+def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", serial=False, swiglu=False,
+                    group_size=128, out="fp32"):
+    """The Hopper prefill kernel (wgmma_prefill.py, x through TMA) compiled for sm_90a; out: the dtype it stores
+    (fp32 partials, or x's dtype without split-K)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    fn = prefill._prefill_kernel
+    tl_type = tl_dtype(DTYPES[dtype])
+    consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+                  MANTISSA_SHIFT=mantissa_args(DTYPES[dtype])[1], DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu,
+                  WARPS=warps, WORDS=wgmma.word_layout(block_n, block_k, warps))
+    layout = prefill.x_smem_layout(block_m, block_k, tl_type)
+    sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",
+           "sc_ptr": f"*{dtype}", "out_ptr": f"*{out}", "final_ptr": f"*{dtype}", "count_ptr": "*i32",
+           "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "group_offset": "i32", "zero_offset": "i32",
+           "segs_per_split": "i32", "one_bits": "i32", **{k: "constexpr" for k in consts}}
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
+               if sig[a].startswith("*") or a in ("N", "K")}
+    return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps))
 
 
 def ptxas_usage(kernel):

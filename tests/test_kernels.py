@@ -383,15 +383,22 @@ def test_dispatch_by_m(monkeypatch):
 
 
 def test_dispatch_wgmma(monkeypatch):
-    """On sm_90 (forced here: wgmma=True) M = 1..64 run the wgmma kernel, with token tiles of 16 / 32 / 64; group
-    sizes whose segments are not multiples of 32 rows and M > 64 keep their kernels."""
+    """On sm_90 (forced here: wgmma=True) M = 1..32 run the wgmma kernel (token tiles of 16 / 32), M = 33..256 its
+    prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles), up to 1024 on shards of
+    8192 x 8192 weights or more; group sizes whose segments are not multiples of 32 rows and larger M keep their
+    kernels."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
-    got = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True) for m in (1, 2, 16, 17, 33, 64, 65)}
-    assert got[65] == K.pick_config(65, 8192, 3584, 128, cpu, wgmma=False)
-    assert {m: (c.get("WGMMA"), c["BLOCK_M"]) for m, c in got.items() if m <= 64} == {
-        1: (True, 16), 2: (True, 16), 16: (True, 16), 17: (True, 32), 33: (True, 64), 64: (True, 64)}
+    got = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True) for m in (1, 2, 16, 17, 32, 33, 64, 65, 256, 257)}
+    assert got[257] == K.pick_config(257, 8192, 3584, 128, cpu, wgmma=False) == dict(kind="dequant")
+    assert {m: (c.get("WGMMA"), c.get("PREFILL"), c["BLOCK_M"]) for m, c in got.items() if m <= 256} == {
+        1: (True, None, 16), 2: (True, None, 16), 16: (True, None, 16), 17: (True, None, 32), 32: (True, None, 32),
+        33: (True, True, 64), 64: (True, True, 64), 65: (True, True, 128), 256: (True, True, 256)}
+    assert {m: got[m]["SPLIT_K"] for m in (33, 65, 256)} == {33: 4, 65: 4, 256: 4}  # 28 output tiles each
+    large = {m: K.pick_config(m, 8192, 8192, 128, cpu, wgmma=True) for m in (512, 1024, 1025)}
+    assert [(c.get("PREFILL"), c.get("SPLIT_K")) for c in large.values()] == [(True, 1), (True, 1), (None, None)]
+    assert K.pick_config(256, 28672, 8192, 128, cpu, wgmma=True)["SPLIT_K"] == 2  # 64 output tiles of 256 tokens
     assert not K.pick_config(16, 8192, 3584, 16, cpu, wgmma=True).get("WGMMA")  # 16-row groups: tl.dot
     assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
 
@@ -426,6 +433,57 @@ def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu)
     mma = [line for line in code.splitlines() if "HGMMA" in line]
     assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
     assert len(mma) == bk // 16 * bn // 64, len(mma)  # one per 16 rows of K and 64 output columns
+
+
+@pytest.mark.parametrize("bm,bn,bk,stages,warps,dtype", [(128, 128, 64, 3, 8, "fp16"), (256, 128, 64, 3, 8, "bf16"),
+                                                         (64, 64, 128, 2, 4, "fp16")])
+def test_prefill_weights_reach_mma_in_registers(bm, bn, bk, stages, warps, dtype):
+    """The prefill kernel (wgmma_prefill.py) compiled for sm_90a: as the decode kernel, A in registers; no spills."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import kernel_regs
+    from tpaware_compile.kernels import INTERPRET
+    if INTERPRET or not os.path.exists(kernel_regs.CUOBJDUMP):
+        pytest.skip("needs compiled (not interpreted) kernels and the ptxas / cuobjdump triton ships on x86-64 Linux")
+    kernel = kernel_regs.compile_prefill(bm, bn, bk, stages, warps, dtype)
+    mma = [line for line in kernel_regs.sass(kernel).splitlines() if "HGMMA" in line]
+    assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
+    # one per 16 rows of K and 64 output columns per warpgroup, in each of the two steps of the loop's body
+    assert len(mma) == 2 * bk // 16 * bn // (16 * warps), len(mma)
+    assert kernel_regs.ptxas_usage(kernel)[1:] == (0, 0)  # no spill stores or loads
+
+
+@pytest.mark.parametrize("bm,bn,bk,dtype", [(256, 128, 64, "fp16"), (128, 256, 64, "bf16"), (64, 128, 128, "fp16")])
+def test_prefill_epilogue_after_mma_wait(bm, bn, bk, dtype):
+    """In the compiled prefill kernel (sm_90a, output in x's dtype: no split-K) nothing reads the accumulator
+    registers between the K loop and the final wait for the MMAs. Without _pinned_below_wait ptxas moved the
+    output conversions there, and 256-token tiles computed wrong values on an H100."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import kernel_regs
+    from tpaware_compile.kernels import INTERPRET
+    if INTERPRET or not os.path.exists(kernel_regs.CUOBJDUMP):
+        pytest.skip("needs compiled (not interpreted) kernels and the ptxas / cuobjdump triton ships on x86-64 Linux")
+    code = [line for line in kernel_regs.sass(kernel_regs.compile_prefill(bm, bn, bk, 3, 8, dtype, out=dtype))
+            .splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    first = int(re.search(r"HGMMA\S* R(\d+),", next(line for line in code if "HGMMA" in line)).group(1))
+    acc = range(first, first + bm * bn // (32 * 8))  # fp32 accumulator registers per thread
+    wait = max(i for i, line in enumerate(code) if "DEPBAR.LE gsb0, 0x0" in line)
+    loop_end = max(i for i, line in enumerate(code[:wait]) if "BRA" in line)
+    early = [line for line in code[loop_end + 1:wait]
+             if any(int(r) in acc for r in re.findall(r"R(\d+)", line.split(";")[0].split(",", 1)[-1]))]
+    assert not early, early
+
+
+@pytest.mark.parametrize("off", [0, 8, 24])
+def test_prefill_x_order(off):
+    """x_in_mma_order: off zero columns in front, zeros to a multiple of 32 behind, and within each 32-column
+    block position 32b + 16h + 8c + 2t + e holds column 32b + 8t + 4e + 2h + c (the decode kernel's register
+    relabelling, x_in_mma_order in wgmma.py), written out here by index."""
+    from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
+    x = torch.randn(3, 72)
+    padded = torch.cat([torch.zeros(3, off), x, torch.zeros(3, (-(72 + off)) % 32)], dim=1)
+    src = [32 * b + 8 * t + 4 * e + 2 * h + c for b in range(padded.shape[1] // 32)
+           for h in range(2) for c in range(2) for t in range(4) for e in range(2)]
+    assert torch.equal(x_in_mma_order(x, off), padded[:, src])
 
 
 def _dequant_exact(device) -> dict:
@@ -523,6 +581,17 @@ GPU_CONFIGS = [
     ("dot", 20, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SERIAL=True)),
     ("dot", 61, dict(WGMMA=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1)),
     ("dot", 100, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, SERIAL=True)),
+    # its prefill form (wgmma_prefill.py: x through TMA); fp32 x runs tl.dot with the same tiles
+    ("dot", 130, dict(WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8,
+                      SPLIT_K=1)),
+    ("dot", 300, dict(WGMMA=True, PREFILL=True, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8,
+                      SPLIT_K=2)),
+    ("dot", 70, dict(WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, STAGES=2, num_warps=4,
+                     SPLIT_K=3, SERIAL=True)),
+    ("dot", 200, dict(WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, STAGES=4, num_warps=8,
+                      SPLIT_K=1)),
+    ("dot", 520, dict(WGMMA=True, PREFILL=True, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8,
+                      SPLIT_K=1)),
 ]
 
 
@@ -603,13 +672,18 @@ def test_swiglu_serial_gpu(kind, cfg, m, dtype, perm):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,dtype,gs,off", [(4, "fp16", 128, 64), (16, "bf16", 32, 8), (40, "fp16", -1, 0)])
+@pytest.mark.parametrize("m,dtype,gs,off", [(4, "fp16", 128, 64), (16, "bf16", 32, 8), (40, "fp16", -1, 0),
+                                           (300, "bf16", 128, 64), (300, "fp16", 32, 0)])
 def test_swiglu_wgmma_gpu(m, dtype, gs, off):
-    """The SwiGLU through the Hopper kernel (forced config): up's launch applies silu(gate) * up in its last
-    program per tile (one-launch split-K)."""
+    """The SwiGLU through the Hopper kernels (forced configs): up's launch applies silu(gate) * up in its last
+    program per tile (one-launch split-K); at M = 300 the prefill kernel, whose partials the epilogue kernel
+    reduces."""
     _poison()
-    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=64,
-               BLOCK_K=32 if gs == 32 else 128, SPLIT_K=4, SERIAL=True)
+    bk = 32 if gs == 32 else 128
+    cfg = (dict(kind="dot", WGMMA=True, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=64, BLOCK_K=bk,
+                SPLIT_K=4, SERIAL=True) if m <= 64 else
+           dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, STAGES=3, num_warps=8,
+                SPLIT_K=2))
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=90 + m)
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
@@ -643,7 +717,7 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(8192, 28672), (28672, 8192), (3584, 8192), (8192, 3584)])
-@pytest.mark.parametrize("m", [1, 16, 20, 33, 64, 256])
+@pytest.mark.parametrize("m", [1, 16, 20, 33, 64, 128, 256, 1000])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 32, 16), ("bf16", 128, 0)])
 def test_production_configs_gpu(k, n, m, dtype, gs, off):
     """The dispatch table's own configs (split-K, block shapes) on the real per-rank shapes."""

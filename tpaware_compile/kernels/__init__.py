@@ -4,9 +4,10 @@
 
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
-(sm_90) the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's registers) for M = 1..64 with
-fp16 / bf16 x instead; elsewhere, and above, the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels
-(gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
+(sm_90) with fp16 / bf16 x instead the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's
+registers) for M = 1..32 and its prefill form (wgmma_prefill.py: x through TMA) for M = 33..256 (to 1024 on large
+shards); elsewhere the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32,
+un-swapped up to 128); dequantize-then-cuBLAS above.
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
 gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
@@ -35,14 +36,19 @@ GEMV_MAX_M = 1  # one activation row: the GEMV (from M = 2 the one-row GEMV woul
 # 4 or 8 rows it is issue-bound (12.7 / 30 instructions per weight) and loses, so M = 3.. go to the dot kernel
 ROWS_MAX_M = 2
 DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
-# sm_90: the wgmma kernel from one token (it beat the GEMVs at M = 1 too) up to 64, where it still beats cuBLAS
-# (H100, bench/README.md)
-WGMMA_MAX_M = 64
+# sm_90: the wgmma kernel from one token (it beat the GEMVs at M = 1 too) up to 32 tokens, its prefill form (x
+# through TMA, two warpgroups, asynchronous MMAs) from 33 up to 256 tokens, and up to 1024 on shards of at least
+# 8192 x 8192 weights; dequantize + cuBLAS wins above (on smaller shards already at 512 to 1024: its dequantize
+# pass costs less there; H100 runs, bench/README.md)
+WGMMA_MAX_M = 32
+PREFILL_MAX_M = 1024
+PREFILL_SMALL_SHARD_MAX_M = 256
+PREFILL_LARGE_SHARD = 8192 * 8192
 _SMS = {}
 _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "gemv_rows_config", "wgmma_config", "has_wgmma", "INTERPRET"]
+           "gemv_rows_config", "wgmma_config", "prefill_config", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -95,8 +101,9 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
         kind = "gemv" if m <= GEMV_MAX_M else "dot"
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
     wgmma = has_wgmma(device) if wgmma is None else wgmma
-    if wgmma and m <= WGMMA_MAX_M and segment_rows(group_size, 128) % 32 == 0:
-        return wgmma_config(m, k, n, group_size, device)
+    prefill_max_m = PREFILL_MAX_M if k * n >= PREFILL_LARGE_SHARD else PREFILL_SMALL_SHARD_MAX_M
+    if wgmma and m <= prefill_max_m and segment_rows(group_size, 128) % 32 == 0:
+        return wgmma_config(m, k, n, group_size, device) if m <= WGMMA_MAX_M else prefill_config(m, n, group_size)
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)
     if m <= ROWS_MAX_M:
@@ -147,10 +154,10 @@ def has_wgmma(device) -> bool:
 
 
 def wgmma_config(m: int, k: int, n: int, group_size: int, device) -> dict:
-    """The Hopper kernel for M <= 64: 64 output columns by M rounded up to 16, 32 or 64 tokens per program, one
+    """The Hopper kernel for decode: 64 output columns by M rounded up to 16, 32 or 64 tokens per program, one
     group segment (up to 128 rows; 64 for 32 tokens) per step, split-K for 4-8 programs per output tile (fewer for
     64 tokens), reduced in the launch. From the H100 sweeps (bench/README.md), on the Llama-70B TP 1 and TP 8
-    shapes at M = 4, 16, 32 and 64."""
+    shapes at M = 4, 16, 32 and 64; dispatched up to WGMMA_MAX_M."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
@@ -158,6 +165,28 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
     block_k = segment_rows(group_size, 64 if block_m == 32 else 128)  # 32 tokens: 64-row steps (sweep at 4acf489)
     return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split_k, SERIAL=True)
+
+
+def prefill_config(m: int, n: int, group_size: int) -> dict:
+    """The Hopper prefill kernel (wgmma_prefill.py, two warpgroups) from 33 tokens: 64-token tiles up to M = 64,
+    128 up to 128, 256 above; 128 output columns (256 at M = 65..128 where that still leaves 32 tiles); split-K
+    where the output tiles are few. From the H100 sweeps on the Llama-70B TP 1 and 8 shapes at M = 64..1024
+    (bench/README.md)."""
+    if m <= 64:  # memory-bound: short steps and 4 x slots on large shards, long steps on small ones
+        block_m, block_n = 64, 128
+        block_k, stages = (64, 4) if -(-n // 128) >= 50 else (128, 3)
+    elif m <= 128:
+        block_m, block_n = 128, (256 if -(-n // 256) * -(-m // 128) >= 32 else 128)
+        block_k, stages = (64 if block_n == 256 else 128), 3
+    else:
+        block_m, block_n, block_k, stages = 256, 128, 64, 3
+    tiles = -(-n // block_n) * -(-m // block_m)
+    if block_m == 64:  # memory-bound: keep every SM streaming (Llama TP 2 up: 112 tiles unsplit took 97 us)
+        split_k = 1 if tiles >= 200 else 4
+    else:  # compute-bound: split only short of a wave of tiles
+        split_k = 1 if tiles >= 100 else 2 if tiles >= 50 and block_m == 256 else 4
+    return dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=segment_rows(group_size, block_k), STAGES=stages, num_warps=8, SPLIT_K=split_k)
 
 
 def _dot_config(m, k, n, group_size, device) -> dict:

@@ -33,6 +33,7 @@ from .common import mantissa_args, splits_of, store_split, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
+TOKEN_TILES = (16, 32, 64)  # the MMA's N; 8 faulted on an H100 with triton 3.6, 128 spills (x is in registers)
 
 
 def _powers(n):
@@ -40,15 +41,16 @@ def _powers(n):
 
 
 @functools.lru_cache(maxsize=None)
-def word_layout(block_n: int, block_k: int) -> gl.DistributedLinearLayout:
+def word_layout(block_n: int, block_k: int, num_warps: int = NUM_WARPS) -> gl.DistributedLinearLayout:
     """Layout of the tile [BN, BK/8 words, 4 nibble pairs]: lane g (of 8 per quad row) holds column g, lane t
-    (of 4) words t, t+4, ...; registers hold the 4 pairs, column + 8, the further words and column + 64, and
-    warp w columns 16w: what the A operand layout needs once the nibbles are put in MMA K order (module doc)."""
+    (of 4) words t, t+4, ...; registers hold the 4 pairs, column + 8, the further words and column + 16 * warps,
+    and warp w columns 16w: what the A operand layout needs once the nibbles are put in MMA K order (module
+    doc)."""
     words = block_k // 8
     reg = ([[0, 0, 1], [0, 0, 2], [8, 0, 0]] + [[0, w, 0] for w in _powers(words)[2:]]
-           + [[c, 0, 0] for c in _powers(block_n)[6:]])
+           + [[c, 0, 0] for c in _powers(block_n) if c >= 16 * num_warps])
     lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
-    warp = [[16, 0, 0], [32, 0, 0]]
+    warp = [[16 * w, 0, 0] for w in _powers(num_warps)]
     return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, words, 4])
 
 
@@ -60,22 +62,38 @@ def x_layout(block_m: int, block_k: int) -> gl.BlockedLayout:
 
 
 @gluon.jit
-def unpack_pairs(q, lshift, rshift, zero_pairs, one_pair, MANTISSA_SHIFT: gl.constexpr, DTYPE: gl.constexpr,
-                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Words [BN, BW] -> (q - z) / 16 [BN, BK] in x's dtype (exact), in MMA K order (module doc). Nibbles j and
-    j + 4 sit 16 bits apart, so one shift (left or right: the other is by 0) and one AND-OR make both halves of
-    a 32-bit register 1 + q/16 (no int-to-float), and one paired subtract of 1 + z/16 (zero_pairs [BN, 1, 1])
-    leaves (q - z)/16: the two K-adjacent values a thread's MMA fragment register holds."""
+def _pairs_op(op: gl.constexpr, a, b, DTYPE: gl.constexpr):
+    """a op b on the two 16-bit halves of int32 registers at once (sub / mul .rn.{f16,bf16}x2)."""
+    asm: gl.constexpr = op + (".rn.f16x2 $0, $1, $2;" if DTYPE == gl.float16 else ".rn.bf16x2 $0, $1, $2;")
+    return gl.inline_asm_elementwise(asm, "=r,r,r", [a, b], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def unpack_pairs(q, lshift, rshift, zero_pairs, scale_pairs, one_pair, MANTISSA_SHIFT: gl.constexpr,
+                 DTYPE: gl.constexpr, SCALED_A: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Words [BN, BW] -> (q - z) / 16 [BN, BK] in x's dtype (exact), or with SCALED_A (q - z) * s (one rounding),
+    in MMA K order (module doc). Nibbles j and j + 4 sit 16 bits apart, so one shift (left or right: the other is
+    by 0) and one AND-OR make both halves of a 32-bit register 1 + q/16 (no int-to-float), and one paired subtract
+    of 1 + z/16 (zero_pairs [BN, 1, 1]) leaves (q - z)/16: the two K-adjacent values a thread's MMA fragment
+    register holds; SCALED_A multiplies them by 16 s (scale_pairs [BN, 1, 1]) in the same paired way."""
     mask: gl.constexpr = (0xF << MANTISSA_SHIFT) * 0x10001
     w = gl.expand_dims(q, 2).to(gl.uint32, bitcast=True)
     pairs = ((w << lshift) >> rshift & mask).to(gl.int32, bitcast=True) | one_pair  # [BN, BW, 4]: nibbles j, j+4
-    sub: gl.constexpr = "sub.rn.f16x2 $0, $1, $2;" if DTYPE == gl.float16 else "sub.rn.bf16x2 $0, $1, $2;"
-    pairs = gl.inline_asm_elementwise(sub, "=r,r,r", [pairs, zero_pairs], dtype=gl.int32, is_pure=True, pack=1)
+    pairs = _pairs_op("sub", pairs, zero_pairs, DTYPE)
+    if SCALED_A:
+        pairs = _pairs_op("mul", pairs, scale_pairs, DTYPE)
     lo = pairs.to(gl.int16).to(DTYPE, bitcast=True)
     hi = (pairs >> 16).to(gl.int16).to(DTYPE, bitcast=True)
     f = gl.reshape(gl.join(lo, hi), [BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2])  # [n, b, t, h, c, e]: nibble 4e + 2h + c
     f = gl.permute(f, [0, 1, 3, 4, 2, 5])  # [n, b, h, c, t, e]
     return gl.reshape(f, [BLOCK_N, BLOCK_K])
+
+
+@gluon.jit
+def _both_halves(v, DTYPE: gl.constexpr):
+    """[BN] fp32 -> [BN, 1, 1] int32 holding v in x's dtype in both 16-bit halves (a paired operand)."""
+    bits = v.to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    return gl.expand_dims(gl.expand_dims(bits * 0x10001, 1), 2)
 
 
 @gluon.jit
@@ -89,26 +107,54 @@ def x_in_mma_order(x, BLOCK_K: gl.constexpr):
 
 
 @gluon.jit
-def _step_loads(seg, live, x_ptr, qw_ptr, qz_ptr, sc_ptr, N, K, M, stride_xm, group_offset, offs_nq, offs_w, offs_kx,
-                offs_mx, offs_n, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr):
-    """K-step seg's packed words [BN, BW], x [BM, BK], scales and zero words [BN] (zeros outside the matrix or
+def pair_shifts(WORDS: gl.constexpr, MANTISSA_SHIFT: gl.constexpr):
+    """(left, right) shifts [1, 1, 4] that move nibble pair j, j + 4 (bits 4j and 16 + 4j) to the mantissa's top
+    (MANTISSA_SHIFT - 4j: one of the two is 0)."""
+    pair = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
+    lshift = gl.expand_dims(gl.expand_dims(gl.maximum(MANTISSA_SHIFT - 4 * pair, 0).to(gl.uint32), 0), 1)
+    rshift = gl.expand_dims(gl.expand_dims(gl.maximum(4 * pair - MANTISSA_SHIFT, 0).to(gl.uint32), 0), 1)
+    return lshift, rshift
+
+
+@gluon.jit
+def weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_s,
+                 GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr):
+    """K-step seg's packed words [BN, BW], scales (at offs_s) and zero words [BN] (zeros outside the matrix or
     when not live: the prefetch past the last step)."""
-    # negative in the first step of a shard cut inside a group; a multiple of 8 (checked on the host), which
-    # lets x's rows load as 16-byte vectors
-    k0 = gl.multiple_of(seg * BLOCK_K - group_offset, 8)
+    k0 = seg * BLOCK_K - group_offset  # negative in the first step of a shard cut inside a group
     words = k0 // 8 + offs_w
     w_ok = (words >= 0) & (words < K // 8) & live
     q = gl.load(qw_ptr + gl.expand_dims(words, 0) * N + gl.expand_dims(offs_nq, 1),
                 mask=gl.expand_dims(w_ok, 0) & gl.expand_dims(offs_nq < N, 1), other=0)
-    rows = k0 + offs_kx
-    r_ok = (rows >= 0) & (rows < K) & live
-    xv = gl.load(x_ptr + gl.expand_dims(offs_mx, 1) * stride_xm + gl.expand_dims(rows, 0),
-                 mask=gl.expand_dims(offs_mx < M, 1) & gl.expand_dims(r_ok, 0), other=0.0)
     g = (seg * BLOCK_K) // GROUP_SIZE
-    n_ok = (offs_n < N) & live
-    s = gl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+    s = gl.load(sc_ptr + g * N + offs_s, mask=(offs_s < N) & live, other=0.0)
     zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8, mask=(offs_nq < N) & live, other=0)
-    return q, xv, s, zw
+    return q, s, zw
+
+
+@gluon.jit
+def _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K: gl.constexpr):
+    """K-step seg's x [BM, BK] (zeros outside the matrix or when not live)."""
+    # a multiple of 8 (group_offset is checked on the host), which lets x's rows load as 16-byte vectors
+    rows = gl.multiple_of(seg * BLOCK_K - group_offset, 8) + offs_kx
+    r_ok = (rows >= 0) & (rows < K) & live
+    return gl.load(x_ptr + gl.expand_dims(offs_mx, 1) * stride_xm + gl.expand_dims(rows, 0),
+                   mask=gl.expand_dims(offs_mx < M, 1) & gl.expand_dims(r_ok, 0), other=0.0)
+
+
+@gluon.jit
+def a_operand(q, s, zw, offs_nq, lshift, rshift, one_pair, zero_offset, MANTISSA_SHIFT: gl.constexpr,
+              DTYPE: gl.constexpr, SCALED_A: gl.constexpr, A_REGS: gl.constexpr, BLOCK_N: gl.constexpr,
+              BLOCK_K: gl.constexpr):
+    """One step's weights as wgmma's A operand in registers: (q - z) / 16, or (q - z) * s with SCALED_A."""
+    # 1 + z/16 in both halves, by arithmetic: z reaches 16 (a v1 checkpoint's stored 15 plus zero_offset 1),
+    # which the mantissa trick cannot hold (exact in fp16 and bf16 for z in 0..16)
+    z = ((zw >> ((offs_nq % 8) * 4)) & 0xF) + zero_offset  # [BN]
+    zero_pairs = _both_halves(1.0 + z.to(gl.float32) * 0.0625, DTYPE)
+    scale_pairs = _both_halves(16.0 * s.to(gl.float32), DTYPE) if SCALED_A else zero_pairs
+    f = unpack_pairs(q, lshift, rshift, zero_pairs, scale_pairs, one_pair, MANTISSA_SHIFT, DTYPE, SCALED_A,
+                     BLOCK_N, BLOCK_K)
+    return gl.convert_layout(f, A_REGS, assert_trivial=True)
 
 
 @gluon.jit
@@ -124,7 +170,7 @@ def _wgmma_kernel(
     M, N, K, stride_xm,
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: gl.constexpr,
-    BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (16, 32, 64; 8 faulted on an H100 with triton 3.6)
+    BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (TOKEN_TILES)
     BLOCK_N: gl.constexpr,  # output columns per tile: the MMA's M (64 or 128)
     BLOCK_K: gl.constexpr,  # rows per step: a multiple of 32 dividing GROUP_SIZE
     MANTISSA_SHIFT: gl.constexpr,
@@ -143,10 +189,7 @@ def _wgmma_kernel(
     pid_m = gl.program_id(2)
     offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
     offs_w = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, Q))
-    # nibble pair j, j + 4 sits at bits 4j and 16 + 4j: shift it by MANTISSA_SHIFT - 4j (left or right)
-    pair = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    lshift = gl.expand_dims(gl.expand_dims(gl.maximum(MANTISSA_SHIFT - 4 * pair, 0).to(gl.uint32), 0), 1)
-    rshift = gl.expand_dims(gl.expand_dims(gl.maximum(4 * pair - MANTISSA_SHIFT, 0).to(gl.uint32), 0), 1)
+    lshift, rshift = pair_shifts(WORDS, MANTISSA_SHIFT)
     one_pair = one_bits * 0x10001  # 1.0 in both halves (a run-time value: as a constant ptxas splits the OR)
     offs_kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
     offs_mx = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
@@ -159,25 +202,24 @@ def _wgmma_kernel(
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    q, xv, s, zw = _step_loads(seg_start, seg_start < seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, N, K, M, stride_xm,
-                               group_offset, offs_nq, offs_w, offs_kx, offs_mx, offs_n, GROUP_SIZE, BLOCK_K)
+    q, s, zw = weight_loads(seg_start, seg_start < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
+                            offs_w, offs_n, GROUP_SIZE, BLOCK_K)
+    xv = _x_loads(seg_start, seg_start < seg_end, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K)
     for seg in range(seg_start, seg_end):
         # the next step's loads are issued before this step's arithmetic: two steps of weights in flight
-        nq, nxv, ns, nzw = _step_loads(seg + 1, seg + 1 < seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, N, K, M, stride_xm,
-                                       group_offset, offs_nq, offs_w, offs_kx, offs_mx, offs_n, GROUP_SIZE, BLOCK_K)
+        live = seg + 1 < seg_end
+        nq, ns, nzw = weight_loads(seg + 1, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
+                                   GROUP_SIZE, BLOCK_K)
+        nxv = _x_loads(seg + 1, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K)
         slot = x_smem.index((seg - seg_start) % 2)
         slot.store(x_in_mma_order(xv, BLOCK_K))
         fence_async_shared()
         gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
         xt = slot.permute([1, 0])  # x^T [BK, BM]
-        # 1 + z/16 in both halves, by arithmetic: z reaches 16 (a v1 checkpoint's stored 15 plus zero_offset 1),
-        # which the mantissa trick cannot hold (exact in fp16 and bf16 for z in 0..16)
-        z = ((zw >> ((offs_nq % 8) * 4)) & 0xF) + zero_offset  # [BN]
-        zc = (1.0 + z.to(gl.float32) * 0.0625).to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        zero_pairs = gl.expand_dims(gl.expand_dims(zc * 0x10001, 1), 2)
-        f = unpack_pairs(q, lshift, rshift, zero_pairs, one_pair, MANTISSA_SHIFT, DTYPE, BLOCK_N, BLOCK_K)
-        d = warpgroup_mma(gl.convert_layout(f, A_REGS, assert_trivial=True), xt, zero, use_acc=False)
-        acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * d
+        a = a_operand(q, s, zw, offs_nq, lshift, rshift, one_pair, zero_offset, MANTISSA_SHIFT, DTYPE, False, A_REGS,
+                      BLOCK_N, BLOCK_K)
+        # one exact MMA per step, scaled per group on the fp32 accumulator
+        acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
         q, xv, s, zw = nq, nxv, ns, nzw
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
@@ -191,13 +233,14 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     m, k = x.shape
     n = qweight.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if bk % 32 or bn not in (64, 128) or bm not in (16, 32, 64):
-        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M 16, 32 or 64: {cfg}")
+    if bk % 32 or bn not in (64, 128) or bm not in TOKEN_TILES:
+        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}: {cfg}")
     one_bits, shift = mantissa_args(x.dtype)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
         one_bits, GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MANTISSA_SHIFT=shift,
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
+
         WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
     )

@@ -1,0 +1,182 @@
+"""Hopper tensor-core kernel for prefill batches (M > 64): wgmma.py's weight path (the dequantized weights go
+straight from the loaded int32 words into the registers of wgmma's A operand) with x streamed by TMA.
+
+At 128-256 tokens per tile, x's tile no longer fits in registers beside the accumulator (the decode kernel
+spills there), so x goes from global to shared memory by the tensor memory accelerator into a ring of STAGES
+slots, each with an mbarrier, issued STAGES - 1 steps ahead. The TMA copies rows as they are, so the host
+writes x once in the MMA's K order (``x_in_mma_order``: a permutation within each 32-row block, relative to the
+shard's group offset, which it also pads in); that costs one pass over x, small against a prefill matmul.
+
+The scale goes into the operand ((q - z) * s, one rounding in x's dtype, as the weights of a dequantize-then-
+matmul in that dtype are rounded) so that the MMAs accumulate over all of K in place: no second accumulator,
+no per-step multiply-add over it. The split-K (for tile counts short of the SMs) and the SwiGLU's epilogue are
+common.store_split's, as in the other kernels.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .common import mantissa_args, splits_of, store_split, tl_dtype
+from .wgmma import a_operand, pair_shifts, weight_loads, word_layout
+
+TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
+
+
+def x_in_mma_order(x: torch.Tensor, group_offset: int) -> torch.Tensor:
+    """x [M, K] -> [M, Kp]: group_offset zero columns in front (the shard's first group starts before its first
+    row), zeros up to a multiple of 32 behind, and each 32-column block in the MMA's K order (wgmma.py's module
+    doc: position 32b + 16h + 8c + 2t + e holds column 32b + 8t + 4e + 2h + c)."""
+    m, k = x.shape
+    kp = -(-(k + group_offset) // 32) * 32
+    if group_offset or kp != k:
+        x = F.pad(x, (group_offset, kp - k - group_offset))
+    out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
+    out.view(m, kp // 32, 2, 2, 4, 2).permute(0, 1, 4, 5, 2, 3).copy_(x.view(m, kp // 32, 4, 2, 2, 2))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def x_smem_layout(block_m: int, block_k: int, dtype) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype)
+
+
+@gluon.jit
+def _load_x(x_desc, seg, live, pid_m, ready, slot, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Start the TMA copy of K-step seg's x tile [BM, BK] into slot; ready's phase flips when it has landed."""
+    mbarrier.expect(ready, x_desc.block_type.nbytes, pred=live)
+    tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, seg * BLOCK_K], ready, slot, pred=live)
+
+
+@gluon.jit
+def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m, qw_ptr,
+              qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq, offs_w, lshift, rshift, one_pair,
+              GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+              STAGES: gl.constexpr, MANTISSA_SHIFT: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr):
+    """Start step's MMA on operand a (async), then, once the previous MMA (operand a_free) is done, unpack the
+    next step's operand into a_free's place while this one runs. Returns (acc, next operand, the weights after)."""
+    mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
+    acc = warpgroup_mma(a, x_smem.index(step % STAGES).permute([1, 0]), acc, is_async=True)
+    acc, a_free = warpgroup_mma_wait(1, deps=[acc, a_free])
+    # every warpgroup is past the previous MMA: its x slot takes the step STAGES - 1 ahead
+    gl.thread_barrier()
+    ahead = step + STAGES - 1
+    _load_x(x_desc, seg_start + ahead, ahead < steps, pid_m, ready.index(ahead % STAGES),
+            x_smem.index(ahead % STAGES), BLOCK_M, BLOCK_K)
+    nxt = a_operand(q, s, zw, offs_nq, lshift, rshift, one_pair, zero_offset, MANTISSA_SHIFT, DTYPE, True, A_REGS,
+                    BLOCK_N, BLOCK_K)
+    seg = seg_start + step + 2
+    q, s, zw = weight_loads(seg, seg < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_nq,
+                            GROUP_SIZE, BLOCK_K)
+    return acc, nxt, q, s, zw
+
+
+@gluon.jit
+def _pinned_below_wait(acc, sc_ptr, offs_n):
+    """acc, with a dependency that keeps its readers below the final MMA wait. ptxas (triton 3.6, sm_90a) moved
+    the epilogue's fp16 conversions of acc above that wait, so they read MMA results still being written (wrong
+    outputs at 256-token tiles on an H100). Adding 0 * (a scale loaded after a CTA barrier) ties them to that
+    load, which cannot move above the barrier, which comes after the wait. Exact: scales are finite."""
+    gl.thread_barrier()
+    pin = gl.load(sc_ptr + offs_n * 0).to(gl.float32) * 0.0  # [BN] of zeros, known only at run time
+    return acc + gl.expand_dims(pin, 1)
+
+
+@gluon.jit
+def _prefill_kernel(
+    x_desc,  # TMA descriptor of x_in_mma_order(x) [M, Kp], block [BM, BK]
+    qw_ptr,  # [K/8, N] int32, packed along K
+    qz_ptr,  # [G, N/8] int32, packed along N
+    sc_ptr,  # [G, N]
+    out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
+    final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
+    count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
+    gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
+    M, N, K,
+    group_offset, zero_offset, segs_per_split, one_bits,
+    GROUP_SIZE: gl.constexpr,
+    BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (TOKEN_TILES)
+    BLOCK_N: gl.constexpr,  # output columns per tile: the MMA's M (64 or 128)
+    BLOCK_K: gl.constexpr,  # rows per step: a multiple of 32 dividing GROUP_SIZE
+    STAGES: gl.constexpr,  # x slots in shared memory
+    MANTISSA_SHIFT: gl.constexpr,
+    DTYPE: gl.constexpr,  # x's dtype (fp16 or bf16)
+    SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
+    SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
+    WARPS: gl.constexpr,  # 4 or 8: one or two warpgroups, each 64 of every BLOCK_N output columns
+    WORDS: gl.constexpr,  # wgmma.word_layout(BLOCK_N, BLOCK_K, WARPS)
+):
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    Q: gl.constexpr = gl.SliceLayout(2, WORDS)
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
+    offs_w = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, Q))
+    lshift, rshift = pair_shifts(WORDS, MANTISSA_SHIFT)
+    one_pair = one_bits * 0x10001  # 1.0 in both halves (a run-time value: as a constant ptxas splits the OR)
+    x_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    seg_start = pid_k * segs_per_split
+    seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
+    # steps run in pairs (the loop alternates two operand register sets); an odd count gets one more step whose
+    # weights load as zeros (scale 0: its operand is 0) and whose x the TMA fills as it may (zeros past Kp)
+    steps = (seg_end - seg_start + 1) // 2 * 2
+    for i in gl.static_range(STAGES - 1):
+        _load_x(x_desc, seg_start + i, i < steps, pid_m, ready.index(i), x_smem.index(i), BLOCK_M, BLOCK_K)
+    q, s, zw = weight_loads(seg_start, seg_start < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
+                            offs_w, offs_nq, GROUP_SIZE, BLOCK_K)
+    a0 = a_operand(q, s, zw, offs_nq, lshift, rshift, one_pair, zero_offset, MANTISSA_SHIFT, DTYPE, True, A_REGS,
+                   BLOCK_N, BLOCK_K)
+    q, s, zw = weight_loads(seg_start + 1, seg_start + 1 < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
+                            offs_nq, offs_w, offs_nq, GROUP_SIZE, BLOCK_K)
+    a1 = a0
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    for step in range(0, steps, 2):
+        acc, a1, q, s, zw = _mma_step(step, a0, a1, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready,
+                                      pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq, offs_w,
+                                      lshift, rshift, one_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                                      MANTISSA_SHIFT, DTYPE, A_REGS)
+        acc, a0, q, s, zw = _mma_step(step + 1, a1, a0, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem,
+                                      ready, pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq,
+                                      offs_w, lshift, rshift, one_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                                      MANTISSA_SHIFT, DTYPE, A_REGS)
+    acc = warpgroup_mma_wait(0, deps=[acc, a0, a1])[0]
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    acc = _pinned_below_wait(acc, sc_ptr, offs_n)
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+    store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
+                gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
+                gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
+
+
+def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
+                   counts=None, gate=None):
+    """launch_wgmma's contract (wgmma.py) for configs with PREFILL: x fp16 or bf16 [M, K]."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    bm, bn, bk, stages, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"], cfg["num_warps"]
+    if bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or bn not in (16 * warps, 32 * warps) or stages < 2:
+        raise ValueError(f"prefill wgmma tiles need BLOCK_K a multiple of 32, BLOCK_M in {TOKEN_TILES}, 4 or 8 "
+                         f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2: {cfg}")
+    dtype = tl_dtype(x.dtype)
+    x_desc = TensorDescriptor.from_tensor(x_in_mma_order(x, group_offset), [bm, bk], x_smem_layout(bm, bk, dtype))
+    one_bits, shift = mantissa_args(x.dtype)
+    grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
+    _prefill_kernel[grid](
+        x_desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, group_offset, zero_offset, per, one_bits,
+        GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, MANTISSA_SHIFT=shift, DTYPE=dtype,
+        SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps, WORDS=word_layout(bn, bk, warps), num_warps=warps,
+    )
