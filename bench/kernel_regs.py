@@ -36,6 +36,7 @@ ARGS = {"xp_ptr": "*fp32", "c_ptr": "*fp32", "xs_ptr": "*fp32", "qw_ptr": "*i32"
 # (ROWS, BLOCK_N, BLOCK_K, num_warps); ROWS 1 is the one-row kernel (pick_config's M = 1 configs)
 CONFIGS = [(1, 256, 64, 4), (1, 512, 32, 4), (2, 256, 32, 4), (2, 512, 32, 8), (2, 256, 64, 4), (4, 256, 16, 4),
            (4, 512, 16, 8), (4, 256, 32, 8), (4, 128, 64, 4), (8, 128, 16, 4), (8, 256, 16, 8), (8, 128, 64, 4)]
+PREFILL_CONFIGS = [(64, 128, 64, 4), (64, 128, 128, 3), (128, 128, 128, 3), (128, 256, 64, 3), (256, 128, 64, 3)]
 WGMMA_CONFIGS = [(16, 64, 128), (16, 64, 64), (16, 128, 128), (32, 64, 128), (32, 64, 64), (64, 64, 128), (64, 64, 64)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -153,6 +154,13 @@ def main():
         per_weight = loop_length(sass(kernel)) / (bk * bn / (32 * wgmma.NUM_WARPS))
         print("| " + " | ".join(str(v) for v in (bm, bn, bk, *ptxas_usage(kernel), f"{per_weight:.2f}")) + " |",
               flush=True)
+    print("\nHopper prefill kernel (wgmma_prefill.py), fp16 output without split-K, 8 warps: the dispatched tiles")
+    print("| BLOCK_M | BLOCK_N | BLOCK_K | x slots | registers | spill stores | spill loads | shared bytes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for bm, bn, bk, stages in PREFILL_CONFIGS:
+        kernel = compile_prefill(bm, bn, bk, stages, 8, out="fp16")
+        print("| " + " | ".join(str(v) for v in (bm, bn, bk, stages, *ptxas_usage(kernel), kernel.metadata.shared))
+              + " |", flush=True)
 
 
 if __name__ == "__main__":

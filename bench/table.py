@@ -24,6 +24,8 @@ def kernel_table(d):
     print(f"{d['device']}, torch {d['torch']}, triton {d['triton']}, commit {d['commit']}, "
           f"copy bandwidth {d['copy_TBps']:.2f} TB/s. Times in us, CUDA-graph per-call "
           "(do_bench median in brackets).\n")
+    if d.get("note"):
+        print(d["note"] + "\n")
     cells = defaultdict(dict)
     for r in d["rows"]:
         cells[(r["model"], r["tp"], r["layer"], r["K"], r["N"], r["M"])][r["provider"]] = r
@@ -65,12 +67,15 @@ def serial_table(cells):
 
 
 def kernel_name(cfg):
-    return "wgmma" if cfg.get("WGMMA") else cfg["kind"] + (f" x{cfg['ROWS']}" if cfg.get("ROWS", 1) > 1 else "")
+    if cfg.get("WGMMA"):
+        return "wgmma prefill" if cfg.get("PREFILL") else "wgmma"
+    return cfg["kind"] + (f" x{cfg['ROWS']}" if cfg.get("ROWS", 1) > 1 else "")
 
 
 def wgmma_table(cells):
-    """The wgmma kernel (tpaware, M <= 64 on sm_90) against what ran without it (tpaware_tldot: the GEMVs at M = 1
-    and 2, the tl.dot kernel above). In the file of 72ead6a the wgmma kernel at M = 1 is tpaware_wgmma."""
+    """The wgmma kernels (tpaware on sm_90: wgmma.py, and wgmma_prefill.py from 33 tokens since 42b4865) against
+    what ran without them (tpaware_tldot: the GEMVs at M = 1 and 2, the tl.dot kernels to 128, dequantize + cuBLAS
+    above). In the file of 72ead6a the wgmma kernel at M = 1 is tpaware_wgmma."""
     rows = []
     for key, row in cells.items():
         if "tpaware_tldot" in row and "tpaware" in row:
