@@ -1,5 +1,6 @@
-"""Hopper tensor-core kernel for prefill batches (M > 64): wgmma.py's weight path (the dequantized weights go
-straight from the loaded int32 words into the registers of wgmma's A operand) with x streamed by TMA.
+"""Hopper tensor-core kernel for prefill batches (dispatched from 33 tokens): wgmma.py's weight path (the
+dequantized weights go straight from the loaded int32 words into the registers of wgmma's A operand) with x
+streamed by TMA and the MMAs running while the next operand is unpacked.
 
 At 128-256 tokens per tile, x's tile no longer fits in registers beside the accumulator (the decode kernel
 spills there), so x goes from global to shared memory by the tensor memory accelerator into a ring of STAGES
@@ -9,8 +10,10 @@ shard's group offset, which it also pads in); that costs one pass over x, small 
 
 The scale goes into the operand ((q - z) * s, one rounding in x's dtype, as the weights of a dequantize-then-
 matmul in that dtype are rounded) so that the MMAs accumulate over all of K in place: no second accumulator,
-no per-step multiply-add over it. The split-K (for tile counts short of the SMs) and the SwiGLU's epilogue are
-common.store_split's, as in the other kernels.
+no per-step multiply-add over it. The MMAs are asynchronous: the loop body runs two steps, each starting its
+MMA and then, once the previous MMA is done, unpacking the next operand into that MMA's registers (with one
+loop-carried operand ptxas serialized every MMA). Two warpgroups (8 warps) share each x tile. The split-K (for
+tile counts short of the SMs) and the SwiGLU's epilogue are common.store_split's, as in the other kernels.
 """
 
 import functools
@@ -102,7 +105,7 @@ def _prefill_kernel(
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: gl.constexpr,
     BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (TOKEN_TILES)
-    BLOCK_N: gl.constexpr,  # output columns per tile: the MMA's M (64 or 128)
+    BLOCK_N: gl.constexpr,  # output columns per tile: 64 (one MMA) or 128 per warpgroup
     BLOCK_K: gl.constexpr,  # rows per step: a multiple of 32 dividing GROUP_SIZE
     STAGES: gl.constexpr,  # x slots in shared memory
     MANTISSA_SHIFT: gl.constexpr,
