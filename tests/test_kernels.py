@@ -403,13 +403,21 @@ def test_dispatch_wgmma(monkeypatch):
     assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
 
 
-def test_gemv_rows_configs_fit_registers():
-    """Compiled for sm_90a here (no GPU): the multi-row GEMV's configs spill nothing (bench/kernel_regs.py)."""
+def _sm90_compiler():
+    """bench/kernel_regs.py, which compiles the kernels for sm_90a without a GPU (ptxas and cuobjdump as triton
+    ships them), or a skip where that cannot run."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import kernel_regs
-    from tpaware_compile.kernels import INTERPRET, gemv_rows_config
-    if INTERPRET or not os.path.exists(kernel_regs.PTXAS):
-        pytest.skip("needs compiled (not interpreted) kernels and the ptxas triton ships on x86-64 Linux")
+    from tpaware_compile.kernels import INTERPRET
+    if INTERPRET or not (os.path.exists(kernel_regs.PTXAS) and os.path.exists(kernel_regs.CUOBJDUMP)):
+        pytest.skip("needs compiled (not interpreted) kernels and the ptxas / cuobjdump triton ships on x86-64 Linux")
+    return kernel_regs
+
+
+def test_gemv_rows_configs_fit_registers():
+    """Compiled for sm_90a here (no GPU): the multi-row GEMV's configs spill nothing (bench/kernel_regs.py)."""
+    from tpaware_compile.kernels import gemv_rows_config
+    kernel_regs = _sm90_compiler()
     for m in (2, 4, 8):
         cfg = gemv_rows_config(m, 8192, 28672, 128, torch.device("cpu"))
         regs, spill_st, spill_ld = kernel_regs.registers(cfg["ROWS"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"])
@@ -424,11 +432,7 @@ def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu)
     """Compiled for sm_90a here (no GPU; Gluon does not run under the interpreter): the unpacked weights become
     the MMA's A operand with no data movement (the kernel's convert_layout asserts it while compiling), and the
     SASS issues wgmma with A in registers (``HGMMA ... R<a>, gdesc[...]``, not a shared-memory descriptor)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import kernel_regs
-    from tpaware_compile.kernels import INTERPRET
-    if INTERPRET or not os.path.exists(kernel_regs.CUOBJDUMP):
-        pytest.skip("needs compiled (not interpreted) kernels and the ptxas / cuobjdump triton ships on x86-64 Linux")
+    kernel_regs = _sm90_compiler()
     code = kernel_regs.sass(kernel_regs.compile_wgmma(bm, bn, bk, dtype, serial, swiglu))
     mma = [line for line in code.splitlines() if "HGMMA" in line]
     assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
@@ -439,11 +443,7 @@ def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu)
                                                          (64, 64, 128, 2, 4, "fp16")])
 def test_prefill_weights_reach_mma_in_registers(bm, bn, bk, stages, warps, dtype):
     """The prefill kernel (wgmma_prefill.py) compiled for sm_90a: as the decode kernel, A in registers; no spills."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import kernel_regs
-    from tpaware_compile.kernels import INTERPRET
-    if INTERPRET or not os.path.exists(kernel_regs.CUOBJDUMP):
-        pytest.skip("needs compiled (not interpreted) kernels and the ptxas / cuobjdump triton ships on x86-64 Linux")
+    kernel_regs = _sm90_compiler()
     kernel = kernel_regs.compile_prefill(bm, bn, bk, stages, warps, dtype)
     mma = [line for line in kernel_regs.sass(kernel).splitlines() if "HGMMA" in line]
     assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
@@ -457,11 +457,7 @@ def test_prefill_epilogue_after_mma_wait(bm, bn, bk, dtype):
     """In the compiled prefill kernel (sm_90a, output in x's dtype: no split-K) nothing reads the accumulator
     registers between the K loop and the final wait for the MMAs. Without _pinned_below_wait ptxas moved the
     output conversions there, and 256-token tiles computed wrong values on an H100."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import kernel_regs
-    from tpaware_compile.kernels import INTERPRET
-    if INTERPRET or not os.path.exists(kernel_regs.CUOBJDUMP):
-        pytest.skip("needs compiled (not interpreted) kernels and the ptxas / cuobjdump triton ships on x86-64 Linux")
+    kernel_regs = _sm90_compiler()
     code = [line for line in kernel_regs.sass(kernel_regs.compile_prefill(bm, bn, bk, 3, 8, dtype, out=dtype))
             .splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
     first = int(re.search(r"HGMMA\S* R(\d+),", next(line for line in code if "HGMMA" in line)).group(1))
