@@ -222,7 +222,7 @@ def shapes(quick):
 
 
 def ms_for(model, tp, quick):
-    ms = [1, *ROWS_MS, 16, 64] if quick else [1, *ROWS_MS, 16, 32, 64, 256]
+    ms = [1, *ROWS_MS, 16, 64, 256] if quick else [1, *ROWS_MS, 16, 32, 64, 256]
     if not quick and model == "llama70b" and tp in (1, 8):
         ms += [512, 1024, 2048, 4096]  # where does fp16 overtake?
     return ms
