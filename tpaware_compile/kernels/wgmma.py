@@ -234,7 +234,8 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     n = qweight.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if bk % 32 or bn not in (64, 128) or bm not in TOKEN_TILES:
-        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}: {cfg}")
+        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}: "
+                         f"{cfg}")
     one_bits, shift = mantissa_args(x.dtype)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _wgmma_kernel[grid](

@@ -181,5 +181,6 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
     _prefill_kernel[grid](
         x_desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, group_offset, zero_offset, per, one_bits,
         GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, MANTISSA_SHIFT=shift, DTYPE=dtype,
-        SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps, WORDS=word_layout(bn, bk, warps), num_warps=warps,
+        SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps, WORDS=word_layout(bn, bk, warps),
+        num_warps=warps,
     )
