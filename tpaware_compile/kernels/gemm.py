@@ -1,5 +1,5 @@
-"""Tensor-core path: ``tl.dot`` on dequantized tiles (M >= 2 without sm_90 or with fp32 x; M = 65..128 on
-sm_90, where config WGMMA hands M <= 64 to wgmma.py), and dequantize-then-cuBLAS for large M.
+"""Tensor-core path: ``tl.dot`` on dequantized tiles (M >= 2 without sm_90 or with fp32 x; on sm_90 config WGMMA
+hands fp16 / bf16 x to wgmma.py and wgmma_prefill.py), and dequantize-then-cuBLAS for large M.
 
 The dot is computed transposed, ``out^T [BN, BM] = W^T [BN, BK] @ x^T [BK, BM]``: the weight tile fills the
 MMA's large M side (64+), so a decode batch of 16 tokens does not waste 3/4 of each MMA (the design probe
