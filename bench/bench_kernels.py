@@ -326,25 +326,32 @@ def wgmma_configs(m):
 
 def prefill_configs(m, n):
     """The Hopper prefill kernel (wgmma_prefill.py): (tokens, columns, rows per step, warps, x slots) tiles,
-    split-K only where the output tiles alone leave SMs idle; below 64 tokens the decode token tiles."""
+    split-K (1-5, reduced by a second launch or in the launch: SERIAL) only where the output tiles alone leave SMs
+    idle; below 64 tokens the decode token tiles; from 256 tokens only the tiles that won at 256 (sweep_prefill)."""
     if m < 64:
         bm = max(16, 1 << (m - 1).bit_length())
         tiles = [(bm, 128, 128, 8, 3), (bm, 64, 128, 4, 3), (bm, 128, 64, 8, 4)]
+    elif m >= 256:
+        tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
     else:
         tiles = [(64, 128, 128, 8, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                  (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
     out = []
     for bm, bn, bk, warps, stages in tiles:
         output_tiles = -(-n // bn) * -(-m // bm)
-        for sk in (1,) if output_tiles >= 264 else (1, 2, 4) if m >= 64 else (2, 4, 8):
-            out.append(dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
-                            num_warps=warps, SPLIT_K=sk, SERIAL=m < 64))
+        for sk in (1,) if output_tiles >= 264 else (1, 2, 3, 4, 5) if m >= 64 else (2, 4, 8):
+            for serial in (m < 64, True) if 1 < sk and m >= 64 else (m < 64,):
+                out.append(dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                STAGES=stages, num_warps=warps, SPLIT_K=sk, SERIAL=serial))
     return out
 
 
-def sweep(bw, only_ms=None):
+SWEEP_SHAPES = ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192))  # Llama-70B TP 1 and TP 8 up / down
+
+
+def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES):
     res = []
-    for k, n in ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192)):
+    for k, n in sweep_shapes:
         copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
         for m, cfgs in sweep_configs():
             if only_ms and m not in only_ms:
@@ -373,6 +380,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
+    ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
     ap.add_argument("--tps", default="", help="comma-separated TP degrees to run (default: all)")
     ap.add_argument("--ms", default="", help="comma-separated M to run (default: per --quick)")
@@ -391,7 +399,8 @@ def main():
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     head["rows"] = rows
     if args.sweep:
-        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m])
+        shapes_ = [tuple(int(d) for d in kn.split("x")) for kn in args.sweep_shapes.split(",") if kn] or SWEEP_SHAPES
+        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m], shapes_)
     else:
         models, tps = args.models.split(",") if args.models else MODELS, [int(t) for t in args.tps.split(",") if t]
         for model, tp, layer, k, n in shapes(args.quick and not args.models):

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects).
-# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [sweepms]
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [sweepms] [host]
 #   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
 #   serial:  GPU tests of every kernel's store path (forced configs, dispatch, production shapes, SwiGLU, one-launch split-K)
@@ -9,6 +9,7 @@
 #   model:   bench_model.py --quick (Llama-2-7B shapes, TP 1)     modelfull: Llama-2-7B and 13B (model7b, model13b: one)
 #   profile: top CUDA kernels of a prefill per bench_model variant  mlp1nofuse: mlp1 with gate and up unfused
 #   mlp1:    bench_mlp.py --single-gpu --quick                    mlp1full: every model and M
+#   host:    bench_host.py --cprofile (host vs GPU time per call, Llama-2-13B MLP shapes)
 #   mlptp:   bench_mlp.py under torchrun over every visible GPU (NCCL, NVLink multicast off)
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -37,6 +38,7 @@ for step in "$@"; do
       timeout ${MLP_TIMEOUT:-540} torchrun --standalone --nproc-per-node $gpus bench/bench_mlp.py $MLP_ARGS --out $OUT/mlp_tp$gpus.json > $OUT/mlp_tp$gpus.log 2>&1; tail -20 $OUT/mlp_tp$gpus.log ;;
     demo) python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/pip.log 2>&1  # the demo uses the entry point
       timeout 300 python -m tpaware_compile demo > $OUT/demo.log 2>&1; tail -15 $OUT/demo.log ;;
+    host) timeout 300 python bench/bench_host.py --cprofile --out $OUT/host.json > $OUT/host.log 2>&1; grep -v '^ ' $OUT/host.log | head -40 ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
   esac
 done

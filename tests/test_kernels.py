@@ -399,8 +399,24 @@ def test_dispatch_wgmma(monkeypatch):
     large = {m: K.pick_config(m, 8192, 8192, 128, cpu, wgmma=True) for m in (512, 1024, 1025)}
     assert [(c.get("PREFILL"), c.get("SPLIT_K")) for c in large.values()] == [(True, 1), (True, 1), (None, None)]
     assert K.pick_config(256, 28672, 8192, 128, cpu, wgmma=True)["SPLIT_K"] == 2  # 64 output tiles of 256 tokens
+    assert K.pick_config(256, 13824, 5120, 128, cpu, wgmma=True)["SPLIT_K"] == 3  # 40: prefill_split
     assert not K.pick_config(16, 8192, 3584, 16, cpu, wgmma=True).get("WGMMA")  # 16-row groups: tl.dot
     assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
+
+
+# (K, N, M, the fastest split-K of the 256-token prefill tiles): H100 sweeps, bench/results/sweep_split_* (splits
+# 1..5) and sweep_prefill_* (1, 2, 4)
+PREFILL_SPLIT_SWEPT = [(5120, 13824, 256, 1), (5120, 13824, 512, 1), (13824, 5120, 256, 3), (13824, 5120, 512, 3),
+                       (6144, 24576, 256, 2), (6144, 24576, 512, 1), (24576, 6144, 256, 5), (24576, 6144, 512, 4),
+                       (8192, 28672, 256, 1), (28672, 8192, 256, 2), (28672, 8192, 512, 1), (8192, 3584, 256, 4),
+                       (8192, 3584, 512, 2), (3584, 8192, 256, 2), (3584, 8192, 1024, 1)]
+
+
+@pytest.mark.parametrize("k,n,m,best", PREFILL_SPLIT_SWEPT)
+def test_prefill_split_matches_sweeps(k, n, m, best):
+    """prefill_split's model picks the split-K the H100 sweeps found fastest (132 SMs, 256 x 128 tiles)."""
+    from tpaware_compile.kernels import prefill_split
+    assert prefill_split(m, k, n, 256, 128, 132) == best
 
 
 def _sm90_compiler():
@@ -668,18 +684,20 @@ def test_swiglu_serial_gpu(kind, cfg, m, dtype, perm):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,dtype,gs,off", [(4, "fp16", 128, 64), (16, "bf16", 32, 8), (40, "fp16", -1, 0),
-                                           (300, "bf16", 128, 64), (300, "fp16", 32, 0)])
-def test_swiglu_wgmma_gpu(m, dtype, gs, off):
+@pytest.mark.parametrize("m,dtype,gs,off,split", [(4, "fp16", 128, 64, 4), (16, "bf16", 32, 8, 4),
+                                                 (40, "fp16", -1, 0, 4), (300, "bf16", 128, 64, 2),
+                                                 (300, "fp16", 32, 0, 2), (300, "fp16", 128, 0, 1),
+                                                 (300, "bf16", 128, 64, 1), (100, "fp16", 32, 8, 1)])
+def test_swiglu_wgmma_gpu(m, dtype, gs, off, split):
     """The SwiGLU through the Hopper kernels (forced configs): up's launch applies silu(gate) * up in its last
-    program per tile (one-launch split-K); at M = 300 the prefill kernel, whose partials the epilogue kernel
-    reduces."""
+    program per tile (one-launch split-K); from M = 100 the prefill kernel (one reordered x for both launches),
+    whose partials (one split or two) the epilogue kernel reduces."""
     _poison()
     bk = 32 if gs == 32 else 128
     cfg = (dict(kind="dot", WGMMA=True, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=64, BLOCK_K=bk,
-                SPLIT_K=4, SERIAL=True) if m <= 64 else
+                SPLIT_K=split, SERIAL=True) if m <= 64 else
            dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, STAGES=3, num_warps=8,
-                SPLIT_K=2))
+                SPLIT_K=split))
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=90 + m)
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
@@ -718,6 +736,24 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 def test_production_configs_gpu(k, n, m, dtype, gs, off):
     """The dispatch table's own configs (split-K, block shapes) on the real per-rank shapes."""
     assert _production_err(k, n, m, dtype, gs, off) < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n,m", [(13824, 5120, 256), (13824, 5120, 512), (24576, 6144, 256), (6144, 24576, 256),
+                                   (24576, 6144, 1000)])
+@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 128, 0)])
+def test_prefill_split_configs_gpu(k, n, m, dtype, gs, off):
+    """The dispatch on Llama-2-13B and Granite-20B shapes, where prefill_split picks 2, 3, 4 or 5 splits."""
+    assert _production_err(k, n, m, dtype, gs, off) < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,dtype,off", [(300, "fp16", 64), (512, "bf16", 0)])
+def test_swiglu_prefill_dispatch_gpu(m, dtype, off):
+    """The dispatched SwiGLU on the Llama-2-13B gate / up shape: the prefill kernel, one reordered x for both."""
+    _poison()
+    c = dict(kind="dot", m=m, split_k=0, k=5120, n=13824, gs=128, off=off, zo=1, sym=False, dtype=dtype, seed=m)
+    assert run_swiglu_case(c, "cuda") < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu

@@ -44,11 +44,16 @@ WGMMA_MAX_M = 32
 PREFILL_MAX_M = 1024
 PREFILL_SMALL_SHARD_MAX_M = 256
 PREFILL_LARGE_SHARD = 8192 * 8192
+# prefill_split's model (H100): one SM's multiply-add rate (x 2) on a 256 x 128 tile of the prefill kernel, and
+# the rate at which the fp32 split-K partials are written and read back; the most splits the sweep tried
+PREFILL_TILE_RATE = 4.4e12
+PARTIALS_RATE = 3.0e12
+PREFILL_MAX_SPLIT = 5
 _SMS = {}
 _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "gemv_rows_config", "wgmma_config", "prefill_config", "has_wgmma", "INTERPRET"]
+           "gemv_rows_config", "wgmma_config", "prefill_config", "prefill_split", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -103,7 +108,8 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
     wgmma = has_wgmma(device) if wgmma is None else wgmma
     prefill_max_m = PREFILL_MAX_M if k * n >= PREFILL_LARGE_SHARD else PREFILL_SMALL_SHARD_MAX_M
     if wgmma and m <= prefill_max_m and segment_rows(group_size, 128) % 32 == 0:
-        return wgmma_config(m, k, n, group_size, device) if m <= WGMMA_MAX_M else prefill_config(m, n, group_size)
+        return (wgmma_config(m, k, n, group_size, device) if m <= WGMMA_MAX_M else
+                prefill_config(m, k, n, group_size, device))
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)
     if m <= ROWS_MAX_M:
@@ -167,11 +173,11 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split_k, SERIAL=True)
 
 
-def prefill_config(m: int, n: int, group_size: int) -> dict:
+def prefill_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     """The Hopper prefill kernel (wgmma_prefill.py, two warpgroups) from 33 tokens: 64-token tiles up to M = 64,
     128 up to 128, 256 above; 128 output columns (256 at M = 65..128 where that still leaves 32 tiles); split-K
-    where the output tiles are few. From the H100 sweeps on the Llama-70B TP 1 and 8 shapes at M = 64..1024
-    (bench/README.md)."""
+    where the output tiles are few (for 256-token tiles: prefill_split). From the H100 sweeps on the Llama-70B
+    TP 1 and 8, Llama-2-13B and Granite-20B shapes at M = 64..1024 (bench/README.md)."""
     if m <= 64:  # memory-bound: short steps and 4 x slots on large shards, long steps on small ones
         block_m, block_n = 64, 128
         block_k, stages = (64, 4) if -(-n // 128) >= 50 else (128, 3)
@@ -183,10 +189,28 @@ def prefill_config(m: int, n: int, group_size: int) -> dict:
     tiles = -(-n // block_n) * -(-m // block_m)
     if block_m == 64:  # memory-bound: keep every SM streaming (Llama TP 2 up: 112 tiles unsplit took 97 us)
         split_k = 1 if tiles >= 200 else 4
-    else:  # compute-bound: split only short of a wave of tiles
-        split_k = 1 if tiles >= 100 else 2 if tiles >= 50 and block_m == 256 else 4
+    elif block_m == 128:  # compute-bound: split only short of a wave of tiles
+        split_k = 1 if tiles >= 100 else 4
+    else:
+        split_k = prefill_split(m, k, n, block_m, block_n, _num_sms(device))
     return dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_K=segment_rows(group_size, block_k), STAGES=stages, num_warps=8, SPLIT_K=split_k)
+
+
+def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) -> int:
+    """The split-K (1..PREFILL_MAX_SPLIT) of the least predicted time: the waves of programs (SMs run one each)
+    times one program's MMAs over K / split rows, plus the fp32 partials' round trip through memory. With few
+    tiles a wave's worth of SMs idles (Llama-2-13B down at M = 256: 40 tiles on 132 SMs, 3 splits fill 120);
+    with many the partials cost more than they save. Fitted to an H100 sweep of the Llama-2-13B and Granite-20B
+    TP 1 shapes at M = 256 / 512 (it picks the fastest of 1..5 on all 8; and of 1, 2, 4 on the 12 Llama-70B TP 1
+    and 8 shape-M pairs at M = 256..1024 of an earlier sweep; bench/README.md)."""
+    tiles = -(-n // block_n) * -(-m // block_m)
+
+    def seconds(split):
+        mma = -(-tiles * split // sms) * 2 * block_m * block_n * k / split / PREFILL_TILE_RATE
+        return mma + (split > 1) * split * m * n * 8 / PARTIALS_RATE
+
+    return min(range(1, PREFILL_MAX_SPLIT + 1), key=seconds)
 
 
 def _dot_config(m, k, n, group_size, device) -> dict:

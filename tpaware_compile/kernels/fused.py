@@ -19,6 +19,7 @@ from .common import serial_counters, split_plan
 from .gemm import dequantize_sorted, launch_dot, runs_wgmma
 from .gemv import launch_gemv
 from .gemv_prep import launch_gemv_prep, prepare_x
+from .wgmma_prefill import prefill_x
 
 
 @triton.jit
@@ -54,12 +55,15 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
         return _silu_mul(part, out_dtype)
     per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
-    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm) if cfg["kind"] == "gemv" else None
     # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma kernel (fp16 / bf16 x); the
-    # other kinds keep the epilogue kernel
+    # other kinds keep the epilogue kernel (the prefill kernel's in-launch reduction was slower: 1.5x, the median
+    # of 76 configs in an H100 sweep, bench/README.md)
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
     counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or runs_wgmma(cfg, x) else None
     out = torch.empty((m, n), dtype=out_dtype, device=x.device) if counts is not None else None
+    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm) if cfg["kind"] == "gemv" else None
+    if cfg.get("PREFILL") and runs_wgmma(cfg, x):  # x reordered for TMA once, for both launches
+        x = prefill_x(x, group_offset, cfg)
     for i, w in enumerate((gate, up)):
         args = (*w, group_size, group_offset, zero_offset, part[i], per, cfg)
         # serial: up's launch ends with silu(gate) * up, gate's partials complete before it (stream order)

@@ -17,6 +17,7 @@ tile counts short of the SMs) and the SwiGLU's epilogue are common.store_split's
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,24 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int) -> torch.Tensor:
     out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
     out.view(m, kp // 32, 2, 2, 4, 2).permute(0, 1, 4, 5, 2, 3).copy_(x.view(m, kp // 32, 4, 2, 2, 2))
     return out
+
+
+class PrefillX(NamedTuple):
+    """x prepared for prefill launches: the TMA descriptor of x_in_mma_order(x, group_offset) for one (BLOCK_M,
+    BLOCK_K) tile, which gate's and up's launches of a SwiGLU share (one reorder and one descriptor, not two: the
+    host's time per call is what a caller without CUDA graphs waits on). shape and dtype are x's, so that the
+    launch path reads it as it reads x."""
+    desc: TensorDescriptor
+    group_offset: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict) -> PrefillX:
+    bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
+    return PrefillX(TensorDescriptor.from_tensor(x_in_mma_order(x, group_offset), [bm, bk], layout), group_offset,
+                    x.shape, x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,20 +186,22 @@ def _prefill_kernel(
 
 def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
                    counts=None, gate=None):
-    """launch_wgmma's contract (wgmma.py) for configs with PREFILL: x fp16 or bf16 [M, K]."""
+    """launch_wgmma's contract (wgmma.py) for configs with PREFILL: x fp16 or bf16 [M, K], or prefill_x of it."""
     m, k = x.shape
     n = qweight.shape[1]
     bm, bn, bk, stages, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"], cfg["num_warps"]
     if bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or bn not in (16 * warps, 32 * warps) or stages < 2:
         raise ValueError(f"prefill wgmma tiles need BLOCK_K a multiple of 32, BLOCK_M in {TOKEN_TILES}, 4 or 8 "
                          f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2: {cfg}")
-    dtype = tl_dtype(x.dtype)
-    x_desc = TensorDescriptor.from_tensor(x_in_mma_order(x, group_offset), [bm, bk], x_smem_layout(bm, bk, dtype))
+    px = x if isinstance(x, PrefillX) else prefill_x(x, group_offset, cfg)
+    if list(px.desc.block_shape) != [bm, bk] or px.group_offset != group_offset:
+        raise ValueError(f"x was prepared for {px.desc.block_shape} tiles at group offset {px.group_offset}, not "
+                         f"{[bm, bk]} at {group_offset}")
     one_bits, shift = mantissa_args(x.dtype)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _prefill_kernel[grid](
-        x_desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, group_offset, zero_offset, per, one_bits,
-        GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, MANTISSA_SHIFT=shift, DTYPE=dtype,
-        SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps, WORDS=word_layout(bn, bk, warps),
-        num_warps=warps,
+        px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, group_offset, zero_offset, per, one_bits,
+        GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, MANTISSA_SHIFT=shift,
+        DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps,
+        WORDS=word_layout(bn, bk, warps), num_warps=warps,
     )
