@@ -384,9 +384,9 @@ def test_dispatch_by_m(monkeypatch):
 
 def test_dispatch_wgmma(monkeypatch):
     """On sm_90 (forced here: wgmma=True) M = 1..32 run the wgmma kernel (token tiles of 16 / 32), M = 33..256 its
-    prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles), up to 1024 on shards of
-    8192 x 8192 weights or more; group sizes whose segments are not multiples of 32 rows and larger M keep their
-    kernels."""
+    prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles), and M = 257..1024 where its
+    time model beats dequantize + cuBLAS's; group sizes whose segments are not multiples of 32 rows and larger M
+    keep their kernels."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
@@ -398,6 +398,7 @@ def test_dispatch_wgmma(monkeypatch):
     assert {m: got[m]["SPLIT_K"] for m in (33, 65, 256)} == {33: 4, 65: 4, 256: 4}  # 28 output tiles each
     large = {m: K.pick_config(m, 8192, 8192, 128, cpu, wgmma=True) for m in (512, 1024, 1025)}
     assert [(c.get("PREFILL"), c.get("SPLIT_K")) for c in large.values()] == [(True, 1), (True, 1), (None, None)]
+    assert K.pick_config(512, 4096, 11008, 128, cpu, wgmma=True) == dict(kind="dequant")  # prefill_seconds lost
     assert K.pick_config(256, 28672, 8192, 128, cpu, wgmma=True)["SPLIT_K"] == 2  # 64 output tiles of 256 tokens
     assert K.pick_config(256, 13824, 5120, 128, cpu, wgmma=True)["SPLIT_K"] == 3  # 40: prefill_split
     assert not K.pick_config(16, 8192, 3584, 16, cpu, wgmma=True).get("WGMMA")  # 16-row groups: tl.dot
@@ -417,6 +418,23 @@ def test_prefill_split_matches_sweeps(k, n, m, best):
     """prefill_split's model picks the split-K the H100 sweeps found fastest (132 SMs, 256 x 128 tiles)."""
     from tpaware_compile.kernels import prefill_split
     assert prefill_split(m, k, n, 256, 128, 132) == best
+
+
+# (K, N, M, faster of the prefill kernel and dequantize + cuBLAS): H100 sweeps and runs (bench/README.md)
+PREFILL_OR_DEQUANT_MEASURED = [(3584, 8192, 512, "dot"), (3584, 8192, 1024, "dot"), (8192, 3584, 512, "dequant"),
+                               (8192, 3584, 1024, "dequant"), (8192, 28672, 512, "dot"), (8192, 28672, 1024, "dot"),
+                               (28672, 8192, 512, "dot"), (28672, 8192, 1024, "dot"), (13824, 5120, 512, "dot"),
+                               (5120, 13824, 512, "dot"), (24576, 6144, 512, "dot"), (6144, 24576, 512, "dot"),
+                               (12288, 6144, 512, "dot"), (6144, 12288, 512, "dot")]
+
+
+@pytest.mark.parametrize("k,n,m,kind", PREFILL_OR_DEQUANT_MEASURED)
+def test_prefill_or_dequant_matches_measurements(k, n, m, kind, monkeypatch):
+    """From 257 tokens the dispatch takes the prefill kernel where prefill_seconds beats dequant_seconds: on the
+    measured shapes, the one that was faster."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    assert K.pick_config(m, k, n, 128, torch.device("cpu"), wgmma=True)["kind"] == kind
 
 
 def _sm90_compiler():

@@ -5,8 +5,8 @@
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
 (sm_90) with fp16 / bf16 x instead the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's
-registers) for M = 1..32 and its prefill form (wgmma_prefill.py: x through TMA) for M = 33..256 (to 1024 on large
-shards); elsewhere the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32,
+registers) for M = 1..32 and its prefill form (wgmma_prefill.py: x through TMA) for M = 33..256 (to 1024 where
+its time model beats dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32,
 un-swapped up to 128); dequantize-then-cuBLAS above.
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
@@ -37,23 +37,27 @@ GEMV_MAX_M = 1  # one activation row: the GEMV (from M = 2 the one-row GEMV woul
 ROWS_MAX_M = 2
 DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
 # sm_90: the wgmma kernel from one token (it beat the GEMVs at M = 1 too) up to 32 tokens, its prefill form (x
-# through TMA, two warpgroups, asynchronous MMAs) from 33 up to 256 tokens, and up to 1024 on shards of at least
-# 8192 x 8192 weights; dequantize + cuBLAS wins above (on smaller shards already at 512 to 1024: its dequantize
-# pass costs less there; H100 runs, bench/README.md)
+# through TMA, two warpgroups, asynchronous MMAs) from 33 up to 256 tokens, and from 257 to 1024 where
+# prefill_seconds predicts it faster than dequantize + cuBLAS; dequantize + cuBLAS above (H100 runs,
+# bench/README.md)
 WGMMA_MAX_M = 32
+PREFILL_ALWAYS_MAX_M = 256
 PREFILL_MAX_M = 1024
-PREFILL_SMALL_SHARD_MAX_M = 256
-PREFILL_LARGE_SHARD = 8192 * 8192
-# prefill_split's model (H100): one SM's multiply-add rate (x 2) on a 256 x 128 tile of the prefill kernel, and
-# the rate at which the fp32 split-K partials are written and read back; the most splits the sweep tried
+# the time models of prefill_seconds and dequant_seconds, fitted to H100 sweeps: one SM's multiply-add rate (x 2)
+# on a 256 x 128 tile of the prefill kernel; the rate at which the fp32 split-K partials are written and read
+# back, and at which the dequantize pass moves its 2.5 bytes per weight; cuBLAS's fp16 rate at M = 512..1024;
+# the most splits the sweep tried
 PREFILL_TILE_RATE = 4.4e12
 PARTIALS_RATE = 3.0e12
+DEQUANT_RATE = 3.0e12
+CUBLAS_RATE = 7.0e14
 PREFILL_MAX_SPLIT = 5
 _SMS = {}
 _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "gemv_rows_config", "wgmma_config", "prefill_config", "prefill_split", "has_wgmma", "INTERPRET"]
+           "gemv_rows_config", "wgmma_config", "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds",
+           "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -106,10 +110,12 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
         kind = "gemv" if m <= GEMV_MAX_M else "dot"
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
     wgmma = has_wgmma(device) if wgmma is None else wgmma
-    prefill_max_m = PREFILL_MAX_M if k * n >= PREFILL_LARGE_SHARD else PREFILL_SMALL_SHARD_MAX_M
-    if wgmma and m <= prefill_max_m and segment_rows(group_size, 128) % 32 == 0:
-        return (wgmma_config(m, k, n, group_size, device) if m <= WGMMA_MAX_M else
-                prefill_config(m, k, n, group_size, device))
+    if wgmma and m <= PREFILL_MAX_M and segment_rows(group_size, 128) % 32 == 0:
+        if m <= WGMMA_MAX_M:
+            return wgmma_config(m, k, n, group_size, device)
+        cfg = prefill_config(m, k, n, group_size, device)
+        if m <= PREFILL_ALWAYS_MAX_M or prefill_seconds(m, k, n, cfg, _num_sms(device)) < dequant_seconds(m, k, n):
+            return cfg
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)
     if m <= ROWS_MAX_M:
@@ -198,19 +204,30 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device) -> dict:
 
 
 def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) -> int:
-    """The split-K (1..PREFILL_MAX_SPLIT) of the least predicted time: the waves of programs (SMs run one each)
-    times one program's MMAs over K / split rows, plus the fp32 partials' round trip through memory. With few
-    tiles a wave's worth of SMs idles (Llama-2-13B down at M = 256: 40 tiles on 132 SMs, 3 splits fill 120);
-    with many the partials cost more than they save. Fitted to an H100 sweep of the Llama-2-13B and Granite-20B
-    TP 1 shapes at M = 256 / 512 (it picks the fastest of 1..5 on all 8; and of 1, 2, 4 on the 12 Llama-70B TP 1
-    and 8 shape-M pairs at M = 256..1024 of an earlier sweep; bench/README.md)."""
-    tiles = -(-n // block_n) * -(-m // block_m)
+    """The split-K (1..PREFILL_MAX_SPLIT) of the least prefill_seconds. With few tiles a wave's worth of SMs idles
+    (Llama-2-13B down at M = 256: 40 tiles on 132 SMs, 3 splits fill 120); with many the partials cost more than
+    they save. It picks the fastest of 1..5 on all 8 shape-M pairs of an H100 sweep of the Llama-2-13B and
+    Granite-20B TP 1 shapes at M = 256 / 512, and of 1, 2, 4 on the 12 Llama-70B TP 1 and 8 pairs at M = 256..1024
+    of an earlier sweep (bench/README.md)."""
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    return min(range(1, PREFILL_MAX_SPLIT + 1), key=lambda split: prefill_seconds(m, k, n, dict(cfg, SPLIT_K=split),
+                                                                                 sms))
 
-    def seconds(split):
-        mma = -(-tiles * split // sms) * 2 * block_m * block_n * k / split / PREFILL_TILE_RATE
-        return mma + (split > 1) * split * m * n * 8 / PARTIALS_RATE
 
-    return min(range(1, PREFILL_MAX_SPLIT + 1), key=seconds)
+def prefill_seconds(m: int, k: int, n: int, cfg: dict, sms: int) -> float:
+    """Predicted time of the prefill kernel with 256-token tiles: the waves of programs (an SM runs one) times one
+    program's MMAs over K / SPLIT_K rows, plus the fp32 partials' round trip through memory (H100 rates)."""
+    bm, bn, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]
+    waves = -(-(-(-n // bn) * -(-m // bm) * split) // sms)
+    return waves * 2 * bm * bn * k / split / PREFILL_TILE_RATE + (split > 1) * split * m * n * 8 / PARTIALS_RATE
+
+
+def dequant_seconds(m: int, k: int, n: int) -> float:
+    """Predicted time of dequantize + cuBLAS (H100 rates): the dequantize pass (int4 read, fp16 written) and the
+    fp16 matmul. Against prefill_seconds it picks the faster of the two on all 14 shape-M pairs measured at
+    M = 512 / 1024 (Llama-70B TP 1 / 8, Granite-20B TP 1 / 2, Llama-2-13B; H100 sweeps and runs, bench/README.md),
+    three of them within 1-3%."""
+    return k * n * 2.5 / DEQUANT_RATE + 2 * m * k * n / CUBLAS_RATE
 
 
 def _dot_config(m, k, n, group_size, device) -> dict:
