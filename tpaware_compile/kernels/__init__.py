@@ -6,8 +6,8 @@ dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
 (sm_90) with fp16 / bf16 x instead the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's
 registers) for M = 1..32 and its prefill form (wgmma_prefill.py: x through TMA) for M = 33..256 (to 1024 where
-its time model beats dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32,
-un-swapped up to 128); dequantize-then-cuBLAS above.
+its time model beats dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot
+kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
 gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
@@ -224,9 +224,10 @@ def prefill_seconds(m: int, k: int, n: int, cfg: dict, sms: int) -> float:
 
 def dequant_seconds(m: int, k: int, n: int) -> float:
     """Predicted time of dequantize + cuBLAS (H100 rates): the dequantize pass (int4 read, fp16 written) and the
-    fp16 matmul. Against prefill_seconds it picks the faster of the two on all 14 shape-M pairs measured at
-    M = 512 / 1024 (Llama-70B TP 1 / 8, Granite-20B TP 1 / 2, Llama-2-13B; H100 sweeps and runs, bench/README.md),
-    three of them within 1-3%."""
+    fp16 matmul. Against prefill_seconds it picks the faster of the two on 20 of the 22 shape-M pairs measured
+    at M = 512 / 1024 (Llama-70B TP 1-8, Llama-2-7B and 13B, Granite-20B TP 1 / 2; H100 sweeps and runs,
+    bench/README.md); on the other two, Llama-70B TP 4 and TP 8 down at 1024, the prefill kernel lost by 2.5% and
+    4% (TP 8: it won by 3% in an earlier sweep)."""
     return k * n * 2.5 / DEQUANT_RATE + 2 * m * k * n / CUBLAS_RATE
 
 
