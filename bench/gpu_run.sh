@@ -1,5 +1,6 @@
 #!/bin/bash
-# One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects).
+# One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects), written
+# as they go, so that a step cut by its time limit still leaves what it got to.
 # usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [sweepms] [host]
 #   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
@@ -16,16 +17,16 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > $OUT/nvidia_smi.txt 2>&1
 for step in "$@"; do
   case $step in
-    tests) timeout 420 python -m pytest tests/test_kernels.py -m gpu -q --maxfail=8 -p no:cacheprovider 2>&1 | tail -60 > $OUT/pytest_gpu.log; tail -5 $OUT/pytest_gpu.log ;;
-    new) timeout 360 python -m pytest -m gpu tests/test_kernels.py tests/test_backend_gpu.py -k "perm or rows or serial or kernel_gpu_configs or fused_swiglu_lowering" -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_new.log; tail -3 $OUT/pytest_new.log ;;
-    serial) timeout ${TESTS_TIMEOUT:-300} python -m pytest -m gpu tests/test_kernels.py -k "serial or kernel_gpu_configs or perm_gpu_dispatch or production_configs or swiglu_gpu" -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_serial.log; tail -3 $OUT/pytest_serial.log ;;
-    wgmma) timeout ${TESTS_TIMEOUT:-200} python -m pytest -m gpu tests/test_kernels.py -k wgmma -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_wgmma.log; tail -3 $OUT/pytest_wgmma.log ;;
+    tests) timeout 420 python -m pytest tests/test_kernels.py -m gpu -q --maxfail=8 -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; tail -5 $OUT/pytest_gpu.log ;;
+    new) timeout 360 python -m pytest -m gpu tests/test_kernels.py tests/test_backend_gpu.py -k "perm or rows or serial or kernel_gpu_configs or fused_swiglu_lowering" -q -p no:cacheprovider > $OUT/pytest_new.log 2>&1; tail -3 $OUT/pytest_new.log ;;
+    serial) timeout ${TESTS_TIMEOUT:-300} python -m pytest -m gpu tests/test_kernels.py -k "serial or kernel_gpu_configs or perm_gpu_dispatch or production_configs or swiglu_gpu" -q -p no:cacheprovider > $OUT/pytest_serial.log 2>&1; tail -3 $OUT/pytest_serial.log ;;
+    wgmma) timeout ${TESTS_TIMEOUT:-200} python -m pytest -m gpu tests/test_kernels.py -k wgmma -q -p no:cacheprovider > $OUT/pytest_wgmma.log 2>&1; tail -3 $OUT/pytest_wgmma.log ;;
     sweepms) timeout ${SWEEP_TIMEOUT:-400} python bench/bench_kernels.py --sweep --sweep-ms $SWEEP_MS --out $OUT/sweep_ms.json > $OUT/sweep_ms.log 2>&1; tail -3 $OUT/sweep_ms.log ;;
-    gidx) timeout 200 python -m pytest tests/test_kernels.py -m gpu -k gidx -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_gidx.log; tail -3 $OUT/pytest_gidx.log ;;
-    prod) timeout 110 python -m pytest tests/test_kernels.py -m gpu -k production -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_prod.log; tail -3 $OUT/pytest_prod.log ;;
+    gidx) timeout 200 python -m pytest tests/test_kernels.py -m gpu -k gidx -q -p no:cacheprovider > $OUT/pytest_gidx.log 2>&1; tail -3 $OUT/pytest_gidx.log ;;
+    prod) timeout 110 python -m pytest tests/test_kernels.py -m gpu -k production -q -p no:cacheprovider > $OUT/pytest_prod.log 2>&1; tail -3 $OUT/pytest_prod.log ;;
     sweep) timeout 540 python bench/bench_kernels.py --sweep --out $OUT/sweep.json > $OUT/sweep.log 2>&1; tail -3 $OUT/sweep.log ;;
     quick) timeout 300 python bench/bench_kernels.py --quick --out $OUT/quick.json > $OUT/quick.log 2>&1; tail -50 $OUT/quick.log ;;
-    backend) timeout 240 python -m pytest tests/test_backend_gpu.py tests/test_instances.py -q -p no:cacheprovider 2>&1 | tail -30 > $OUT/pytest_backend.log; tail -3 $OUT/pytest_backend.log ;;
+    backend) timeout 240 python -m pytest tests/test_backend_gpu.py tests/test_instances.py -q -p no:cacheprovider > $OUT/pytest_backend.log 2>&1; tail -3 $OUT/pytest_backend.log ;;
     model) timeout 400 python bench/bench_model.py --quick --out $OUT/model.json > $OUT/model.log 2>&1; tail -8 $OUT/model.log ;;
     mlp1) timeout 400 python bench/bench_mlp.py --single-gpu --quick --out $OUT/mlp_single.json > $OUT/mlp_single.log 2>&1; tail -20 $OUT/mlp_single.log ;;
     model13b) timeout ${MODEL_TIMEOUT:-540} python bench/bench_model.py --models llama2-13b --out $OUT/model13b.json > $OUT/model13b.log 2>&1; tail -8 $OUT/model13b.log ;;

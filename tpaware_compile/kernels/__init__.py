@@ -114,7 +114,8 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
         if m <= WGMMA_MAX_M:
             return wgmma_config(m, k, n, group_size, device)
         cfg = prefill_config(m, k, n, group_size, device)
-        if m <= PREFILL_ALWAYS_MAX_M or prefill_seconds(m, k, n, cfg, _num_sms(device)) < dequant_seconds(m, k, n):
+        predicted = prefill_seconds(m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device))
+        if m <= PREFILL_ALWAYS_MAX_M or predicted < dequant_seconds(m, k, n):
             return cfg
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)
@@ -209,17 +210,16 @@ def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) 
     they save. It picks the fastest of 1..5 on all 8 shape-M pairs of an H100 sweep of the Llama-2-13B and
     Granite-20B TP 1 shapes at M = 256 / 512, and of 1, 2, 4 on the 12 Llama-70B TP 1 and 8 pairs at M = 256..1024
     of an earlier sweep (bench/README.md)."""
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n)
-    return min(range(1, PREFILL_MAX_SPLIT + 1), key=lambda split: prefill_seconds(m, k, n, dict(cfg, SPLIT_K=split),
-                                                                                 sms))
+    return min(range(1, PREFILL_MAX_SPLIT + 1),
+               key=lambda split: prefill_seconds(m, k, n, block_m, block_n, split, sms))
 
 
-def prefill_seconds(m: int, k: int, n: int, cfg: dict, sms: int) -> float:
+def prefill_seconds(m: int, k: int, n: int, block_m: int, block_n: int, split: int, sms: int) -> float:
     """Predicted time of the prefill kernel with 256-token tiles: the waves of programs (an SM runs one) times one
-    program's MMAs over K / SPLIT_K rows, plus the fp32 partials' round trip through memory (H100 rates)."""
-    bm, bn, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]
-    waves = -(-(-(-n // bn) * -(-m // bm) * split) // sms)
-    return waves * 2 * bm * bn * k / split / PREFILL_TILE_RATE + (split > 1) * split * m * n * 8 / PARTIALS_RATE
+    program's MMAs over K / split rows, plus the fp32 partials' round trip through memory (H100 rates)."""
+    waves = -(-(-(-n // block_n) * -(-m // block_m) * split) // sms)
+    mma = waves * 2 * block_m * block_n * k / split / PREFILL_TILE_RATE
+    return mma + (split > 1) * split * m * n * 8 / PARTIALS_RATE
 
 
 def dequant_seconds(m: int, k: int, n: int) -> float:
