@@ -36,12 +36,18 @@ GROUP = 128  # bench_kernels.make_gptq's group size
 DEQUANT = dict(kind="dequant")
 
 
+def hold_gpu() -> None:
+    """Queue a sleep kernel of ~0.1 s (H100 clocks), longer than a round of enqueueing: the calls queued behind
+    it never wait on the GPU."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+
+
 def host_us(fn, calls: int) -> float:
-    """Per-call wall time of enqueuing ``calls`` calls behind a long sleep kernel (median of 5 rounds)."""
+    """Per-call wall time of enqueuing ``calls`` calls behind hold_gpu (median of 5 rounds)."""
     times = []
     for _ in range(5):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(200_000_000)  # ~0.1 s at H100 clocks: longer than any round's enqueueing
+        hold_gpu()
         t = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -104,9 +110,8 @@ def dispatch_rows(calls: int):
 
 
 def profile_text(fn, calls: int) -> str:
-    """cProfile of ``calls`` calls behind a sleep kernel: the top functions by own time."""
-    torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)
+    """cProfile of ``calls`` calls behind hold_gpu: the top functions by own time."""
+    hold_gpu()
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):

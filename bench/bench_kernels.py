@@ -400,8 +400,8 @@ def main():
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     head["rows"] = rows
     if args.sweep:
-        shapes_ = [tuple(int(d) for d in kn.split("x")) for kn in args.sweep_shapes.split(",") if kn] or SWEEP_SHAPES
-        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m], shapes_)
+        kn_shapes = [tuple(int(d) for d in kn.split("x")) for kn in args.sweep_shapes.split(",") if kn] or SWEEP_SHAPES
+        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m], kn_shapes)
     else:
         models, tps = args.models.split(",") if args.models else MODELS, [int(t) for t in args.tps.split(",") if t]
         for model, tp, layer, k, n in shapes(args.quick and not args.models):

@@ -762,7 +762,8 @@ def test_production_configs_gpu(k, n, m, dtype, gs, off):
                                    (24576, 6144, 1000)])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 128, 0)])
 def test_prefill_split_configs_gpu(k, n, m, dtype, gs, off):
-    """The dispatch on Llama-2-13B and Granite-20B shapes, where prefill_split picks 2, 3, 4 or 5 splits."""
+    """The dispatch on Llama-2-13B and Granite-20B shapes where prefill_split picks 2, 3 or 5 splits, and on
+    Granite's down shard at M = 1000, where dequantize + cuBLAS wins the time model."""
     assert _production_err(k, n, m, dtype, gs, off) < TOL[DTYPES[dtype]]
 
 

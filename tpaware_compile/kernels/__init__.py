@@ -114,8 +114,8 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
         if m <= WGMMA_MAX_M:
             return wgmma_config(m, k, n, group_size, device)
         cfg = prefill_config(m, k, n, group_size, device)
-        predicted = prefill_seconds(m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device))
-        if m <= PREFILL_ALWAYS_MAX_M or predicted < dequant_seconds(m, k, n):
+        if m <= PREFILL_ALWAYS_MAX_M or dequant_seconds(m, k, n) > prefill_seconds(
+                m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device)):
             return cfg
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)

@@ -48,8 +48,8 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int) -> torch.Tensor:
 
 class PrefillX(NamedTuple):
     """x prepared for prefill launches: the TMA descriptor of x_in_mma_order(x, group_offset) for one (BLOCK_M,
-    BLOCK_K) tile, which gate's and up's launches of a SwiGLU share (one reorder and one descriptor, not two: the
-    host's time per call is what a caller without CUDA graphs waits on). shape and dtype are x's, so that the
+    BLOCK_K) tile, which gate's and up's launches of a SwiGLU share (one reorder launch and one descriptor where
+    there were two: plain-call prefill is host-bound, bench/README.md). shape and dtype are x's, so that the
     launch path reads it as it reads x."""
     desc: TensorDescriptor
     group_offset: int
@@ -58,6 +58,7 @@ class PrefillX(NamedTuple):
 
 
 def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict) -> PrefillX:
+    """x [M, K] reordered (and padded) for the TMA, with its descriptor for cfg's tiles."""
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
     return PrefillX(TensorDescriptor.from_tensor(x_in_mma_order(x, group_offset), [bm, bk], layout), group_offset,
