@@ -517,6 +517,20 @@ def test_prefill_x_order(off):
     assert torch.equal(x_in_mma_order(x, off), padded[:, src])
 
 
+def test_prefill_x_must_match_launch():
+    """x prepared once for a SwiGLU's two prefill launches (prefill_x) holds the reordered x and a descriptor for one
+    tile shape and group offset; a launch with other tiles or another offset is refused before anything runs."""
+    from tpaware_compile.kernels.wgmma_prefill import launch_prefill, prefill_x, x_in_mma_order
+    cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8)
+    x = torch.randn(40, 256).half()
+    px = prefill_x(x, 8, cfg)
+    assert torch.equal(px.desc.base, x_in_mma_order(x, 8)) and px.shape == x.shape and px.dtype == x.dtype
+    w = torch.zeros(32, 256, dtype=torch.int32)
+    for bad_cfg, bad_off in ((dict(cfg, BLOCK_M=128), 8), (dict(cfg, BLOCK_K=128), 8), (cfg, 0)):
+        with pytest.raises(ValueError, match="prepared for"):
+            launch_prefill(px, w, None, None, 64, bad_off, 0, None, 1, bad_cfg)
+
+
 def _dequant_exact(device) -> dict:
     """dequantize_sorted (the large-M path and the benchmark's reference) against gptq.dequantize, bit for bit."""
     from tpaware_compile.kernels import INTERPRET, dequantize_sorted
