@@ -1,8 +1,10 @@
 """The fast custom ops. ``tpaware::gptq_mm_fast``: what the lowering pass puts in place of ``tpaware::gptq_mm``
 nodes whose groups are contiguous (g_idx None). ``tpaware::gptq_mm_triton``: ``gptq_mm``'s signature on the
 best Triton kernel for the layout (sorted groups, or the per-row g_idx kernel), for eager models that must not
-run the fp32 reference (``GPTQLinear(kernel="triton")``). ``tpaware::gptq_swiglu_fast``: gate and up in one. Opaque (torch.library.custom_op), so Dynamo and Inductor keep it as
-one extern call: ``triton_op``/``wrap_triton`` would not compile under the interpreter.
+run the fp32 reference (``GPTQLinear(kernel="triton")``). ``tpaware::gptq_swiglu_fast``: gate and up in one.
+Opaque (torch.library.custom_op), so Dynamo and Inductor keep each as one extern call: ``triton_op`` /
+``wrap_triton`` would not compile under the interpreter. (An op registered through ``Library.impl`` cost less
+host time on an empty op, but not consistently on these: bench/README.md, "Model".)
 
 CUDA runs the Triton kernels; CPU runs them under TRITON_INTERPRET=1 (tests) and the reference otherwise.
 Bias stays outside, as for ``gptq_mm``. The fast ops' optional last argument ``perm`` [K] makes them compute
@@ -93,7 +95,8 @@ def _triton_mm(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero
 
 @gptq_mm_triton.register_fake
 def _(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero_offset):
-    torch._check(x.shape[-1] == qweight.shape[0] * 8, lambda: "gptq_mm_triton: x's last dim must equal qweight rows * 8")
+    torch._check(x.shape[-1] == qweight.shape[0] * 8,
+                 lambda: "gptq_mm_triton: x's last dim must equal qweight rows * 8")
     return x.new_empty(*x.shape[:-1], qweight.shape[1])
 
 
