@@ -134,7 +134,8 @@ def main():
     head = header()
     print(head, flush=True)
     hidden, inter = MODELS[a.model]
-    rows, profiles, _lib = dispatch_rows(a.calls), [], library_ops()
+    rows, profiles = dispatch_rows(a.calls), []
+    _lib = library_ops()  # held: the tpaware_host ops live as long as their Library object
     for kind, k, n in (("swiglu", hidden, inter), ("mm", inter, hidden)):
         ws = make_gptq(k, n, 2)
         for m in (int(s) for s in a.ms.split(",")):

@@ -55,8 +55,8 @@ def serial_table(cells):
     if not rows:
         return
     print("\nOne-launch split-K (us, CUDA-graph per-call; each with its same-launch-count floor):\n")
-    print("| model | TP | layer | K x N | M | reduction launch | its floor | one launch | its floor | one / two launches "
-          "| one launch x floor | rel err | torch_int4 |")
+    print("| model | TP | layer | K x N | M | reduction launch | its floor | one launch | its floor "
+          "| one / two launches | one launch x floor | rel err | torch_int4 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (model, tp, layer, k, n, m), row, one, two in rows:
         s, t = row[one], row[two]

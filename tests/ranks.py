@@ -1,10 +1,10 @@
 """A pool of gloo ranks for multi-process tests: spawned once per world size, reused by every test.
 
 ``RankPool(world, env)`` sets ``env`` in every rank before torch is imported there (``TRITON_INTERPRET=1``
-runs the Triton kernels on CPU). ``pool.run(fn, *args)`` calls ``fn(rank, world_size, *args)`` on every rank (``fn`` must be a module-level
-function) and returns the per-rank results. A rank that raises makes ``run`` raise with that rank's
-traceback; a rank that hangs (say, in a collective its peers never join) makes ``run`` raise after
-``timeout`` seconds. Either way the pool is torn down and the next ``run`` starts a fresh one.
+runs the Triton kernels on CPU). ``pool.run(fn, *args)`` calls ``fn(rank, world_size, *args)`` on every rank
+(``fn`` must be a module-level function) and returns the per-rank results. A rank that raises makes ``run``
+raise with that rank's traceback; a rank that hangs (say, in a collective its peers never join) makes ``run``
+raise after ``timeout`` seconds. Either way the pool is torn down and the next ``run`` starts a fresh one.
 """
 
 import datetime
@@ -56,7 +56,8 @@ class RankPool:
         port = _free_port()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
-        self._procs = [ctx.Process(target=_worker, args=(r, self.world_size, port, self.env, self._tasks[r], self._results),
+        self._procs = [ctx.Process(target=_worker,
+                                   args=(r, self.world_size, port, self.env, self._tasks[r], self._results),
                                    daemon=True) for r in range(self.world_size)]
         for p in self._procs:
             p.start()

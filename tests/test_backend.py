@@ -163,7 +163,8 @@ def test_inductor_hand_off(cells, cell):
         assert all(row["applied"] for row in r["reports"][0]["rows"])
 
 
-@pytest.mark.skipif(not TRACES_GATHER_LAST_DIM, reason="torch 2.11 cannot trace all_gather_tensor(gather_dim=-1): it graph-breaks (DESIGN.md §5)")
+@pytest.mark.skipif(not TRACES_GATHER_LAST_DIM,
+                    reason="torch 2.11 cannot trace all_gather_tensor(gather_dim=-1): it graph-breaks (DESIGN.md §5)")
 def test_gather_last_dim(ranks):
     for r in ranks(2).run(C.gather_last_dim_case):
         assert r["equal"] and [row["applied"] for row in r["rows"]][:1] == [True]

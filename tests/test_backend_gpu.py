@@ -19,7 +19,8 @@ def test_tp1_rewrite_and_lowering(form):
     eager = Decoder(cfg, Parallel(form=form), w).cuda()
     model = Decoder(cfg, Parallel(form=form), w).cuda()
     compiled = torch.compile(model, backend=tpaware, options={"tpaware.report": True})
-    for tokens, pos in [(torch.tensor([[3, 14, 15, 9, 26]]), torch.arange(5)), (torch.tensor([[5]]), torch.tensor([5]))]:
+    steps = [(torch.tensor([[3, 14, 15, 9, 26]]), torch.arange(5)), (torch.tensor([[5]]), torch.tensor([5]))]
+    for tokens, pos in steps:
         tokens, pos = tokens.cuda(), pos.cuda()
         a, b = eager(tokens, pos).float(), compiled(tokens, pos).float()
         assert C.rel_err(a, b) < 2e-2
@@ -38,7 +39,8 @@ def _decoder_pair(presort: bool, kernel: str = "reference"):
 
 def _steps():
     return [(torch.tensor([[3, 14, 15, 9, 26]]).cuda(), torch.arange(5).cuda()),
-            (torch.tensor([[5]]).cuda(), torch.tensor([5]).cuda()), (torch.tensor([[6]]).cuda(), torch.tensor([6]).cuda())]
+            (torch.tensor([[5]]).cuda(), torch.tensor([5]).cuda()),
+            (torch.tensor([[6]]).cuda(), torch.tensor([6]).cuda())]
 
 
 @pytest.mark.gpu

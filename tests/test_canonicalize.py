@@ -27,7 +27,8 @@ def _targets(gm):
 
 def test_slices_become_narrow_and_index_becomes_index_select():
     def fn(h, idx):
-        return h.chunk(2, -1)[1] + h[..., 4:8] + h.split(4, dim=-1)[0] + torch.chunk(h, 2, dim=1)[0] + h[..., idx][..., :4]
+        return (h.chunk(2, -1)[1] + h[..., 4:8] + h.split(4, dim=-1)[0] + torch.chunk(h, 2, dim=1)[0]
+                + h[..., idx][..., :4])
 
     gm = _canonical_graph(fn, torch.randn(3, 8), torch.randperm(8))
     targets = _targets(gm)

@@ -3,12 +3,14 @@ import torch
 
 from tpaware_compile.models import Decoder, DecoderConfig, Parallel, random_weights
 
-CONFIGS = {"llama": DecoderConfig(family="llama", kv_heads=2), "gptbigcode": DecoderConfig(family="gptbigcode", kv_heads=1)}
+CONFIGS = {"llama": DecoderConfig(family="llama", kv_heads=2),
+           "gptbigcode": DecoderConfig(family="gptbigcode", kv_heads=1)}
 
 
 def _prefill_then_decode(rank, world, family, form, collectives="functional"):
     cfg = CONFIGS[family]
-    model = Decoder(cfg, Parallel(rank, world, form=form, collectives=collectives), random_weights(cfg, seed=2), batch=2)
+    model = Decoder(cfg, Parallel(rank, world, form=form, collectives=collectives), random_weights(cfg, seed=2),
+                    batch=2)
     tokens = torch.randint(0, cfg.vocab, (2, 7), generator=torch.Generator().manual_seed(3))
     prefill = model(tokens[:, :6], torch.arange(6))
     decode = model(tokens[:, 6:], torch.tensor([6]))

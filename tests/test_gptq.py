@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tpaware_compile.gptq import GPTQWeight, dequantize, pack_cols, pack_rows, reference_matmul, unpack_cols, unpack_rows
+from tpaware_compile.gptq import (GPTQWeight, dequantize, pack_cols, pack_rows, reference_matmul, unpack_cols,
+                                  unpack_rows)
 from tpaware_compile.quantize import quantize
 
 GROUP_SIZES = [32, 64, 128, -1]

@@ -3,9 +3,9 @@
 decompresses them.
 
 llm-compressor lives in its own cached venv (library_venv.py; about 1.5 minutes to build on a fresh machine,
-TPAWARE_LLMCOMPRESSOR_VENV overrides the location). The worker (llmcompressor_worker.py) runs in that venv as a subprocess, quantizes a tiny random
-Llama on CPU and writes the checkpoint, the library's own dequantized weights and its own logits; this file, in the
-main environment, compares.
+TPAWARE_LLMCOMPRESSOR_VENV overrides the location). The worker (llmcompressor_worker.py) runs in that venv as a
+subprocess, quantizes a tiny random Llama on CPU and writes the checkpoint, the library's own dequantized weights
+and its own logits; this file, in the main environment, compares.
 """
 
 import json

@@ -22,8 +22,8 @@ def _compiled_mlp(rank, world, kind, kernel, fuse=True, fold=True, presort=False
     first, second = compiled(x), compiled(x)  # the second call runs the retrace of the converted module
     ref = reference_mlp(kind, weights, x)
     graphs = [r.graph_module.graph for r in report.all_reports()]
-    targets = [sorted(str(n.target) for n in g.nodes if n.op == "call_function" and str(n.target).startswith("tpaware."))
-               for g in graphs]
+    targets = [sorted(str(n.target) for n in g.nodes
+                      if n.op == "call_function" and str(n.target).startswith("tpaware.")) for g in graphs]
     gathers = [[n.op for n in g.nodes if n.target is torch.index_select] for g in graphs]
     perms = [[_perm_source(n) for n in g.nodes if str(n.target).startswith("tpaware.")] for g in graphs]
     return dict(errs=(rel_err(first, ref), rel_err(second, ref)), targets=targets, gathers=gathers, perms=perms,

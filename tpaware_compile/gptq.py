@@ -157,7 +157,8 @@ def _expect(t, name, ndim, dtypes, shape=None) -> None:
     dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
     if not isinstance(t, torch.Tensor) or t.dim() != ndim:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name}: expected a {ndim}-D tensor{'' if shape is None else f' of shape {shape}'}, got {got}")
+        of_shape = "" if shape is None else f" of shape {shape}"
+        raise ValueError(f"{name}: expected a {ndim}-D tensor{of_shape}, got {got}")
     if t.dtype not in dtypes:
         raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if shape is not None and tuple(t.shape) != tuple(shape):

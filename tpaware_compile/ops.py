@@ -39,5 +39,6 @@ def _(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero_offset):
 
 def gptq_linear(x: torch.Tensor, w: GPTQWeight, add_bias: bool = True) -> torch.Tensor:
     """``x @ W (+ bias)`` through the custom op."""
-    y = torch.ops.tpaware.gptq_mm(x, w.qweight, w.qzeros, w.scales, w.g_idx, w.group_size, w.group_offset, w.zero_offset)
+    y = torch.ops.tpaware.gptq_mm(x, w.qweight, w.qzeros, w.scales, w.g_idx, w.group_size, w.group_offset,
+                                  w.zero_offset)
     return y + w.bias if add_bias and w.bias is not None else y

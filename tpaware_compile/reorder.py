@@ -99,7 +99,8 @@ def cat_cols(ws: Sequence[GPTQWeight]) -> GPTQWeight:
     first = ws[0]
     for w in ws[1:]:
         same = (w.g_idx is None) == (first.g_idx is None) and (w.g_idx is None or torch.equal(w.g_idx, first.g_idx))
-        if not same or (w.group_size, w.group_offset, w.zero_offset) != (first.group_size, first.group_offset, first.zero_offset):
+        groups = (w.group_size, w.group_offset, w.zero_offset)
+        if not same or groups != (first.group_size, first.group_offset, first.zero_offset):
             raise ValueError("cat_cols: weights must share g_idx, group_size, group_offset and zero_offset")
     biases = [w.bias for w in ws]
     has_bias = [b is not None for b in biases]
