@@ -328,12 +328,13 @@ def prefill_configs(m, n):
     """The Hopper prefill kernel (wgmma_prefill.py): (tokens, columns, rows per step, warps, x slots) tiles,
     split-K (1-5, reduced by a second launch or in the launch: SERIAL) only where the output tiles alone leave SMs
     idle; below 64 tokens the decode token tiles; from 256 tokens the tiles that won at 256 (sweep_prefill) and
-    256 x 64 on one warpgroup."""
+    deeper x rings for the 256-token tile (a 256 x 64 tile on one warpgroup lost everywhere: sweep_w4_8b74c38)."""
     if m < 64:
         bm = max(16, 1 << (m - 1).bit_length())
         tiles = [(bm, 128, 128, 8, 3), (bm, 64, 128, 4, 3), (bm, 128, 64, 8, 4)]
-    elif m >= 256:  # and one warpgroup on 64 columns: 208 registers, two programs per SM (kernel_regs.py)
-        tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (256, 64, 64, 4, 3)]
+    elif m >= 256:  # 256 x 128 with 4 and 5 x slots too (TMA issued further ahead; 131 / 164 KB, no spills)
+        tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+                 (256, 128, 64, 8, 5)]
     else:
         tiles = [(64, 128, 128, 8, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                  (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
