@@ -243,6 +243,5 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
         one_bits, GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MANTISSA_SHIFT=shift,
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
-
         WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
     )
