@@ -310,6 +310,12 @@ def sweep_configs():
     return tuple((m, [c if c["kind"] == "dequant" else dict(c, SERIAL=True) for c in cfgs]) for m, cfgs in per_m)
 
 
+def _only(cfgs, only):
+    if only == "decode":
+        return [c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")]
+    return [c for c in cfgs if c.get("PREFILL")] if only == "prefill" else cfgs
+
+
 PREFILL_MS = (256, 512, 1024)  # swept for the prefill kernel beside dequantize + cuBLAS (and M = 64, 128 above)
 
 
@@ -321,7 +327,9 @@ def wgmma_configs(m):
     tiles = [(64, 128, sk) for sk in (2, 4, 8, 16)] + [(64, 64, sk) for sk in (4, 8, 16)]
     tiles += [(128, 64, sk) for sk in (4, 8)] if bm <= 32 else []  # larger tiles: 255 registers (kernel_regs.py)
     tiles += [(128, 128, sk) for sk in (2, 4, 8)] if bm <= 16 else []
-    return [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
+    cfgs = [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
+    # two steps of weights loaded ahead (more bytes in flight, more registers: 127 at 16 tokens, kernel_regs.py)
+    return cfgs + [dict(c, PREFETCH=2) for c in cfgs if c["BLOCK_N"] == 64 and bm <= 32]
 
 
 def prefill_configs(m, n):
@@ -342,7 +350,8 @@ def prefill_configs(m, n):
     for bm, bn, bk, warps, stages in tiles:
         output_tiles = -(-n // bn) * -(-m // bm)
         for sk in (1,) if output_tiles >= 264 else (1, 2, 3, 4, 5) if m >= 64 else (2, 4, 8):
-            for serial in (m < 64, True) if 1 < sk and m >= 64 else (m < 64,):
+            # in-launch reduction (SERIAL) from 64 tokens only below 256: 1.5x slower there (sweep_split_ffd820b)
+            for serial in (m < 64, True) if 1 < sk and 64 <= m < 256 else (m < 64,):
                 out.append(dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                 STAGES=stages, num_warps=warps, SPLIT_K=sk, SERIAL=serial))
     return out
@@ -351,7 +360,9 @@ def prefill_configs(m, n):
 SWEEP_SHAPES = ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192))  # Llama-70B TP 1 and TP 8 up / down
 
 
-def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES):
+def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES, only=""):
+    """Every config of sweep_configs and prefill_configs per shape and M (only: "decode" for the wgmma kernel's,
+    "prefill" for the prefill kernel's)."""
     res = []
     for k, n in sweep_shapes:
         copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
@@ -362,7 +373,7 @@ def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES):
             roof = roof_bytes(k, n, m) / bw * 1e6
             ref = graph_us(cublas_fns(k, n, m))
             print(f"sweep K={k} N={n} M={m} cublas_fp16 {ref:.1f} us", flush=True)
-            for cfg in cfgs + prefill_configs(m, n):
+            for cfg in _only(cfgs + prefill_configs(m, n), only):
                 try:
                     fns = tpaware_fns(copies, x, cfg)
                     us, err = graph_us(fns), check_tpaware(fns[0], copies[0], x)
@@ -382,6 +393,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
+    ap.add_argument("--sweep-only", choices=("decode", "prefill"), default=None,
+                    help="sweep only the wgmma kernel's configs (decode) or the prefill kernel's")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
     ap.add_argument("--tps", default="", help="comma-separated TP degrees to run (default: all)")
@@ -402,7 +415,7 @@ def main():
     head["rows"] = rows
     if args.sweep:
         kn_shapes = [tuple(int(d) for d in kn.split("x")) for kn in args.sweep_shapes.split(",") if kn] or SWEEP_SHAPES
-        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m], kn_shapes)
+        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m], kn_shapes, args.sweep_only or "")
     else:
         models, tps = args.models.split(",") if args.models else MODELS, [int(t) for t in args.tps.split(",") if t]
         for model, tp, layer, k, n in shapes(args.quick and not args.models):

@@ -55,14 +55,16 @@ def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
                           options=dict(num_warps=num_warps, num_stages=1))
 
 
-def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128):
+def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128, prefetch=1,
+                  even=True):
     """The Hopper kernel (wgmma.py) compiled for sm_90a: compiling checks that the unpacked weights reach the MMA
     operand layout without data movement (its convert_layout asserts it)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = wgmma._wgmma_kernel
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   MANTISSA_SHIFT=mantissa_args(DTYPES[dtype])[1], DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial,
-                  SWIGLU=swiglu, WORDS=wgmma.word_layout(block_n, block_k), XL=wgmma.x_layout(block_m, block_k))
+                  SWIGLU=swiglu, PREFETCH=prefetch, EVEN=even, WORDS=wgmma.word_layout(block_n, block_k),
+                  XL=wgmma.x_layout(block_m, block_k))
     sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": f"*{dtype}", "out_ptr": "*fp32",
            "final_ptr": f"*{dtype}", "count_ptr": "*i32", "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32",
@@ -120,15 +122,21 @@ def sass(kernel) -> str:
                               check=True).stdout
 
 
-def loop_length(code: str) -> int:
-    """SASS instructions in the body of the longest backward branch (the K-step loop)."""
+def loop_body(code: str) -> list:
+    """The SASS lines of the longest backward branch's body (the K-step loop)."""
     at = [(int(m.group(1), 16), line) for line in code.splitlines() if (m := re.match(r"\s+/\*([0-9a-f]{4})\*/", line))]
-    loop = 0
+    body = []
     for addr, line in at:
         target = re.search(r"BRA.*?0x([0-9a-f]+)", line)
         if target and int(target.group(1), 16) < addr:
-            loop = max(loop, sum(1 for a, _ in at if int(target.group(1), 16) <= a <= addr))
-    return loop
+            lines = [text for a, text in at if int(target.group(1), 16) <= a <= addr]
+            body = lines if len(lines) > len(body) else body
+    return body
+
+
+def loop_length(code: str) -> int:
+    """SASS instructions in the body of the longest backward branch (the K-step loop)."""
+    return len(loop_body(code))
 
 
 def loop_instructions_per_weight(rows, block_n, block_k, num_warps, group_size=128) -> float:

@@ -459,19 +459,37 @@ def test_gemv_rows_configs_fit_registers():
         assert spill_st == spill_ld == 0 and regs <= 255, (m, cfg, regs, spill_st, spill_ld)
 
 
-@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu", [(16, 64, 128, "fp16", True, False),
-                                                       (16, 128, 64, "bf16", False, False),
-                                                       (32, 64, 32, "fp16", True, True),
-                                                       (64, 64, 128, "bf16", True, False)])
-def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu):
+@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu,prefetch,even", [(16, 64, 128, "fp16", True, False, 1, True),
+                                                                      (16, 128, 64, "bf16", False, False, 1, False),
+                                                                      (32, 64, 32, "fp16", True, True, 2, False),
+                                                                      (16, 64, 128, "bf16", True, False, 2, True),
+                                                                      (64, 64, 128, "bf16", True, False, 1, True)])
+def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu, prefetch, even):
     """Compiled for sm_90a here (no GPU; Gluon does not run under the interpreter): the unpacked weights become
     the MMA's A operand with no data movement (the kernel's convert_layout asserts it while compiling), and the
     SASS issues wgmma with A in registers (``HGMMA ... R<a>, gdesc[...]``, not a shared-memory descriptor)."""
     kernel_regs = _sm90_compiler()
-    code = kernel_regs.sass(kernel_regs.compile_wgmma(bm, bn, bk, dtype, serial, swiglu))
+    code = kernel_regs.sass(kernel_regs.compile_wgmma(bm, bn, bk, dtype, serial, swiglu, prefetch=prefetch,
+                                                      even=even))
     mma = [line for line in code.splitlines() if "HGMMA" in line]
     assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
     assert len(mma) == bk // 16 * bn // 64, len(mma)  # one per 16 rows of K and 64 output columns
+
+
+def test_wgmma_even_loop_has_no_bounds_checks():
+    """Where every step and tile lies inside the matrix (even_shape) the decode kernel's loads carry no masks: its
+    K-step loop has no per-thread comparisons left and is shorter than the masked one (sm_90a SASS, compiled here)."""
+    from tpaware_compile.kernels.wgmma import even_shape
+    kernel_regs = _sm90_compiler()
+    loops = {even: kernel_regs.loop_body(kernel_regs.sass(kernel_regs.compile_wgmma(16, 64, 128, even=even)))
+             for even in (True, False)}
+    checks = {even: [line for line in body if re.search(r"\bISETP", line)] for even, body in loops.items()}
+    assert not checks[True] and checks[False], checks  # (the loop's own test is a UISETP)
+    assert len(loops[True]) < len(loops[False])
+    cfg = dict(BLOCK_K=128, BLOCK_N=64)
+    assert even_shape(8192, 3584, 0, cfg) and not even_shape(8192, 3584, 64, cfg)
+    assert not even_shape(8192 + 32, 3584, 0, cfg) and not even_shape(8192, 3584 + 8, 0, cfg)
+    assert not even_shape(8192, 3584, 0, dict(cfg, MASKED=True))
 
 
 @pytest.mark.parametrize("bm,bn,bk,stages,warps,dtype", [(128, 128, 64, 3, 8, "fp16"), (256, 128, 64, 3, 8, "bf16"),
@@ -626,6 +644,9 @@ GPU_CONFIGS = [
     ("dot", 20, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SERIAL=True)),
     ("dot", 61, dict(WGMMA=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1)),
     ("dot", 100, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, SERIAL=True)),
+    ("dot", 3, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True, PREFETCH=2)),
+    ("dot", 27, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SPLIT_K=3, PREFETCH=2)),
+    ("dot", 9, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True, MASKED=True)),
     # its prefill form (wgmma_prefill.py: x through TMA); fp32 x runs tl.dot with the same tiles
     ("dot", 130, dict(WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8,
                       SPLIT_K=1)),

@@ -119,28 +119,53 @@ def pair_shifts(WORDS: gl.constexpr, MANTISSA_SHIFT: gl.constexpr):
 
 @gluon.jit
 def weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_s,
-                 GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr):
+                 GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr = False):
     """K-step seg's packed words [BN, BW], scales (at offs_s) and zero words [BN] (zeros outside the matrix or
-    when not live: the prefetch past the last step)."""
-    k0 = seg * BLOCK_K - group_offset  # negative in the first step of a shard cut inside a group
-    words = k0 // 8 + offs_w
-    w_ok = (words >= 0) & (words < K // 8) & live
-    q = gl.load(qw_ptr + gl.expand_dims(words, 0) * N + gl.expand_dims(offs_nq, 1),
-                mask=gl.expand_dims(w_ok, 0) & gl.expand_dims(offs_nq < N, 1), other=0)
+    when not live: the prefetch past the last step). EVEN: the caller's promise that step seg lies inside the
+    matrix (no group offset, K and N whole steps and tiles; live is then not looked at), so no masks."""
     g = (seg * BLOCK_K) // GROUP_SIZE
-    s = gl.load(sc_ptr + g * N + offs_s, mask=(offs_s < N) & live, other=0.0)
-    zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8, mask=(offs_nq < N) & live, other=0)
+    if EVEN:
+        words = seg * (BLOCK_K // 8) + offs_w
+        q = gl.load(qw_ptr + gl.expand_dims(words, 0) * N + gl.expand_dims(offs_nq, 1))
+        s = gl.load(sc_ptr + g * N + offs_s)
+        zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8)
+    else:
+        words = (seg * BLOCK_K - group_offset) // 8 + offs_w  # < 0 in the first step of a shard cut in a group
+        w_ok = (words >= 0) & (words < K // 8) & live
+        q = gl.load(qw_ptr + gl.expand_dims(words, 0) * N + gl.expand_dims(offs_nq, 1),
+                    mask=gl.expand_dims(w_ok, 0) & gl.expand_dims(offs_nq < N, 1), other=0)
+        s = gl.load(sc_ptr + g * N + offs_s, mask=(offs_s < N) & live, other=0.0)
+        zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8, mask=(offs_nq < N) & live, other=0)
     return q, s, zw
 
 
 @gluon.jit
-def _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K: gl.constexpr):
-    """K-step seg's x [BM, BK] (zeros outside the matrix or when not live)."""
+def _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K: gl.constexpr,
+             EVEN: gl.constexpr):
+    """K-step seg's x [BM, BK] (zeros outside the matrix or when not live). EVEN as weight_loads, with offs_mx
+    clamped to x's rows by the caller (rows past M repeat the last one; their outputs are not stored)."""
     # a multiple of 8 (group_offset is checked on the host), which lets x's rows load as 16-byte vectors
     rows = gl.multiple_of(seg * BLOCK_K - group_offset, 8) + offs_kx
-    r_ok = (rows >= 0) & (rows < K) & live
-    return gl.load(x_ptr + gl.expand_dims(offs_mx, 1) * stride_xm + gl.expand_dims(rows, 0),
-                   mask=gl.expand_dims(offs_mx < M, 1) & gl.expand_dims(r_ok, 0), other=0.0)
+    ptrs = x_ptr + gl.expand_dims(offs_mx, 1) * stride_xm + gl.expand_dims(rows, 0)
+    if EVEN:
+        xv = gl.load(ptrs)
+    else:
+        r_ok = (rows >= 0) & (rows < K) & live
+        xv = gl.load(ptrs, mask=gl.expand_dims(offs_mx < M, 1) & gl.expand_dims(r_ok, 0), other=0.0)
+    return xv
+
+
+@gluon.jit
+def _step_loads(seg, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, group_offset, offs_nq, offs_w, offs_n,
+                offs_kx, offs_mx, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr):
+    """K-step seg's (words, scales, zero words, x): zeros past the split's last step, or with EVEN that step
+    again (unmasked loads; the loop never multiplies it)."""
+    live = seg < seg_end
+    if EVEN:
+        seg = gl.minimum(seg, seg_end - 1)
+    q, s, zw = weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
+                            GROUP_SIZE, BLOCK_K, EVEN)
+    return q, s, zw, _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K, EVEN)
 
 
 @gluon.jit
@@ -178,6 +203,8 @@ def _wgmma_kernel(
     DTYPE: gl.constexpr,  # x's dtype (fp16 or bf16)
     SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
+    PREFETCH: gl.constexpr,  # steps loaded ahead of the one being multiplied: 1 or 2
+    EVEN: gl.constexpr,  # no group offset, K a whole number of steps and N of tiles: no masks on the loads
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
 ):
@@ -194,6 +221,8 @@ def _wgmma_kernel(
     one_pair = one_bits * 0x10001  # 1.0 in both halves (a run-time value: as a constant ptxas splits the OR)
     offs_kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
     offs_mx = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
+    if EVEN:
+        offs_mx = gl.minimum(offs_mx, M - 1)
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     # two x slots (K-major: the MMA reads its transpose): a step writes one while a warp that is behind may still
@@ -203,15 +232,17 @@ def _wgmma_kernel(
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    q, s, zw = weight_loads(seg_start, seg_start < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
-                            offs_w, offs_n, GROUP_SIZE, BLOCK_K)
-    xv = _x_loads(seg_start, seg_start < seg_end, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K)
+    q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, group_offset,
+                               offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K, EVEN)
+    if PREFETCH == 2:  # the step after it too
+        q1, s1, zw1, xv1 = _step_loads(seg_start + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
+                                       group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
+                                       EVEN)
     for seg in range(seg_start, seg_end):
-        # the next step's loads are issued before this step's arithmetic: two steps of weights in flight
-        live = seg + 1 < seg_end
-        nq, ns, nzw = weight_loads(seg + 1, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
-                                   GROUP_SIZE, BLOCK_K)
-        nxv = _x_loads(seg + 1, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K)
+        # the loads PREFETCH steps ahead are issued before this step's arithmetic: PREFETCH + 1 steps in flight
+        nq, ns, nzw, nxv = _step_loads(seg + PREFETCH, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
+                                       group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
+                                       EVEN)
         slot = x_smem.index((seg - seg_start) % 2)
         slot.store(x_in_mma_order(xv, BLOCK_K))
         fence_async_shared()
@@ -221,10 +252,21 @@ def _wgmma_kernel(
                       BLOCK_N, BLOCK_K)
         # one exact MMA per step, scaled per group on the fp32 accumulator
         acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
-        q, xv, s, zw = nq, nxv, ns, nzw
+        if PREFETCH == 2:
+            q, xv, s, zw = q1, xv1, s1, zw1
+            q1, xv1, s1, zw1 = nq, nxv, ns, nzw
+        else:
+            q, xv, s, zw = nq, nxv, ns, nzw
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
+
+
+def even_shape(k: int, n: int, group_offset: int, cfg: dict) -> bool:
+    """Whether every K-step and output tile lies inside the matrix, so the kernel may load without masks (its
+    bounds checks were an eighth of the decode loop's instructions, bench/kernel_regs.py); config MASKED forces
+    the masked loads."""
+    return group_offset == 0 and k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0 and not cfg.get("MASKED")
 
 
 def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
@@ -234,14 +276,15 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     m, k = x.shape
     n = qweight.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if bk % 32 or bn not in (64, 128) or bm not in TOKEN_TILES:
-        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}: "
-                         f"{cfg}")
+    prefetch = cfg.get("PREFETCH", 1)
+    if bk % 32 or bn not in (64, 128) or bm not in TOKEN_TILES or prefetch not in (1, 2):
+        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}, "
+                         f"PREFETCH 1 or 2: {cfg}")
     one_bits, shift = mantissa_args(x.dtype)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
         one_bits, GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MANTISSA_SHIFT=shift,
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
-        WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
+        PREFETCH=prefetch, EVEN=even_shape(k, n, group_offset, cfg), WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
     )
