@@ -327,9 +327,7 @@ def wgmma_configs(m):
     tiles = [(64, 128, sk) for sk in (2, 4, 8, 16)] + [(64, 64, sk) for sk in (4, 8, 16)]
     tiles += [(128, 64, sk) for sk in (4, 8)] if bm <= 32 else []  # larger tiles: 255 registers (kernel_regs.py)
     tiles += [(128, 128, sk) for sk in (2, 4, 8)] if bm <= 16 else []
-    cfgs = [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
-    # two steps of weights loaded ahead (more bytes in flight, more registers: 127 at 16 tokens, kernel_regs.py)
-    return cfgs + [dict(c, PREFETCH=2) for c in cfgs if c["BLOCK_N"] == 64 and bm <= 32]
+    return [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
 
 
 def prefill_configs(m, n):

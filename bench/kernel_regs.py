@@ -55,20 +55,18 @@ def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
                           options=dict(num_warps=num_warps, num_stages=1))
 
 
-def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128, prefetch=1,
-                  even=True):
+def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128, even=True):
     """The Hopper kernel (wgmma.py) compiled for sm_90a: compiling checks that the unpacked weights reach the MMA
     operand layout without data movement (its convert_layout asserts it)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = wgmma._wgmma_kernel
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  MANTISSA_SHIFT=mantissa_args(DTYPES[dtype])[1], DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial,
-                  SWIGLU=swiglu, PREFETCH=prefetch, EVEN=even, WORDS=wgmma.word_layout(block_n, block_k),
+                  DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial, SWIGLU=swiglu, EVEN=even, WORDS=wgmma.word_layout(block_n, block_k),
                   XL=wgmma.x_layout(block_m, block_k))
     sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": f"*{dtype}", "out_ptr": "*fp32",
            "final_ptr": f"*{dtype}", "count_ptr": "*i32", "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32",
-           "one_bits": "i32", **{k: "constexpr" for k in consts}}
+           "base_bits": "i32", **{k: "constexpr" for k in consts}}
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
                if sig[a].startswith("*") or a in ("N", "K", "stride_xm")}
     return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
@@ -83,13 +81,12 @@ def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", 
     fn = prefill._prefill_kernel
     tl_type = tl_dtype(DTYPES[dtype])
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                  MANTISSA_SHIFT=mantissa_args(DTYPES[dtype])[1], DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu,
-                  WARPS=warps, WORDS=wgmma.word_layout(block_n, block_k, warps))
+                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps, WORDS=wgmma.word_layout(block_n, block_k, warps))
     layout = prefill.x_smem_layout(block_m, block_k, tl_type)
     sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",
            "sc_ptr": f"*{dtype}", "out_ptr": f"*{out}", "final_ptr": f"*{dtype}", "count_ptr": "*i32",
            "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "group_offset": "i32", "zero_offset": "i32",
-           "segs_per_split": "i32", "one_bits": "i32", **{k: "constexpr" for k in consts}}
+           "segs_per_split": "i32", "base_bits": "i32", **{k: "constexpr" for k in consts}}
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
                if sig[a].startswith("*") or a in ("N", "K")}
     return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),

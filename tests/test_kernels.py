@@ -396,6 +396,7 @@ def test_dispatch_wgmma(monkeypatch):
         1: (True, None, 16), 2: (True, None, 16), 16: (True, None, 16), 17: (True, None, 32), 32: (True, None, 32),
         33: (True, True, 64), 64: (True, True, 64), 65: (True, True, 128), 256: (True, True, 256)}
     assert {m: got[m]["SPLIT_K"] for m in (33, 65, 256)} == {33: 4, 65: 4, 256: 4}  # 28 output tiles each
+    assert got[32]["BLOCK_K"] == 128  # 64-row steps lost once the loads had no masks (bench/README.md)
     large = {m: K.pick_config(m, 8192, 8192, 128, cpu, wgmma=True) for m in (512, 1024, 1025)}
     assert [(c.get("PREFILL"), c.get("SPLIT_K")) for c in large.values()] == [(True, 1), (True, 1), (None, None)]
     assert K.pick_config(512, 4096, 11008, 128, cpu, wgmma=True) == dict(kind="dequant")  # prefill_seconds lost
@@ -403,6 +404,21 @@ def test_dispatch_wgmma(monkeypatch):
     assert K.pick_config(256, 13824, 5120, 128, cpu, wgmma=True)["SPLIT_K"] == 3  # 40: prefill_split
     assert not K.pick_config(16, 8192, 3584, 16, cpu, wgmma=True).get("WGMMA")  # 16-row groups: tl.dot
     assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
+
+
+# (N, the faster split-K of 4 and 8 for one token): the Llama-70B TP 1-8 up and down shards, H100 sweep at 1c95e50
+DECODE_SPLIT_SWEPT = [(28672, 8), (8192, 4), (14336, 8), (7168, 4), (3584, 8)]
+
+
+@pytest.mark.parametrize("n,best", DECODE_SPLIT_SWEPT)
+def test_decode_split_matches_sweep(n, best, monkeypatch):
+    """The one-token wgmma kernel's split-K (4 or 8, whichever fills the last wave of programs most) is the one
+    the H100 sweep found faster on each Llama-70B shard (N decides: 64-column tiles; 132 SMs)."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setitem(K._SMS, 0, 132)
+    assert K.decode_split(-(-n // 64), 132) == best
+    assert K.pick_config(1, 8192, n, 128, torch.device("cuda", 0), wgmma=True)["SPLIT_K"] == best
 
 
 # (K, N, M, the fastest split-K of the 256-token prefill tiles): H100 sweeps, bench/results/sweep_split_* (splits
@@ -459,18 +475,17 @@ def test_gemv_rows_configs_fit_registers():
         assert spill_st == spill_ld == 0 and regs <= 255, (m, cfg, regs, spill_st, spill_ld)
 
 
-@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu,prefetch,even", [(16, 64, 128, "fp16", True, False, 1, True),
-                                                                      (16, 128, 64, "bf16", False, False, 1, False),
-                                                                      (32, 64, 32, "fp16", True, True, 2, False),
-                                                                      (16, 64, 128, "bf16", True, False, 2, True),
-                                                                      (64, 64, 128, "bf16", True, False, 1, True)])
-def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu, prefetch, even):
+@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu,even", [(16, 64, 128, "fp16", True, False, True),
+                                                              (16, 128, 64, "bf16", False, False, False),
+                                                              (32, 64, 32, "fp16", True, True, False),
+                                                              (32, 64, 128, "bf16", True, True, True),
+                                                              (64, 64, 128, "bf16", True, False, True)])
+def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu, even):
     """Compiled for sm_90a here (no GPU; Gluon does not run under the interpreter): the unpacked weights become
     the MMA's A operand with no data movement (the kernel's convert_layout asserts it while compiling), and the
     SASS issues wgmma with A in registers (``HGMMA ... R<a>, gdesc[...]``, not a shared-memory descriptor)."""
     kernel_regs = _sm90_compiler()
-    code = kernel_regs.sass(kernel_regs.compile_wgmma(bm, bn, bk, dtype, serial, swiglu, prefetch=prefetch,
-                                                      even=even))
+    code = kernel_regs.sass(kernel_regs.compile_wgmma(bm, bn, bk, dtype, serial, swiglu, even=even))
     mma = [line for line in code.splitlines() if "HGMMA" in line]
     assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
     assert len(mma) == bk // 16 * bn // 64, len(mma)  # one per 16 rows of K and 64 output columns
@@ -644,8 +659,7 @@ GPU_CONFIGS = [
     ("dot", 20, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SERIAL=True)),
     ("dot", 61, dict(WGMMA=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1)),
     ("dot", 100, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, SERIAL=True)),
-    ("dot", 3, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True, PREFETCH=2)),
-    ("dot", 27, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, SPLIT_K=3, PREFETCH=2)),
+    ("dot", 27, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=3)),
     ("dot", 9, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True, MASKED=True)),
     # its prefill form (wgmma_prefill.py: x through TMA); fp32 x runs tl.dot with the same tiles
     ("dot", 130, dict(WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8,

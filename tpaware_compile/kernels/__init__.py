@@ -52,11 +52,12 @@ PARTIALS_RATE = 3.0e12
 DEQUANT_RATE = 3.0e12
 CUBLAS_RATE = 7.0e14
 PREFILL_MAX_SPLIT = 5
+DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 128 threads (bench/kernel_regs.py)
 _SMS = {}
 _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "gemv_rows_config", "wgmma_config", "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds",
+           "gemv_rows_config", "wgmma_config", "decode_split", "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds",
            "has_wgmma", "INTERPRET"]
 
 
@@ -168,16 +169,33 @@ def has_wgmma(device) -> bool:
 
 def wgmma_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     """The Hopper kernel for decode: 64 output columns by M rounded up to 16, 32 or 64 tokens per program, one
-    group segment (up to 128 rows; 64 for 32 tokens) per step, split-K for 4-8 programs per output tile (fewer for
-    64 tokens), reduced in the launch. From the H100 sweeps (bench/README.md), on the Llama-70B TP 1 and TP 8
-    shapes at M = 4, 16, 32 and 64; dispatched up to WGMMA_MAX_M."""
+    group segment (up to 128 rows) per step, split-K for 4-8 programs per output tile (fewer for 64 tokens),
+    reduced in the launch. From the H100 sweeps (bench/README.md), on the Llama-70B shapes at M = 1, 4, 16, 32
+    and 64; dispatched up to WGMMA_MAX_M. At one token the split is the one of 4 and 8 that fills the last wave
+    of programs most (decode_split); with more tokens the fp32 partials (M x N per split) weigh in, and 4 won on
+    large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8)."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
     tiles = -(-n // 64)
-    split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
-    block_k = segment_rows(group_size, 64 if block_m == 32 else 128)  # 32 tokens: 64-row steps (sweep at 4acf489)
+    if m == 1:
+        split_k = decode_split(tiles, _num_sms(device))
+    else:
+        split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
+    block_k = segment_rows(group_size, 128)
     return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split_k, SERIAL=True)
+
+
+def decode_split(tiles: int, sms: int) -> int:
+    """Split-K 4 or 8 for the one-token wgmma kernel: the one whose programs (tiles x split) fill the last wave of
+    DECODE_PROGRAMS_PER_SM per SM most. On the 8 Llama-70B TP 1-8 shapes of an H100 sweep it picks the faster of
+    the two each time (TP 2 up: 224 tiles, 896 programs against 792 places, 34.4 us with 4, 31.6 with 8)."""
+    places = DECODE_PROGRAMS_PER_SM * sms
+
+    def last_wave_fill(split):
+        return (tiles * split % places or places) / places
+
+    return max((4, 8), key=last_wave_fill)
 
 
 def prefill_config(m: int, k: int, n: int, group_size: int, device) -> dict:

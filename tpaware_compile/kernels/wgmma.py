@@ -16,10 +16,11 @@ word sharing a register, and x's rows are read in the same order:
 
 The words are loaded in a layout where lane t of each quad holds words t, t+4, ..., so after unpacking
 ``convert_layout(..., assert_trivial=True)`` into the MMA operand layout is free: the compiler checks it. The
-operand is (q - z)/16, exact in fp16 and bf16 (unpack_pairs), so the scale is the only per-group factor on the
-fp32 accumulator; the split-K is reduced inside the launch as in the other kernels (common.store_split). Gluon
-does not run under TRITON_INTERPRET: CPU tests compile it for sm_90a and check the SASS; the GPU tests check
-its results.
+operand is (q - z)/16, exact in fp16 and bf16 (unpack_pairs: an AND-OR puts two nibbles into the mantissas of
+a float pair, one paired multiply-add takes the zero point off), so the scale is the only per-group factor on
+the fp32 accumulator; the split-K is reduced inside the launch as in the other kernels (common.store_split).
+Where every step and tile lies inside the matrix (even_shape) the loads carry no masks. Gluon does not run
+under TRITON_INTERPRET: CPU tests compile it for sm_90a and check the SASS; the GPU tests check its results.
 """
 
 import functools
@@ -30,11 +31,14 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from .common import mantissa_args, splits_of, store_split, tl_dtype
+from .common import splits_of, store_split, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
-TOKEN_TILES = (16, 32, 64)  # the MMA's N; 8 faulted on an H100 with triton 3.6, 128 spills (x is in registers)
+TOKEN_TILES = (16, 32, 64)
+# x's dtype -> bits of the 16-bit float R OR-ed over each nibble pair's field (pair_fields, unpack_pairs); a
+# kernel argument, not a constant: as a constant ptxas splits the AND-OR in two
+PAIR_BASE_BITS = {torch.float16: 0x6400, torch.bfloat16: 0x3F80}  # 1024.0, 1.0  # the MMA's N; 8 faulted on an H100 with triton 3.6, 128 spills (x is in registers)
 
 
 def _powers(n):
@@ -63,26 +67,73 @@ def x_layout(block_m: int, block_k: int) -> gl.BlockedLayout:
 
 
 @gluon.jit
-def _pairs_op(op: gl.constexpr, a, b, DTYPE: gl.constexpr):
-    """a op b on the two 16-bit halves of int32 registers at once (sub / mul .rn.{f16,bf16}x2)."""
-    asm: gl.constexpr = op + (".rn.f16x2 $0, $1, $2;" if DTYPE == gl.float16 else ".rn.bf16x2 $0, $1, $2;")
+def _pairs_fma(a, b, c, DTYPE: gl.constexpr):
+    """a * b + c on the two 16-bit halves of int32 registers at once (fma.rn.{f16,bf16}x2: one rounding)."""
+    asm: gl.constexpr = "fma.rn.f16x2 $0, $1, $2, $3;" if DTYPE == gl.float16 else "fma.rn.bf16x2 $0, $1, $2, $3;"
+    return gl.inline_asm_elementwise(asm, "=r,r,r,r", [a, b, c], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _pairs_mul(a, b, DTYPE: gl.constexpr):
+    """a * b on the two 16-bit halves of int32 registers at once (mul.rn.{f16,bf16}x2)."""
+    asm: gl.constexpr = "mul.rn.f16x2 $0, $1, $2;" if DTYPE == gl.float16 else "mul.rn.bf16x2 $0, $1, $2;"
     return gl.inline_asm_elementwise(asm, "=r,r,r", [a, b], dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
-def unpack_pairs(q, lshift, rshift, zero_pairs, scale_pairs, one_pair, MANTISSA_SHIFT: gl.constexpr,
-                 DTYPE: gl.constexpr, SCALED_A: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+def pair_fields(WORDS: gl.constexpr, DTYPE: gl.constexpr):
+    """For nibble pair j (nibbles j and j + 4 of a word: bits 4j and 16 + 4j), as [1, 1, 4] tensors of compile-time
+    constants: the shifts and mask that leave its two nibbles q inside the mantissas of a 16-bit float R (the
+    bits PAIR_BASE_BITS the caller ORs in), which then reads R + q u_j; and 1 / (16 u_j) in fp32.
+    fp16 (R = 1024, 10 mantissa bits): pairs 0 and 1 stay where they are (u = 1, 16), pairs 2 and 3 move down by
+    8 bits, one shift for both: 9 instructions per word instead of 12 with a shift per pair.
+    bf16 (R = 1, 7 mantissa bits: 16 q would not fit): every pair moves to the mantissa's top (u = 1/16)."""
+    j = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
+    if DTYPE == gl.float16:
+        lshift = j * 0
+        rshift = (j // 2) * 8
+        mask = (0xF << (j % 2) * 4) * 0x10001
+        unit = gl.where(j % 2 == 1, 1.0 / 256, 1.0 / 16)
+    else:
+        lshift = gl.maximum(3 - 4 * j, 0)
+        rshift = gl.maximum(4 * j - 3, 0)
+        mask = j * 0 + (0xF << 3) * 0x10001
+        unit = j * 0.0 + 1.0
+    return (_as_pair_axis(lshift.to(gl.uint32)), _as_pair_axis(rshift.to(gl.uint32)),
+            _as_pair_axis(mask.to(gl.uint32)), _as_pair_axis(unit))
+
+
+@gluon.jit
+def _as_pair_axis(v):
+    """[4] -> [1, 1, 4]: along the nibble pairs of the [BN, BW, 4] tile."""
+    return gl.expand_dims(gl.expand_dims(v, 0), 1)
+
+
+@gluon.jit
+def _as_column(v):
+    """[BN] -> [BN, 1, 1]: one value per output column of the [BN, BW, 4] tile."""
+    return gl.expand_dims(gl.expand_dims(v, 1), 2)
+
+
+@gluon.jit
+def unpack_pairs(q, z16, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.constexpr, BLOCK_N: gl.constexpr,
+                 BLOCK_K: gl.constexpr):
     """Words [BN, BW] -> (q - z) / 16 [BN, BK] in x's dtype (exact), or with SCALED_A (q - z) * s (one rounding),
-    in MMA K order (module doc). Nibbles j and j + 4 sit 16 bits apart, so one shift (left or right: the other is
-    by 0) and one AND-OR make both halves of a 32-bit register 1 + q/16 (no int-to-float), and one paired subtract
-    of 1 + z/16 (zero_pairs [BN, 1, 1]) leaves (q - z)/16: the two K-adjacent values a thread's MMA fragment
-    register holds; SCALED_A multiplies them by 16 s (scale_pairs [BN, 1, 1]) in the same paired way."""
-    mask: gl.constexpr = (0xF << MANTISSA_SHIFT) * 0x10001
+    in MMA K order (module doc); z16 = z / 16 and s16 = 16 s are [BN] fp32. Nibbles j and j + 4 sit 16 bits
+    apart, so a shift (pair_fields; none for half the pairs in fp16) and one AND-OR with base_pair (R in both
+    halves) make both halves of a 32-bit register R + q u_j (no int-to-float), and one paired multiply-add,
+    times 1 / (16 u_j) plus -(R / (16 u_j) + z/16), leaves (q - z)/16: the two K-adjacent values a thread's MMA
+    fragment register holds. R / (16 u_j) + z/16 is exact (fp16: 64 or 4 + z/16; bf16: 1 + z/16; z in 0..16:
+    a v1 checkpoint's stored 15 plus zero_offset 1), and so is the multiply-add's result. SCALED_A then
+    multiplies by 16 s in the same paired way."""
     w = gl.expand_dims(q, 2).to(gl.uint32, bitcast=True)
-    pairs = ((w << lshift) >> rshift & mask).to(gl.int32, bitcast=True) | one_pair  # [BN, BW, 4]: nibbles j, j+4
-    pairs = _pairs_op("sub", pairs, zero_pairs, DTYPE)
+    lshift, rshift, mask, unit = pair_fields(gl.constexpr(w.type.layout), DTYPE)
+    base: gl.constexpr = 1024.0 if DTYPE == gl.float16 else 1.0  # R, the value of base_pair's halves
+    zero_pairs = _both_halves(-(base * unit + _as_column(z16)), DTYPE)  # [BN, 1, 4]
+    pairs = ((w << lshift) >> rshift & mask).to(gl.int32, bitcast=True) | base_pair  # [BN, BW, 4]: nibbles j, j+4
+    pairs = _pairs_fma(pairs, _both_halves(unit, DTYPE), zero_pairs, DTYPE)
     if SCALED_A:
-        pairs = _pairs_op("mul", pairs, scale_pairs, DTYPE)
+        pairs = _pairs_mul(pairs, _both_halves(_as_column(s16), DTYPE), DTYPE)
     lo = pairs.to(gl.int16).to(DTYPE, bitcast=True)
     hi = (pairs >> 16).to(gl.int16).to(DTYPE, bitcast=True)
     f = gl.reshape(gl.join(lo, hi), [BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2])  # [n, b, t, h, c, e]: nibble 4e + 2h + c
@@ -92,9 +143,9 @@ def unpack_pairs(q, lshift, rshift, zero_pairs, scale_pairs, one_pair, MANTISSA_
 
 @gluon.jit
 def _both_halves(v, DTYPE: gl.constexpr):
-    """[BN] fp32 -> [BN, 1, 1] int32 holding v in x's dtype in both 16-bit halves (a paired operand)."""
+    """fp32 (any shape) -> int32 holding v in x's dtype in both 16-bit halves (a paired operand)."""
     bits = v.to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    return gl.expand_dims(gl.expand_dims(bits * 0x10001, 1), 2)
+    return bits * 0x10001
 
 
 @gluon.jit
@@ -105,16 +156,6 @@ def x_in_mma_order(x, BLOCK_K: gl.constexpr):
     x = gl.reshape(x, [rows, BLOCK_K // 32, 4, 2, 2, 2])  # [r, b, t, e, h, c]
     x = gl.permute(x, [0, 1, 4, 5, 2, 3])  # [r, b, h, c, t, e]
     return gl.reshape(x, [rows, BLOCK_K])
-
-
-@gluon.jit
-def pair_shifts(WORDS: gl.constexpr, MANTISSA_SHIFT: gl.constexpr):
-    """(left, right) shifts [1, 1, 4] that move nibble pair j, j + 4 (bits 4j and 16 + 4j) to the mantissa's top
-    (MANTISSA_SHIFT - 4j: one of the two is 0)."""
-    pair = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    lshift = gl.expand_dims(gl.expand_dims(gl.maximum(MANTISSA_SHIFT - 4 * pair, 0).to(gl.uint32), 0), 1)
-    rshift = gl.expand_dims(gl.expand_dims(gl.maximum(4 * pair - MANTISSA_SHIFT, 0).to(gl.uint32), 0), 1)
-    return lshift, rshift
 
 
 @gluon.jit
@@ -169,17 +210,12 @@ def _step_loads(seg, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
 
 
 @gluon.jit
-def a_operand(q, s, zw, offs_nq, lshift, rshift, one_pair, zero_offset, MANTISSA_SHIFT: gl.constexpr,
-              DTYPE: gl.constexpr, SCALED_A: gl.constexpr, A_REGS: gl.constexpr, BLOCK_N: gl.constexpr,
-              BLOCK_K: gl.constexpr):
+def a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE: gl.constexpr, SCALED_A: gl.constexpr,
+              A_REGS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
     """One step's weights as wgmma's A operand in registers: (q - z) / 16, or (q - z) * s with SCALED_A."""
-    # 1 + z/16 in both halves, by arithmetic: z reaches 16 (a v1 checkpoint's stored 15 plus zero_offset 1),
-    # which the mantissa trick cannot hold (exact in fp16 and bf16 for z in 0..16)
     z = ((zw >> ((offs_nq % 8) * 4)) & 0xF) + zero_offset  # [BN]
-    zero_pairs = _both_halves(1.0 + z.to(gl.float32) * 0.0625, DTYPE)
-    scale_pairs = _both_halves(16.0 * s.to(gl.float32), DTYPE) if SCALED_A else zero_pairs
-    f = unpack_pairs(q, lshift, rshift, zero_pairs, scale_pairs, one_pair, MANTISSA_SHIFT, DTYPE, SCALED_A,
-                     BLOCK_N, BLOCK_K)
+    f = unpack_pairs(q, z.to(gl.float32) * 0.0625, 16.0 * s.to(gl.float32), base_pair, DTYPE, SCALED_A, BLOCK_N,
+                     BLOCK_K)
     return gl.convert_layout(f, A_REGS, assert_trivial=True)
 
 
@@ -194,16 +230,14 @@ def _wgmma_kernel(
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
     M, N, K, stride_xm,
-    group_offset, zero_offset, segs_per_split, one_bits,
+    group_offset, zero_offset, segs_per_split, base_bits,
     GROUP_SIZE: gl.constexpr,
     BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (TOKEN_TILES)
     BLOCK_N: gl.constexpr,  # output columns per tile: the MMA's M (64 or 128)
     BLOCK_K: gl.constexpr,  # rows per step: a multiple of 32 dividing GROUP_SIZE
-    MANTISSA_SHIFT: gl.constexpr,
     DTYPE: gl.constexpr,  # x's dtype (fp16 or bf16)
     SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
-    PREFETCH: gl.constexpr,  # steps loaded ahead of the one being multiplied: 1 or 2
     EVEN: gl.constexpr,  # no group offset, K a whole number of steps and N of tiles: no masks on the loads
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
@@ -217,8 +251,7 @@ def _wgmma_kernel(
     pid_m = gl.program_id(2)
     offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
     offs_w = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, Q))
-    lshift, rshift = pair_shifts(WORDS, MANTISSA_SHIFT)
-    one_pair = one_bits * 0x10001  # 1.0 in both halves (a run-time value: as a constant ptxas splits the OR)
+    base_pair = base_bits * 0x10001  # R in both halves
     offs_kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
     offs_mx = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
     if EVEN:
@@ -234,13 +267,10 @@ def _wgmma_kernel(
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, group_offset,
                                offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K, EVEN)
-    if PREFETCH == 2:  # the step after it too
-        q1, s1, zw1, xv1 = _step_loads(seg_start + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
-                                       group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
-                                       EVEN)
     for seg in range(seg_start, seg_end):
-        # the loads PREFETCH steps ahead are issued before this step's arithmetic: PREFETCH + 1 steps in flight
-        nq, ns, nzw, nxv = _step_loads(seg + PREFETCH, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
+        # the next step's loads are issued before this step's arithmetic: two steps of weights in flight (three,
+        # with 127 registers instead of 80, was slower on every Llama-70B shape at M = 1 / 16: bench/README.md)
+        nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                        group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
                                        EVEN)
         slot = x_smem.index((seg - seg_start) % 2)
@@ -248,15 +278,10 @@ def _wgmma_kernel(
         fence_async_shared()
         gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
         xt = slot.permute([1, 0])  # x^T [BK, BM]
-        a = a_operand(q, s, zw, offs_nq, lshift, rshift, one_pair, zero_offset, MANTISSA_SHIFT, DTYPE, False, A_REGS,
-                      BLOCK_N, BLOCK_K)
+        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K)
         # one exact MMA per step, scaled per group on the fp32 accumulator
         acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
-        if PREFETCH == 2:
-            q, xv, s, zw = q1, xv1, s1, zw1
-            q1, xv1, s1, zw1 = nq, nxv, ns, nzw
-        else:
-            q, xv, s, zw = nq, nxv, ns, nzw
+        q, xv, s, zw = nq, nxv, ns, nzw
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
@@ -276,15 +301,13 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     m, k = x.shape
     n = qweight.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    prefetch = cfg.get("PREFETCH", 1)
-    if bk % 32 or bn not in (64, 128) or bm not in TOKEN_TILES or prefetch not in (1, 2):
-        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}, "
-                         f"PREFETCH 1 or 2: {cfg}")
-    one_bits, shift = mantissa_args(x.dtype)
+    if bk % 32 or bn not in (64, 128) or bm not in TOKEN_TILES:
+        raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}: "
+                         f"{cfg}")
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
-        one_bits, GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MANTISSA_SHIFT=shift,
+        PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
-        PREFETCH=prefetch, EVEN=even_shape(k, n, group_offset, cfg), WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
+        EVEN=even_shape(k, n, group_offset, cfg), WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
     )

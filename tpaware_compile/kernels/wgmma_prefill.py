@@ -27,8 +27,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import mantissa_args, splits_of, store_split, tl_dtype
-from .wgmma import a_operand, pair_shifts, weight_loads, word_layout
+from .common import splits_of, store_split, tl_dtype
+from .wgmma import PAIR_BASE_BITS, a_operand, weight_loads, word_layout
 
 TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
 
@@ -79,9 +79,9 @@ def _load_x(x_desc, seg, live, pid_m, ready, slot, BLOCK_M: gl.constexpr, BLOCK_
 
 @gluon.jit
 def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m, qw_ptr,
-              qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq, offs_w, lshift, rshift, one_pair,
+              qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq, offs_w, base_pair,
               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-              STAGES: gl.constexpr, MANTISSA_SHIFT: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr):
+              STAGES: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr):
     """Start step's MMA on operand a (async), then, once the previous MMA (operand a_free) is done, unpack the
     next step's operand into a_free's place while this one runs. Returns (acc, next operand, the weights after)."""
     mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
@@ -92,8 +92,7 @@ def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc,
     ahead = step + STAGES - 1
     _load_x(x_desc, seg_start + ahead, ahead < steps, pid_m, ready.index(ahead % STAGES),
             x_smem.index(ahead % STAGES), BLOCK_M, BLOCK_K)
-    nxt = a_operand(q, s, zw, offs_nq, lshift, rshift, one_pair, zero_offset, MANTISSA_SHIFT, DTYPE, True, A_REGS,
-                    BLOCK_N, BLOCK_K)
+    nxt = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K)
     seg = seg_start + step + 2
     q, s, zw = weight_loads(seg, seg < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_nq,
                             GROUP_SIZE, BLOCK_K)
@@ -122,13 +121,12 @@ def _prefill_kernel(
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
     M, N, K,
-    group_offset, zero_offset, segs_per_split, one_bits,
+    group_offset, zero_offset, segs_per_split, base_bits,
     GROUP_SIZE: gl.constexpr,
     BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (TOKEN_TILES)
     BLOCK_N: gl.constexpr,  # output columns per tile: 64 (one MMA) or 128 per warpgroup
     BLOCK_K: gl.constexpr,  # rows per step: a multiple of 32 dividing GROUP_SIZE
     STAGES: gl.constexpr,  # x slots in shared memory
-    MANTISSA_SHIFT: gl.constexpr,
     DTYPE: gl.constexpr,  # x's dtype (fp16 or bf16)
     SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
@@ -144,8 +142,7 @@ def _prefill_kernel(
     pid_m = gl.program_id(2)
     offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
     offs_w = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, Q))
-    lshift, rshift = pair_shifts(WORDS, MANTISSA_SHIFT)
-    one_pair = one_bits * 0x10001  # 1.0 in both halves (a run-time value: as a constant ptxas splits the OR)
+    base_pair = base_bits * 0x10001  # R in both halves (wgmma.PAIR_BASE_BITS)
     x_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -159,8 +156,7 @@ def _prefill_kernel(
         _load_x(x_desc, seg_start + i, i < steps, pid_m, ready.index(i), x_smem.index(i), BLOCK_M, BLOCK_K)
     q, s, zw = weight_loads(seg_start, seg_start < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
                             offs_w, offs_nq, GROUP_SIZE, BLOCK_K)
-    a0 = a_operand(q, s, zw, offs_nq, lshift, rshift, one_pair, zero_offset, MANTISSA_SHIFT, DTYPE, True, A_REGS,
-                   BLOCK_N, BLOCK_K)
+    a0 = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K)
     q, s, zw = weight_loads(seg_start + 1, seg_start + 1 < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
                             offs_nq, offs_w, offs_nq, GROUP_SIZE, BLOCK_K)
     a1 = a0
@@ -168,12 +164,10 @@ def _prefill_kernel(
     for step in range(0, steps, 2):
         acc, a1, q, s, zw = _mma_step(step, a0, a1, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready,
                                       pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq, offs_w,
-                                      lshift, rshift, one_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                                      MANTISSA_SHIFT, DTYPE, A_REGS)
+                                      base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS)
         acc, a0, q, s, zw = _mma_step(step + 1, a1, a0, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem,
                                       ready, pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq,
-                                      offs_w, lshift, rshift, one_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                                      MANTISSA_SHIFT, DTYPE, A_REGS)
+                                      offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS)
     acc = warpgroup_mma_wait(0, deps=[acc, a0, a1])[0]
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -198,11 +192,10 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
     if list(px.desc.block_shape) != [bm, bk] or px.group_offset != group_offset:
         raise ValueError(f"x was prepared for {px.desc.block_shape} tiles at group offset {px.group_offset}, not "
                          f"{[bm, bk]} at {group_offset}")
-    one_bits, shift = mantissa_args(x.dtype)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _prefill_kernel[grid](
-        px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, group_offset, zero_offset, per, one_bits,
-        GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, MANTISSA_SHIFT=shift,
+        px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, group_offset, zero_offset, per,
+        PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps,
         WORDS=word_layout(bn, bk, warps), num_warps=warps,
     )
