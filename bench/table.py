@@ -7,6 +7,7 @@ bench_model.py (rows by model and variant).
 """
 
 import json
+import re
 import sys
 from collections import defaultdict
 
@@ -42,9 +43,40 @@ def kernel_table(d):
         cols.append(kernel_name(t["config"]) if t else "")
         print("| " + " | ".join(str(c) for c in cols) + " |")
     perm_table(cells)
+    before_table(cells, d.get("before_commit"))
     wgmma_table(cells)
     rows_table(cells)
     serial_table(cells)
+
+
+def before_table(cells, before_commit):
+    """tpaware against the same rows at an earlier commit run in the same call (tpaware_before, and any
+    tpaware_<commit>); both runs where a row has runs_us."""
+    others = sorted({p for row in cells.values() for p in row
+                     if p == "tpaware_before" or re.fullmatch(r"tpaware_[0-9a-f]{7}", p)})
+    rows = [(key, row) for key, row in cells.items() if "tpaware" in row and any(p in row for p in others)]
+    if not rows:
+        return
+    names = [f"{p} ({before_commit})" if p == "tpaware_before" else p for p in others]
+    print("\ntpaware against earlier commits, same call (us, CUDA-graph per-call; a / b: two runs):\n")
+    print("| model | TP | layer | K x N | M | tpaware | % roof | x floor | " + " | ".join(names)
+          + " | tpaware / " + " | tpaware / ".join(names) + " |")
+    print("|---" * (8 + 2 * len(others)) + "|")
+    for (model, tp, layer, k, n, m), row in rows:
+        t = row["tpaware"]
+        cols = [model, tp, layer, f"{k}x{n}", m, _runs(t), f"{t['pct_roof']:.0f}%",
+                f"{t['median_us'] / t['floor_us']:.2f}"]
+        cols += [_runs(row.get(p)) for p in others]
+        cols += [f"{_best(t) / _best(row[p]):.3f}" if p in row else "" for p in others]
+        print("| " + " | ".join(str(c) for c in cols) + " |")
+
+
+def _runs(r):
+    return "" if r is None else " / ".join(f"{v:.1f}" for v in r.get("runs_us", [r["median_us"]]))
+
+
+def _best(r):
+    return min(r.get("runs_us", [r["median_us"]]))
 
 
 def serial_table(cells):
