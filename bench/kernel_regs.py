@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 gemv_prep = importlib.import_module("tpaware_compile.kernels.gemv_prep")
 wgmma = importlib.import_module("tpaware_compile.kernels.wgmma")
 prefill = importlib.import_module("tpaware_compile.kernels.wgmma_prefill")
-from tpaware_compile.kernels.common import mantissa_args, tl_dtype  # noqa: E402
+from tpaware_compile.kernels.common import tl_dtype  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 CUOBJDUMP = os.path.join(os.path.dirname(PTXAS), "cuobjdump")
@@ -57,12 +57,13 @@ def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
 
 def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128, even=True):
     """The Hopper kernel (wgmma.py) compiled for sm_90a: compiling checks that the unpacked weights reach the MMA
-    operand layout without data movement (its convert_layout asserts it)."""
+    operand layout without data movement (its convert_layout asserts it). even: the loads without masks that the
+    launch picks where wgmma.even_shape holds (the TP shards), else the masked ones."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = wgmma._wgmma_kernel
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial, SWIGLU=swiglu, EVEN=even, WORDS=wgmma.word_layout(block_n, block_k),
-                  XL=wgmma.x_layout(block_m, block_k))
+                  DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial, SWIGLU=swiglu, EVEN=even,
+                  WORDS=wgmma.word_layout(block_n, block_k), XL=wgmma.x_layout(block_m, block_k))
     sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": f"*{dtype}", "out_ptr": "*fp32",
            "final_ptr": f"*{dtype}", "count_ptr": "*i32", "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32",
@@ -81,7 +82,8 @@ def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", 
     fn = prefill._prefill_kernel
     tl_type = tl_dtype(DTYPES[dtype])
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps, WORDS=wgmma.word_layout(block_n, block_k, warps))
+                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps,
+                  WORDS=wgmma.word_layout(block_n, block_k, warps))
     layout = prefill.x_smem_layout(block_m, block_k, tl_type)
     sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",
            "sc_ptr": f"*{dtype}", "out_ptr": f"*{out}", "final_ptr": f"*{dtype}", "count_ptr": "*i32",

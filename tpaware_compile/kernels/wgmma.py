@@ -35,10 +35,10 @@ from .common import splits_of, store_split, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
-TOKEN_TILES = (16, 32, 64)
+TOKEN_TILES = (16, 32, 64)  # the MMA's N; 8 faulted on an H100 with triton 3.6, 128 spills (x is in registers)
 # x's dtype -> bits of the 16-bit float R OR-ed over each nibble pair's field (pair_fields, unpack_pairs); a
 # kernel argument, not a constant: as a constant ptxas splits the AND-OR in two
-PAIR_BASE_BITS = {torch.float16: 0x6400, torch.bfloat16: 0x3F80}  # 1024.0, 1.0  # the MMA's N; 8 faulted on an H100 with triton 3.6, 128 spills (x is in registers)
+PAIR_BASE_BITS = {torch.float16: 0x6400, torch.bfloat16: 0x3F80}  # 1024.0, 1.0
 
 
 def _powers(n):
@@ -289,7 +289,7 @@ def _wgmma_kernel(
 
 def even_shape(k: int, n: int, group_offset: int, cfg: dict) -> bool:
     """Whether every K-step and output tile lies inside the matrix, so the kernel may load without masks (its
-    bounds checks were an eighth of the decode loop's instructions, bench/kernel_regs.py); config MASKED forces
+    bounds checks were a seventh of the decode loop's instructions, bench/kernel_regs.py); config MASKED forces
     the masked loads."""
     return group_offset == 0 and k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0 and not cfg.get("MASKED")
 
