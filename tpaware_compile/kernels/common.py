@@ -143,25 +143,11 @@ def store_split(y, part_ptr, out_ptr, count_ptr, gate_ptr, pid_k, MN, offs, mask
 
 @triton.jit
 def _sum_splits(part_ptr, split_k, MN, offs, mask):
-    """The sum of the split_k partials at offs, added in split order. Four partials are loaded before any is
-    added, so the tile's last program waits for L2 once per four partials rather than once per partial (it runs
-    when the other programs are done: its latency is the launch's tail). Loads past split_k read 0.0, which
-    leaves the sum as it is. Starts from partial 0 rather than zeros so that no layout is named here: Gluon
-    kernels call this too."""
-    acc = _partial(part_ptr, 0, split_k, MN, offs, mask)
-    for i in range(1, split_k, 4):
-        p1 = _partial(part_ptr, i, split_k, MN, offs, mask)
-        p2 = _partial(part_ptr, i + 1, split_k, MN, offs, mask)
-        p3 = _partial(part_ptr, i + 2, split_k, MN, offs, mask)
-        p4 = _partial(part_ptr, i + 3, split_k, MN, offs, mask)
-        acc = (((acc + p1) + p2) + p3) + p4
+    # starts from partial 0 rather than zeros so that no layout is named here: Gluon kernels call this too
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")  # .cg: from L2, where the
+    for i in range(1, split_k):  # other programs' stores are
+        acc += tl.load(part_ptr + i * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
     return acc
-
-
-@triton.jit
-def _partial(part_ptr, i, split_k, MN, offs, mask):
-    # .cg: from L2, where the other programs' stores are
-    return tl.load(part_ptr + i * MN + offs, mask=mask & (i < split_k), other=0.0, cache_modifier=".cg")
 
 
 def cuda_index(device) -> int:
