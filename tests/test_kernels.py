@@ -421,6 +421,16 @@ def test_decode_split_matches_sweep(n, best, monkeypatch):
     assert K.pick_config(1, 8192, n, 128, torch.device("cuda", 0), wgmma=True)["SPLIT_K"] == best
 
 
+def test_decode_programs_per_sm_from_registers():
+    """decode_split counts DECODE_PROGRAMS_PER_SM programs of the 16-token wgmma tile per SM: what its registers
+    allow (sm_90a, compiled here; 64K registers per SM, allocated per warp in steps of 8 per thread)."""
+    from tpaware_compile.kernels import DECODE_PROGRAMS_PER_SM
+    from tpaware_compile.kernels.wgmma import NUM_WARPS
+    kernel_regs = _sm90_compiler()
+    regs = kernel_regs.ptxas_usage(kernel_regs.compile_wgmma(16, 64, 128))[0]
+    assert 65536 // (-(-regs // 8) * 8 * 32 * NUM_WARPS) == DECODE_PROGRAMS_PER_SM, regs
+
+
 # (K, N, M, the fastest split-K of the 256-token prefill tiles): H100 sweeps, bench/results/sweep_split_* (splits
 # 1..5) and sweep_prefill_* (1, 2, 4)
 PREFILL_SPLIT_SWEPT = [(5120, 13824, 256, 1), (5120, 13824, 512, 1), (13824, 5120, 256, 3), (13824, 5120, 512, 3),
