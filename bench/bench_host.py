@@ -134,20 +134,22 @@ def main():
     head = header()
     print(head, flush=True)
     hidden, inter = MODELS[a.model]
+    ms = [int(s) for s in a.ms.split(",")]
     rows, profiles = dispatch_rows(a.calls), []
     _lib = library_ops()  # held: the tpaware_host ops live as long as their Library object
     for kind, k, n in (("swiglu", hidden, inter), ("mm", inter, hidden)):
         ws = make_gptq(k, n, 2)
-        for m in (int(s) for s in a.ms.split(",")):
+        for m in ms:
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-            for name, fn in paths(kind, x, ws).items():
+            fns = paths(kind, x, ws)
+            for name, fn in fns.items():
                 row = dict(model=a.model, kind=kind, K=k, N=n, M=m, path=name, host_us=host_us(fn, a.calls),
                            gpu_us=graph_us([fn], calls=20))
                 rows.append(row)
                 print(f"{kind:>6} K={k:5d} N={n:5d} M={m:4d} {name:>8}: host {row['host_us']:7.1f} us   "
                       f"gpu {row['gpu_us']:7.1f} us", flush=True)
-            if a.cprofile and m == max(int(s) for s in a.ms.split(",")):
-                text = profile_text(paths(kind, x, ws)["op"], a.calls)
+            if a.cprofile and m == max(ms):
+                text = profile_text(fns["op"], a.calls)
                 profiles.append(f"== {kind} M={m} op, {a.calls} calls\n{text}")
                 print(profiles[-1], flush=True)
     with open(a.out, "w") as f:

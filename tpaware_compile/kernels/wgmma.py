@@ -165,7 +165,7 @@ def weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
     when not live: the prefetch past the last step). EVEN: the caller's promise that step seg lies inside the
     matrix (no group offset, K and N whole steps and tiles; live is then not looked at), so no masks."""
     g = (seg * BLOCK_K) // GROUP_SIZE
-    if EVEN:
+    if EVEN:  # group_offset is 0: the words' index without the signed division below (fewer instructions)
         words = seg * (BLOCK_K // 8) + offs_w
         q = gl.load(qw_ptr + gl.expand_dims(words, 0) * N + gl.expand_dims(offs_nq, 1))
         s = gl.load(sc_ptr + g * N + offs_s)
