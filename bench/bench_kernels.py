@@ -26,6 +26,7 @@ import triton.language as tl
 
 from tpaware_compile.kernels import (PREFILL_MAX_M, common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx,
                                     gptq_mm_sorted, pick_config)
+from tpaware_compile.layout import tile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import graph_us, header  # noqa: E402
@@ -33,8 +34,9 @@ from timing import graph_us, header  # noqa: E402
 GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
-PROVIDERS = ("tpaware", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded", "tpaware_perm_gather",
-             "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch")
+PROVIDERS = ("tpaware", "tpaware_tiled", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded",
+             "tpaware_perm_gather", "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch")
+# tpaware_tiled: tpaware's dispatch on the same weights with qweight in the tiled layout (layout.py)
 # tpaware_tldot: where tpaware runs the wgmma kernels (sm_90, M = 1..256 or 1024), the config it ran before them
 # (the GEMVs at M = 1, the two-row GEMV at M = 2, tl.dot kernels up to 128, dequantize + cuBLAS above)
 # x[..., P1] before the first layers (TP-aware rewrite): read inside the kernel, or an index_select launch first.
@@ -194,12 +196,14 @@ def own_config(provider, k, n, m, device):
         return pick_config(m, k, n, GROUP, device, wgmma=False)
     if provider == "tpaware_reduce_launch":
         return dict(cfg, SERIAL=False)
-    return cfg if provider == "tpaware" or provider in PERM_PROVIDERS else None
+    return cfg if provider in ("tpaware", "tpaware_tiled") or provider in PERM_PROVIDERS else None
 
 
 def provider_fns(provider, copies, x, k, n, m, perm):
     if provider == "tpaware":
         return tpaware_fns(copies, x)
+    if provider == "tpaware_tiled":
+        return tpaware_fns([(tile(qw), qz, sc) for qw, qz, sc in copies], x)
     if provider in ("tpaware_rows", "tpaware_reduce_launch", "tpaware_tldot"):
         return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
     if provider in PERM_PROVIDERS:
@@ -238,7 +242,8 @@ def skip(provider, model, tp, layer, m):
     if provider == "tpaware_tldot":
         return m > PREFILL_MAX_M
     if m in ROWS_MS:
-        return provider not in ("tpaware", "tpaware_rows", "torch_int4", "cublas_fp16", "tpaware_tldot")
+        return provider not in ("tpaware", "tpaware_tiled", "tpaware_rows", "torch_int4", "cublas_fp16",
+                                "tpaware_tldot")
     # the per-row g_idx kernel is 100x slower than the rest: its M = 256 rows (65 ms a call at TP 1) are in the
     # full file of 5d21f9e
     return provider == "tpaware_rows" or (provider == "torch_int4" and m > 256) or (provider == "gidx_triton"

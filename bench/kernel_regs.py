@@ -31,8 +31,8 @@ from tpaware_compile.kernels.common import tl_dtype  # noqa: E402
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 CUOBJDUMP = os.path.join(os.path.dirname(PTXAS), "cuobjdump")
 ARGS = {"xp_ptr": "*fp32", "c_ptr": "*fp32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16",
-        "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "KPAD": "i32", "group_offset": "i32",
-        "zero_offset": "i32", "segs_per_split": "i32", "one_bits": "i32"}
+        "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "KPAD": "i32", "stride_q": "i32",
+        "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32", "one_bits": "i32"}
 # (ROWS, BLOCK_N, BLOCK_K, num_warps); ROWS 1 is the one-row kernel (pick_config's M = 1 configs)
 CONFIGS = [(1, 256, 64, 4), (1, 512, 32, 4), (2, 256, 32, 4), (2, 512, 32, 8), (2, 256, 64, 4), (4, 256, 16, 4),
            (4, 512, 16, 8), (4, 256, 32, 8), (4, 128, 64, 4), (8, 128, 16, 4), (8, 256, 16, 8), (8, 128, 64, 4)]
@@ -45,52 +45,55 @@ def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
     """The one-row (rows 1) or multi-row GEMV on prepared x, compiled for sm_90a as the JIT would specialize it."""
     fn = gemv_prep._gemv_prep_kernel if rows == 1 else gemv_prep._gemv_prep_rows_kernel
     # as pick_config runs them: the split-K reduced inside the launch (SERIAL), not a SwiGLU's up launch
-    consts = dict(GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=block_n, SERIAL=True, SWIGLU=False,
+    consts = dict(GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=block_n, SERIAL=True, SWIGLU=False, TILED=False,
                   **({} if rows == 1 else {"ROWS": rows}))
     serial_args = {"final_ptr": "*fp16", "count_ptr": "*i32", "gate_ptr": "*fp32"}
     sig = dict(ARGS, **serial_args, **{k: "constexpr" for k in consts})
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
-               if sig[a].startswith("*") or a in ("N", "K", "KPAD")}
+               if sig[a].startswith("*") or a in ("N", "K", "KPAD", "stride_q")}
     return triton.compile(ASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=1))
 
 
-def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128, even=True):
+def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128, even=True,
+                  tiled=False, maxnreg=None):
     """The Hopper kernel (wgmma.py) compiled for sm_90a: compiling checks that the unpacked weights reach the MMA
     operand layout without data movement (its convert_layout asserts it). even: the loads without masks that the
-    launch picks where wgmma.even_shape holds (the TP shards), else the masked ones."""
+    launch picks where wgmma.even_shape holds (the TP shards), else the masked ones; tiled: qweight in the tiled
+    layout (layout.py), else N-major; maxnreg: a register cap, as the launch sets one (wgmma.register_cap)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = wgmma._wgmma_kernel
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial, SWIGLU=swiglu, EVEN=even,
-                  WORDS=wgmma.word_layout(block_n, block_k), XL=wgmma.x_layout(block_m, block_k))
+                  DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial, SWIGLU=swiglu, EVEN=even, TILED=tiled,
+                  WORDS=wgmma.word_layout(block_n, block_k, wgmma.NUM_WARPS, tiled),
+                  XL=wgmma.x_layout(block_m, block_k))
     sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": f"*{dtype}", "out_ptr": "*fp32",
            "final_ptr": f"*{dtype}", "count_ptr": "*i32", "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32",
+           "stride_xm": "i32", "stride_q": "i32", "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32",
            "base_bits": "i32", **{k: "constexpr" for k in consts}}
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
-               if sig[a].startswith("*") or a in ("N", "K", "stride_xm")}
+               if sig[a].startswith("*") or a in ("N", "K", "stride_xm", "stride_q")}
     return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=wgmma.NUM_WARPS))
+                          options=dict(num_warps=wgmma.NUM_WARPS, maxnreg=maxnreg))
 
 
 def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", serial=False, swiglu=False,
-                    group_size=128, out="fp32"):
+                    group_size=128, out="fp32", tiled=False):
     """The Hopper prefill kernel (wgmma_prefill.py, x through TMA) compiled for sm_90a; out: the dtype it stores
     (fp32 partials, or x's dtype without split-K)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = prefill._prefill_kernel
     tl_type = tl_dtype(DTYPES[dtype])
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps,
-                  WORDS=wgmma.word_layout(block_n, block_k, warps))
+                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps, TILED=tiled,
+                  WORDS=wgmma.word_layout(block_n, block_k, warps, tiled))
     layout = prefill.x_smem_layout(block_m, block_k, tl_type)
     sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",
            "sc_ptr": f"*{dtype}", "out_ptr": f"*{out}", "final_ptr": f"*{dtype}", "count_ptr": "*i32",
-           "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "group_offset": "i32", "zero_offset": "i32",
-           "segs_per_split": "i32", "base_bits": "i32", **{k: "constexpr" for k in consts}}
+           "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_q": "i32", "group_offset": "i32",
+           "zero_offset": "i32", "segs_per_split": "i32", "base_bits": "i32", **{k: "constexpr" for k in consts}}
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
-               if sig[a].startswith("*") or a in ("N", "K")}
+               if sig[a].startswith("*") or a in ("N", "K", "stride_q")}
     return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps))
 

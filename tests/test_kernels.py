@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpaware_compile import gptq  # noqa: E402
+from tpaware_compile.layout import tile  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-4}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -87,13 +88,23 @@ def _interp_cases():
 
 
 CASES = _interp_cases()
+# qweight in the tiled layout (layout.py): the first case of every sorted-group kind, ragged M, group offsets and
+# split-K included
+TILED_CASES = [dict(c, tiled=True, seed=c["seed"] + 500) for c in
+               {c["kind"]: c for c in reversed(CASES) if c["kind"] != "gidx"}.values()]
+
+
+def kernel_qweight(c, w):
+    """The qweight a case hands the kernels: w's, or tiled (layout.tile) for a case with ``tiled``."""
+    return tile(w.qweight) if c.get("tiled") else w.qweight
 
 
 def case_id(c):
     sym = "sym" if c["sym"] else "asym"
     perm = f"-perm_{c['perm']}" if c.get("perm") else ""
+    layout = "-tiled" if c.get("tiled") else ""
     return (f"{c['kind']}-m{c['m']}-sk{c['split_k']}-gs{c['gs']}-off{c['off']}-v{2 - c['zo']}-{sym}-{c['dtype']}"
-            f"-n{c['n']}{perm}")
+            f"-n{c['n']}{perm}{layout}")
 
 
 PERM_DTYPES = {"i32": torch.int32, "i64": torch.int64}
@@ -130,8 +141,8 @@ def run_case(c, device="cpu", config=None):
     else:
         cfg = config if config is not None else (interp_config(c["kind"], c["n"], c["gs"], c["k"], c["split_k"])
                                                  if device == "cpu" else None)
-        y = gptq_mm_sorted(x, w.qweight, w.qzeros, w.scales, w.group_size, w.group_offset, w.zero_offset, config=cfg,
-                           perm=xperm)
+        y = gptq_mm_sorted(x, kernel_qweight(c, w), w.qzeros, w.scales, w.group_size, w.group_offset, w.zero_offset,
+                           config=cfg, perm=xperm)
     ref = gptq.reference_matmul(permuted(x, xperm), w)
     assert y.shape == ref.shape and y.dtype == ref.dtype, (y.shape, y.dtype)
     if not torch.isfinite(y).all():
@@ -169,8 +180,9 @@ def run_swiglu_case(c, device="cpu", config=None):
     perm = random_perm(c, gen, device)
     cfg = config if config is not None else (interp_config(c["kind"], c["n"], c["gs"], c["k"], c["split_k"])
                                              if device == "cpu" else None)
-    y = gptq_swiglu_sorted(x, (gate.qweight, gate.qzeros, gate.scales), (up.qweight, up.qzeros, up.scales),
-                           gate.group_size, gate.group_offset, gate.zero_offset, config=cfg, perm=perm)
+    y = gptq_swiglu_sorted(x, (kernel_qweight(c, gate), gate.qzeros, gate.scales),
+                           (kernel_qweight(c, up), up.qzeros, up.scales), gate.group_size, gate.group_offset,
+                           gate.zero_offset, config=cfg, perm=perm)
     xr = permuted(x, perm).float()
     ref = torch.nn.functional.silu(gptq.reference_matmul(xr, gate)) * gptq.reference_matmul(xr, up)
     assert y.shape == ref.shape and y.dtype == x.dtype
@@ -178,6 +190,7 @@ def run_swiglu_case(c, device="cpu", config=None):
 
 
 SWIGLU_PERM_CASES = [dict(c, perm=pd, seed=c["seed"] + 400) for c, pd in zip(SWIGLU_CASES, ("i64", "i32") * 4)]
+SWIGLU_TILED_CASES = [dict(c, tiled=True, seed=c["seed"] + 500) for c in SWIGLU_CASES[::3]]
 
 
 def _op_checks() -> dict:
@@ -230,12 +243,12 @@ def _worker():
             results[case_id(c)] = run_case(c)
         except Exception as e:  # reported per case by the parent
             results[case_id(c)] = f"{type(e).__name__}: {e}"
-    for c in PERM_CASES:
+    for c in PERM_CASES + TILED_CASES:
         try:
             results[case_id(c)] = run_case(c)
         except Exception as e:
             results[case_id(c)] = f"{type(e).__name__}: {e}"
-    for c in SWIGLU_CASES + SWIGLU_PERM_CASES:
+    for c in SWIGLU_CASES + SWIGLU_PERM_CASES + SWIGLU_TILED_CASES:
         try:
             results["swiglu-" + case_id(c)] = run_swiglu_case(c)
         except Exception as e:
@@ -291,6 +304,19 @@ def test_perm_interpreter(case, interp_results):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", SWIGLU_PERM_CASES, ids=case_id)
 def test_swiglu_perm_interpreter(case, interp_results):
+    _assert_within_tol(interp_results["swiglu-" + case_id(case)], case)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", TILED_CASES, ids=case_id)
+def test_tiled_interpreter(case, interp_results):
+    """Every sorted-group kernel kind reading qweight in the tiled layout (layout.py)."""
+    _assert_within_tol(interp_results[case_id(case)], case)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", SWIGLU_TILED_CASES, ids=case_id)
+def test_swiglu_tiled_interpreter(case, interp_results):
     _assert_within_tol(interp_results["swiglu-" + case_id(case)], case)
 
 
@@ -421,14 +447,18 @@ def test_decode_split_matches_sweep(n, best, monkeypatch):
     assert K.pick_config(1, 8192, n, 128, torch.device("cuda", 0), wgmma=True)["SPLIT_K"] == best
 
 
-def test_decode_programs_per_sm_from_registers():
-    """decode_split counts DECODE_PROGRAMS_PER_SM programs of the 16-token wgmma tile per SM: what its registers
-    allow (sm_90a, compiled here; 64K registers per SM, allocated per warp in steps of 8 per thread)."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_decode_programs_per_sm_from_registers(tiled):
+    """decode_split counts DECODE_PROGRAMS_PER_SM programs of the 16-token wgmma tile per SM at one token: what its
+    registers allow, on N-major words and on tiled ones with the launch's register cap (sm_90a, compiled here; 64K
+    registers per SM, allocated per warp in steps of 8 per thread)."""
     from tpaware_compile.kernels import DECODE_PROGRAMS_PER_SM
-    from tpaware_compile.kernels.wgmma import NUM_WARPS
+    from tpaware_compile.kernels.wgmma import NUM_WARPS, register_cap
     kernel_regs = _sm90_compiler()
-    regs = kernel_regs.ptxas_usage(kernel_regs.compile_wgmma(16, 64, 128))[0]
+    cap = register_cap(1, 16, tiled)
+    regs = kernel_regs.ptxas_usage(kernel_regs.compile_wgmma(16, 64, 128, tiled=tiled, maxnreg=cap))[0]
     assert 65536 // (-(-regs // 8) * 8 * 32 * NUM_WARPS) == DECODE_PROGRAMS_PER_SM, regs
+    assert (cap is None) != tiled and register_cap(2, 16, tiled) is None and register_cap(1, 32, tiled) is None
 
 
 # (K, N, M, the fastest split-K of the 256-token prefill tiles): H100 sweeps, bench/results/sweep_split_* (splits
@@ -485,20 +515,32 @@ def test_gemv_rows_configs_fit_registers():
         assert spill_st == spill_ld == 0 and regs <= 255, (m, cfg, regs, spill_st, spill_ld)
 
 
-@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu,even", [(16, 64, 128, "fp16", True, False, True),
-                                                              (16, 128, 64, "bf16", False, False, False),
-                                                              (32, 64, 32, "fp16", True, True, False),
-                                                              (32, 64, 128, "bf16", True, True, True),
-                                                              (64, 64, 128, "bf16", True, False, True)])
-def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu, even):
+@pytest.mark.parametrize("bm,bn,bk,dtype,serial,swiglu,even,tiled", [
+    (16, 64, 128, "fp16", True, False, True, False), (16, 64, 128, "fp16", True, False, True, True),
+    (16, 128, 64, "bf16", False, False, False, False), (16, 128, 64, "bf16", False, False, False, True),
+    (32, 64, 32, "fp16", True, True, False, False), (32, 64, 32, "fp16", True, True, False, True),
+    (32, 64, 128, "bf16", True, True, True, False), (64, 64, 128, "bf16", True, False, True, True)])
+def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu, even, tiled):
     """Compiled for sm_90a here (no GPU; Gluon does not run under the interpreter): the unpacked weights become
     the MMA's A operand with no data movement (the kernel's convert_layout asserts it while compiling), and the
     SASS issues wgmma with A in registers (``HGMMA ... R<a>, gdesc[...]``, not a shared-memory descriptor)."""
     kernel_regs = _sm90_compiler()
-    code = kernel_regs.sass(kernel_regs.compile_wgmma(bm, bn, bk, dtype, serial, swiglu, even=even))
+    code = kernel_regs.sass(kernel_regs.compile_wgmma(bm, bn, bk, dtype, serial, swiglu, even=even, tiled=tiled))
     mma = [line for line in code.splitlines() if "HGMMA" in line]
     assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
     assert len(mma) == bk // 16 * bn // 64, len(mma)  # one per 16 rows of K and 64 output columns
+
+
+def test_wgmma_tiled_words_load_as_vectors():
+    """With tiled words (layout.py) a thread's words of a column in a step are contiguous: the decode kernel's K-step
+    loop loads them as 16-byte vectors (two per thread at 16 x 64 x 128, beside x's two) instead of eight 4-byte
+    loads, and is shorter (sm_90a SASS, compiled here)."""
+    kernel_regs = _sm90_compiler()
+    loops = {tiled: kernel_regs.loop_body(kernel_regs.sass(kernel_regs.compile_wgmma(16, 64, 128, tiled=tiled)))
+             for tiled in (True, False)}
+    wide = {tiled: sum("LDG.E.128" in line for line in body) for tiled, body in loops.items()}
+    assert wide == {True: 4, False: 2}, wide
+    assert len(loops[True]) < 0.9 * len(loops[False]), {k: len(v) for k, v in loops.items()}
 
 
 def test_wgmma_even_loop_has_no_bounds_checks():
@@ -517,12 +559,14 @@ def test_wgmma_even_loop_has_no_bounds_checks():
     assert not even_shape(8192, 3584, 0, dict(cfg, MASKED=True))
 
 
-@pytest.mark.parametrize("bm,bn,bk,stages,warps,dtype", [(128, 128, 64, 3, 8, "fp16"), (256, 128, 64, 3, 8, "bf16"),
-                                                         (64, 64, 128, 2, 4, "fp16")])
-def test_prefill_weights_reach_mma_in_registers(bm, bn, bk, stages, warps, dtype):
+@pytest.mark.parametrize("bm,bn,bk,stages,warps,dtype,tiled", [(128, 128, 64, 3, 8, "fp16", False),
+                                                               (256, 128, 64, 3, 8, "bf16", True),
+                                                               (64, 64, 128, 2, 4, "fp16", False),
+                                                               (64, 128, 128, 3, 8, "fp16", True)])
+def test_prefill_weights_reach_mma_in_registers(bm, bn, bk, stages, warps, dtype, tiled):
     """The prefill kernel (wgmma_prefill.py) compiled for sm_90a: as the decode kernel, A in registers; no spills."""
     kernel_regs = _sm90_compiler()
-    kernel = kernel_regs.compile_prefill(bm, bn, bk, stages, warps, dtype)
+    kernel = kernel_regs.compile_prefill(bm, bn, bk, stages, warps, dtype, tiled=tiled)
     mma = [line for line in kernel_regs.sass(kernel).splitlines() if "HGMMA" in line]
     assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
     # one per 16 rows of K and 64 output columns per warpgroup, in each of the two steps of the loop's body
@@ -560,18 +604,32 @@ def test_prefill_x_order(off):
     assert torch.equal(x_in_mma_order(x, off), padded[:, src])
 
 
+@pytest.mark.parametrize("off,bk", [(0, 64), (8, 128), (24, 32)])
+def test_prefill_x_order_tiled(off, bk):
+    """For tiled weights (a thread's words (bk / 32) t + b of each step): zeros to a whole step behind, and within
+    each bk-column step position 32b + 16h + 8c + 2t + e holds column 8 ((bk / 32) t + b) + 4e + 2h + c."""
+    from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
+    x = torch.randn(3, 200)
+    padded = torch.cat([torch.zeros(3, off), x, torch.zeros(3, (-(200 + off)) % bk)], dim=1)
+    blocks = bk // 32
+    src = [s * bk + 8 * (blocks * t + b) + 4 * e + 2 * h + c for s in range(padded.shape[1] // bk)
+           for b in range(blocks) for h in range(2) for c in range(2) for t in range(4) for e in range(2)]
+    assert torch.equal(x_in_mma_order(x, off, bk, tiled=True), padded[:, src])
+
+
 def test_prefill_x_must_match_launch():
     """x prepared once for a SwiGLU's two prefill launches (prefill_x) holds the reordered x and a descriptor for one
     tile shape and group offset; a launch with other tiles or another offset is refused before anything runs."""
     from tpaware_compile.kernels.wgmma_prefill import launch_prefill, prefill_x, x_in_mma_order
     cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8)
     x = torch.randn(40, 256).half()
-    px = prefill_x(x, 8, cfg)
+    px = prefill_x(x, 8, cfg, tiled=False)
     assert torch.equal(px.desc.base, x_in_mma_order(x, 8)) and px.shape == x.shape and px.dtype == x.dtype
     w = torch.zeros(32, 256, dtype=torch.int32)
-    for bad_cfg, bad_off in ((dict(cfg, BLOCK_M=128), 8), (dict(cfg, BLOCK_K=128), 8), (cfg, 0)):
+    for bad_cfg, bad_off, bad_w in ((dict(cfg, BLOCK_M=128), 8, w), (dict(cfg, BLOCK_K=128), 8, w), (cfg, 0, w),
+                                    (cfg, 8, tile(w))):
         with pytest.raises(ValueError, match="prepared for"):
-            launch_prefill(px, w, None, None, 64, bad_off, 0, None, 1, bad_cfg)
+            launch_prefill(px, bad_w, None, None, 64, bad_off, 0, None, 1, bad_cfg)
 
 
 def _dequant_exact(device) -> dict:
@@ -579,15 +637,17 @@ def _dequant_exact(device) -> dict:
     from tpaware_compile.kernels import INTERPRET, dequantize_sorted
     out = {}
     for dtype in (torch.float16, torch.float32) if INTERPRET else tuple(DTYPES.values()):
-        for gs, off, zo in ((64, 8, 1), (32, 0, 0), (-1, 0, 1), (128, 120, 0)):
+        for gs, off, zo, tiled in ((64, 8, 1, False), (32, 0, 0, True), (-1, 0, 1, False), (128, 120, 0, True)):
             w = make_weight(256, 64, gs, off, zo, False, dtype, device)
-            got = dequantize_sorted(w.qweight, w.qzeros, w.scales, w.group_size, off, zo, dtype)
-            out[f"{dtype}-{gs}-{off}-{zo}"] = bool(torch.equal(got, gptq.dequantize(w, dtype)))
+            qweight = tile(w.qweight) if tiled else w.qweight
+            got = dequantize_sorted(qweight, w.qzeros, w.scales, w.group_size, off, zo, dtype)
+            name = f"{dtype}-{gs}-{off}-{zo}{'-tiled' if tiled else ''}"
+            out[name] = bool(torch.equal(got, gptq.dequantize(w, dtype)))
     return out
 
 
 def test_rejects_bad_args():
-    from tpaware_compile.kernels import check_sorted_args
+    from tpaware_compile.kernels import check_sorted_args, gptq_mm_gidx
     w = make_weight(256, 64, 64, 0, 0, False, torch.float16)
     x = torch.randn(2, 256).half()
     with pytest.raises(ValueError):
@@ -596,6 +656,14 @@ def test_rejects_bad_args():
         check_sorted_args(x, w.qweight, w.qzeros, w.scales, 32, 0, 0)  # groups do not fit
     with pytest.raises(ValueError):
         check_sorted_args(x, w.qweight, w.qzeros, w.scales, 64, 4, 0)  # offset not a multiple of 8
+    tiled = tile(make_weight(256, 128, 64, 0, 0, False, torch.float16).qweight)
+    check_sorted_args(x, tiled, w.qzeros.repeat(1, 2), w.scales.repeat(1, 2), 64, 0, 0)  # [2, 2, 64, 16]: N = 128
+    with pytest.raises(ValueError, match="contiguous"):  # the same shape, but not tile()'s memory order
+        check_sorted_args(x, tiled.transpose(0, 1), w.qzeros.repeat(1, 2), w.scales.repeat(1, 2), 64, 0, 0)
+    with pytest.raises(ValueError, match="tiled"):
+        check_sorted_args(x, tiled.transpose(2, 3), w.qzeros.repeat(1, 2), w.scales.repeat(1, 2), 64, 0, 0)
+    with pytest.raises(ValueError, match="as stored"):
+        gptq_mm_gidx(x, tiled, w.qzeros, w.scales, torch.zeros(256, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("bad", ["short", "2d", "float", "int16", "list", "other_device"])
@@ -694,10 +762,12 @@ def config_id(value):
 @pytest.mark.parametrize("kind,m,cfg", GPU_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("gs,off", [(32, 16), (128, 64), (-1, 0)])
-def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off):
+@pytest.mark.parametrize("layout", ["nmajor", "tiled"])
+def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off, layout):
     gs_rows = 1024 if gs == -1 else gs
     bk = min(cfg.get("BLOCK_K", 8), gs_rows)
-    case = dict(kind=kind, m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m)
+    case = dict(kind=kind, m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
+                tiled=layout == "tiled")
     _poison()
     err = run_case(case, "cuda", config=dict(cfg, kind=kind, BLOCK_K=bk))
     assert err < TOL[DTYPES[dtype]], f"rel err {err}"
@@ -766,7 +836,8 @@ def test_swiglu_serial_gpu(kind, cfg, m, dtype, perm):
                                                  (40, "fp16", -1, 0, 4), (300, "bf16", 128, 64, 2),
                                                  (300, "fp16", 32, 0, 2), (300, "fp16", 128, 0, 1),
                                                  (300, "bf16", 128, 64, 1), (100, "fp16", 32, 8, 1)])
-def test_swiglu_wgmma_gpu(m, dtype, gs, off, split):
+@pytest.mark.parametrize("layout", ["nmajor", "tiled"])
+def test_swiglu_wgmma_gpu(m, dtype, gs, off, split, layout):
     """The SwiGLU through the Hopper kernels (forced configs): up's launch applies silu(gate) * up in its last
     program per tile (one-launch split-K); from M = 100 the prefill kernel (one reordered x for both launches),
     whose partials (one split or two) the epilogue kernel reduces."""
@@ -776,7 +847,8 @@ def test_swiglu_wgmma_gpu(m, dtype, gs, off, split):
                 SPLIT_K=split, SERIAL=True) if m <= 64 else
            dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, STAGES=3, num_warps=8,
                 SPLIT_K=split))
-    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=90 + m)
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=90 + m,
+             tiled=layout == "tiled")
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
 
@@ -811,9 +883,11 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 @pytest.mark.parametrize("k,n", [(8192, 28672), (28672, 8192), (3584, 8192), (8192, 3584)])
 @pytest.mark.parametrize("m", [1, 16, 20, 33, 64, 128, 256, 1000])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 32, 16), ("bf16", 128, 0)])
-def test_production_configs_gpu(k, n, m, dtype, gs, off):
-    """The dispatch table's own configs (split-K, block shapes) on the real per-rank shapes."""
-    assert _production_err(k, n, m, dtype, gs, off) < TOL[DTYPES[dtype]]
+@pytest.mark.parametrize("layout", ["nmajor", "tiled"])
+def test_production_configs_gpu(k, n, m, dtype, gs, off, layout):
+    """The dispatch table's own configs (split-K, block shapes) on the real per-rank shapes, qweight as stored
+    (N-major) and tiled."""
+    assert _production_err(k, n, m, dtype, gs, off, tiled=layout == "tiled") < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu
@@ -857,7 +931,7 @@ def test_rows_production_gpu(k, n, m, dtype, gs, off):
     assert _production_err(k, n, m, dtype, gs, off, perm, config=cfg) < TOL[DTYPES[dtype]]
 
 
-def _production_err(k, n, m, dtype, gs, off, perm_dtype=None, config=None) -> float:
+def _production_err(k, n, m, dtype, gs, off, perm_dtype=None, config=None, tiled=False) -> float:
     """Relative error of gptq_mm_sorted's own dispatch (or ``config``) on random packed words, against the fp32
     reference."""
     from tpaware_compile.kernels import gptq_mm_sorted
@@ -869,7 +943,7 @@ def _production_err(k, n, m, dtype, gs, off, perm_dtype=None, config=None) -> fl
     x = torch.randn(m, k, device="cuda").to(DTYPES[dtype])
     perm = None if perm_dtype is None else torch.randperm(k, device="cuda").to(perm_dtype)
     _poison()
-    y = gptq_mm_sorted(x, qw, qz, sc, gs, off, 1, config=config, perm=perm)
+    y = gptq_mm_sorted(x, tile(qw) if tiled else qw, qz, sc, gs, off, 1, config=config, perm=perm)
     ref = gptq.reference_matmul(permuted(x, perm), w).float()
     return ((y.float() - ref).norm() / ref.norm()).item()
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..layout import is_tiled, packed_shape
 from .common import cuda_index, is_interpreted, segment_rows
 from .gemm import _dot_kernel, dequant_mm, dequantize_sorted, dot_mm
 from .fused import swiglu
@@ -62,12 +63,14 @@ __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_s
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
-    """Raise ValueError unless the tensors form one contiguous-group GPTQ weight that x can multiply."""
-    if x.dtype not in ACT_DTYPES or x.shape[-1] != qweight.shape[0] * 8:
-        raise ValueError(f"x: expected [..., {qweight.shape[0] * 8}] in {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
-    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError("qweight and qzeros must be int32 (GPTQ packing)")
-    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    """Raise ValueError unless the tensors form one contiguous-group GPTQ weight that x can multiply (qweight
+    [K/8, N] N-major, or tiled: layout.py)."""
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or not (qweight.dim() == 2 or is_tiled(qweight)):
+        raise ValueError("qweight ([K/8, N], or tiled [N/64, K/128, 64, 16]) and qzeros must be int32 (GPTQ packing)")
+    words, n = packed_shape(qweight)
+    k = words * 8
+    if x.dtype not in ACT_DTYPES or x.shape[-1] != k:
+        raise ValueError(f"x: expected [..., {k}] in {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
     g = -(-(k + group_offset) // group_size) if group_size > 0 else -1
     if n % 8 or tuple(scales.shape) != (g, n) or tuple(qzeros.shape) != (g, n // 8):
         raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit K={k}, N={n}, "
@@ -275,7 +278,7 @@ def gptq_mm_sorted(
     """x @ W (x[..., perm] @ W) for contiguous groups (g_idx None), on the fastest kernel for this M."""
     check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
     perm = check_perm(perm, x)
-    lead, k, n = x.shape[:-1], x.shape[-1], qweight.shape[1]
+    lead, k, n = x.shape[:-1], x.shape[-1], packed_shape(qweight)[1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
@@ -311,7 +314,7 @@ def gptq_swiglu_sorted(
     perm = check_perm(perm, x)
     if any(a.shape != b.shape for a, b in zip(gate, up)):
         raise ValueError("gate and up must have the same shapes")
-    lead, k, n = x.shape[:-1], x.shape[-1], gate[0].shape[1]
+    lead, k, n = x.shape[:-1], x.shape[-1], packed_shape(gate[0])[1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
@@ -348,7 +351,9 @@ def _interpreter_upcast(x2):
 
 def gptq_mm_gidx(x, qweight, qzeros, scales, g_idx, zero_offset: int = 0, config: Optional[dict] = None):
     """x @ W with per-row groups g_idx [K] (act-order as stored): the baseline kernel, dequantize + cuBLAS above
-    DOT_MAX_M tokens."""
+    DOT_MAX_M tokens. qweight N-major [K/8, N] only (the tiled layout is for sorted groups)."""
+    if qweight.dim() != 2:
+        raise ValueError(f"gptq_mm_gidx reads qweight [K/8, N] as stored, got {tuple(qweight.shape)}")
     lead, k, n = x.shape[:-1], x.shape[-1], qweight.shape[1]
     x2 = x.reshape(-1, k).contiguous()
     if x2.shape[0] == 0:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import packed_shape
+
 # float format -> (bits of 1.0, left shift that puts a nibble at the top 4 mantissa bits)
 _MANTISSA = {torch.float32: (0x3F800000, 19), torch.float16: (0x3C00, 6), torch.bfloat16: (0x3F80, 3)}
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -70,12 +72,25 @@ def x_columns(perm_ptr, rows, K, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
-def step_words(qw_ptr, seg, word_offs, cols, col_mask, N, K, group_offset, BLOCK_K: tl.constexpr, live):
+def word_offsets(words, cols, stride_q, TILED: tl.constexpr):
+    """Offsets in qweight of packed words ``words`` of columns ``cols`` (broadcast together): N-major rows
+    (stride_q = N) or TILED (layout.py: [N/64, K/128, 64, 16], stride_q = words per 64-column tile). The Gluon
+    kernels' copy is wgmma.word_offsets."""
+    if TILED:
+        off = (cols // 64) * stride_q + (words // 16) * 1024 + (cols % 64) * 16 + words % 16
+    else:
+        off = words * stride_q + cols
+    return off
+
+
+@triton.jit
+def step_words(qw_ptr, seg, word_offs, cols, col_mask, stride_q, K, group_offset, BLOCK_K: tl.constexpr, live,
+               TILED: tl.constexpr):
     """K-step ``seg``'s packed words (zeros outside [0, K) or when not live), in whatever shape ``word_offs`` (the
     step's words 0..BLOCK_K/8-1) and ``cols`` broadcast to: [BW, 1] and [1, BN] give [BW, BN]."""
     words = (seg * BLOCK_K - group_offset) // 8 + word_offs  # exact: both terms are multiples of 8
     w_ok = (words >= 0) & (words < K // 8) & live
-    return tl.load(qw_ptr + words * N + cols, mask=w_ok & col_mask, other=0)
+    return tl.load(qw_ptr + word_offsets(words, cols, stride_q, TILED), mask=w_ok & col_mask, other=0)
 
 
 @triton.jit
@@ -199,8 +214,9 @@ def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset,
     """Plan split-K over x's K (group offset included), run ``launch`` once into the partials, reduce them (inside
     that launch with cfg SERIAL: ``launch`` then also takes out and counts)."""
     per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
-    part, out = splitk_buffers(x.shape[0], qweight.shape[1], split_k, out_dtype, x.device)
-    counts = serial_counters(cfg, x.shape[0], qweight.shape[1], split_k, x.device)
+    n = packed_shape(qweight)[1]
+    part, out = splitk_buffers(x.shape[0], n, split_k, out_dtype, x.device)
+    counts = serial_counters(cfg, x.shape[0], n, split_k, x.device)
     serial = {} if counts is None else dict(out=out, counts=counts)
     launch(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, **serial)
     return out if counts is not None else splitk_finish(part, out, split_k)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import is_tiled, packed_shape
 from .common import serial_counters, split_plan
 from .gemm import dequantize_sorted, launch_dot, runs_wgmma
 from .gemv import launch_gemv
@@ -45,7 +46,7 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype; with perm [K]
     (kind "gemv" only), of x[:, perm]."""
     m, k = x.shape
-    n = gate[0].shape[1]
+    n = packed_shape(gate[0])[1]
     if perm is not None and cfg["kind"] != "gemv":
         raise ValueError(f"perm is read only by the x-prep GEMV; gather x first for kind {cfg['kind']!r}")
     if cfg["kind"] == "dequant":  # cuBLAS writes gate and up in x's dtype; the epilogue reads them as one split
@@ -63,7 +64,7 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     out = torch.empty((m, n), dtype=out_dtype, device=x.device) if counts is not None else None
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm) if cfg["kind"] == "gemv" else None
     if cfg.get("PREFILL") and runs_wgmma(cfg, x):  # x reordered for TMA once, for both launches
-        x = prefill_x(x, group_offset, cfg)
+        x = prefill_x(x, group_offset, cfg, is_tiled(gate[0]))
     for i, w in enumerate((gate, up)):
         args = (*w, group_size, group_offset, zero_offset, part[i], per, cfg)
         # serial: up's launch ends with silu(gate) * up, gate's partials complete before it (stream order)

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import is_tiled, packed_shape, word_stride
 from .common import (group_affine, is_interpreted, load_group, mantissa_args, nibble_floats, segment_rows,
-                     split_k_matmul, splits_of, store_split, tl_dtype)
+                     split_k_matmul, splits_of, store_split, tl_dtype, word_offsets)
 from .wgmma import X_DTYPES as WGMMA_DTYPES, launch_wgmma
 from .wgmma_prefill import launch_prefill
 
@@ -22,14 +23,14 @@ from .wgmma_prefill import launch_prefill
 @triton.jit
 def _dot_kernel(
     x_ptr,  # [M, K] in DTYPE, row stride stride_xm
-    qw_ptr,  # [K/8, N] int32, packed along K
+    qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
-    M, N, K, stride_xm,
+    M, N, K, stride_xm, stride_q,  # stride_q: layout.word_stride(qweight)
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -39,6 +40,7 @@ def _dot_kernel(
     DTYPE: tl.constexpr,  # dot operand dtype (x's)
     SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
+    TILED: tl.constexpr,  # qweight in the tiled layout
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,7 +56,8 @@ def _dot_kernel(
         k0 = seg * BLOCK_K - group_offset  # first row; negative in the first step of a cut shard
         words = k0 // 8 + offs_w  # [BW]
         w_ok = (words >= 0) & (words < K // 8)
-        q = tl.load(qw_ptr + words[None, :] * N + offs_n[:, None], mask=w_ok[None, :] & n_mask[:, None], other=0)
+        q = tl.load(qw_ptr + word_offsets(words[None, :], offs_n[:, None], stride_q, TILED),
+                    mask=w_ok[None, :] & n_mask[:, None], other=0)
         rows = k0 + offs_r  # [BK]
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + rows[:, None],
                      mask=(rows >= 0)[:, None] & (rows < K)[:, None] & m_mask[None, :], other=0.0)  # [BK, BM]
@@ -71,14 +74,14 @@ def _dot_kernel(
 @triton.jit
 def _dot_kernel_plain(
     x_ptr,  # [M, K] in DTYPE, row stride stride_xm
-    qw_ptr,  # [K/8, N] int32, packed along K
+    qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
-    M, N, K, stride_xm,
+    M, N, K, stride_xm, stride_q,  # stride_q: layout.word_stride(qweight)
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -88,6 +91,7 @@ def _dot_kernel_plain(
     DTYPE: tl.constexpr,
     SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
+    TILED: tl.constexpr,  # qweight in the tiled layout
 ):
     """out = x @ (1 + q/16) tiles, un-swapped: for M >= 64 the weight tile can feed the MMA straight from shared
     memory as the B operand (the swapped form must bring it back to registers as A)."""
@@ -105,7 +109,8 @@ def _dot_kernel_plain(
         k0 = seg * BLOCK_K - group_offset
         words = k0 // 8 + offs_w  # [BW]
         w_ok = (words >= 0) & (words < K // 8)
-        q = tl.load(qw_ptr + words[:, None] * N + offs_n[None, :], mask=w_ok[:, None] & n_mask[None, :], other=0)
+        q = tl.load(qw_ptr + word_offsets(words[:, None], offs_n[None, :], stride_q, TILED),
+                    mask=w_ok[:, None] & n_mask[None, :], other=0)
         rows = k0 + offs_r  # [BK]
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :],
                      mask=m_mask[:, None] & (rows.to(tl.uint32) < K)[None, :], other=0.0)  # [BM, BK]
@@ -142,36 +147,37 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
         return launch(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out, counts,
                       gate)
     m, k = x.shape
-    n = qweight.shape[1]
+    n = packed_shape(qweight)[1]
     split_k = splits_of(part)
     one_bits, shift = mantissa_args(x.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
     kernel = _dot_kernel if cfg.get("SWAP", True) else _dot_kernel_plain
     kernel[grid](
-        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
-        one_bits, GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        MANTISSA_SHIFT=shift, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight), group_offset,
+        zero_offset, per, one_bits, GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], MANTISSA_SHIFT=shift, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None,
+        SWIGLU=gate is not None, TILED=is_tiled(qweight), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
 
 
 @triton.jit
 def _dequant_kernel(
-    qw_ptr,  # [K/8, N] int32
+    qw_ptr,  # [K/8, N] int32, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32
     sc_ptr,  # [G, N]
     w_ptr,  # [K, N] out, in the activation dtype
-    N, K, group_offset, zero_offset,
+    N, K, stride_q, group_offset, zero_offset,  # stride_q: layout.word_stride(qweight)
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per program, divides GROUP_SIZE: one scale row per program
     BLOCK_N: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     seg = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     words = (seg * BLOCK_K - group_offset) // 8 + tl.arange(0, BLOCK_K // 8)  # [BW]
     mask = ((words >= 0) & (words < K // 8))[:, None] & n_mask[None, :]
-    q = tl.load(qw_ptr + words[:, None] * N + offs_n[None, :], mask=mask, other=0)  # [BW, BN]
+    q = tl.load(qw_ptr + word_offsets(words[:, None], offs_n[None, :], stride_q, TILED), mask=mask, other=0)  # [BW, BN]
     s, zw = load_group(qz_ptr, sc_ptr, (seg * BLOCK_K) // GROUP_SIZE, offs_n, n_mask, N)
     z = ((zw >> ((offs_n % 8) * 4)) & 0xF) + zero_offset
     for j in tl.static_range(8):
@@ -183,12 +189,13 @@ def _dequant_kernel(
 
 def dequantize_sorted(qweight, qzeros, scales, group_size, group_offset, zero_offset, dtype):
     """[K, N] weights in dtype, bit-identical to gptq.dequantize for contiguous groups."""
-    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    words, n = packed_shape(qweight)
+    k = words * 8
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
     bk, bn = segment_rows(group_size, 64), 256
     grid = (triton.cdiv(k + group_offset, bk), triton.cdiv(n, bn))
-    _dequant_kernel[grid](qweight, qzeros, scales, w, n, k, group_offset, zero_offset, GROUP_SIZE=group_size,
-                          BLOCK_K=bk, BLOCK_N=bn)
+    _dequant_kernel[grid](qweight, qzeros, scales, w, n, k, word_stride(qweight), group_offset, zero_offset,
+                          GROUP_SIZE=group_size, BLOCK_K=bk, BLOCK_N=bn, TILED=is_tiled(qweight))
     return w
 
 

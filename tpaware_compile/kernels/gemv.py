@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import is_tiled, packed_shape, word_stride
 from .common import (affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of, step_words,
                      store_split)
 
@@ -20,20 +21,21 @@ FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay
 @triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] fp16 / bf16 / fp32, row stride stride_xm
-    qw_ptr,  # [K/8, N] int32, packed along K
+    qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
-    M, N, K, stride_xm,
+    M, N, K, stride_xm, stride_q,  # stride_q: layout.word_stride(qweight)
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     BLOCK_N: tl.constexpr,
     SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
+    TILED: tl.constexpr,  # qweight in the tiled layout
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -44,13 +46,13 @@ def _gemv_kernel(
     seg_end = tl.minimum(seg_start + segs_per_split, tl.cdiv(K + group_offset, BLOCK_K))
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     # Register double buffer: the next step's words, scales and zeros are in flight while this step computes.
-    q = step_words(qw_ptr, seg_start, offs_w[:, None], offs_n[None, :], n_mask[None, :], N, K, group_offset, BLOCK_K,
-                   seg_start < seg_end)
+    q = step_words(qw_ptr, seg_start, offs_w[:, None], offs_n[None, :], n_mask[None, :], stride_q, K, group_offset,
+                   BLOCK_K, seg_start < seg_end, TILED)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
     for seg in range(seg_start, seg_end):
         live = seg + 1 < seg_end
-        q_nxt = step_words(qw_ptr, seg + 1, offs_w[:, None], offs_n[None, :], n_mask[None, :], N, K, group_offset,
-                           BLOCK_K, live)
+        q_nxt = step_words(qw_ptr, seg + 1, offs_w[:, None], offs_n[None, :], n_mask[None, :], stride_q, K,
+                           group_offset, BLOCK_K, live, TILED)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
         s16, sz = affine_factors(s, zw, offs_n, zero_offset)
         rows = seg * BLOCK_K - group_offset + offs_w * 8  # [BW] row of nibble 0 of each word
@@ -80,13 +82,13 @@ def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offse
     """One GEMV launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output; with counts
     (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials."""
     m, k = x.shape
-    n = qweight.shape[1]
+    n = packed_shape(qweight)[1]
     split_k = splits_of(part)
     one_bits, _ = mantissa_args(torch.float32)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
     _gemv_kernel[grid](
-        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
-        one_bits, GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], SERIAL=counts is not None,
-        SWIGLU=gate is not None,
+        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight), group_offset,
+        zero_offset, per, one_bits, GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        SERIAL=counts is not None, SWIGLU=gate is not None, TILED=is_tiled(qweight),
         num_warps=cfg.get("num_warps", 4), num_stages=1,
     )

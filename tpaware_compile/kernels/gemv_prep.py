@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import is_tiled, packed_shape, word_stride
 from .common import load_group, split_k_matmul, splits_of, step_words, store_split, x_columns
 
 
@@ -80,20 +81,21 @@ def _gemv_prep_kernel(
     xp_ptr,  # [M, KPAD] fp32 prepared activations
     c_ptr,  # [M, KPAD/8] fp32
     xs_ptr,  # [M, KPAD/8] fp32
-    qw_ptr,  # [K/8, N] int32, packed along K
+    qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
-    M, N, K, KPAD,
+    M, N, K, KPAD, stride_q,  # stride_q: layout.word_stride(qweight)
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
     BLOCK_N: tl.constexpr,
     SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
+    TILED: tl.constexpr,  # qweight in the tiled layout
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,13 +105,13 @@ def _gemv_prep_kernel(
     seg_end = tl.minimum(seg_start + segs_per_split, KPAD // BLOCK_K)
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     # Register double buffer: the next step's words, scales and zeros are in flight while this step computes.
-    q = step_words(qw_ptr, seg_start, offs_w[:, None], offs_n[None, :], n_mask[None, :], N, K, group_offset, BLOCK_K,
-                   seg_start < seg_end)
+    q = step_words(qw_ptr, seg_start, offs_w[:, None], offs_n[None, :], n_mask[None, :], stride_q, K, group_offset,
+                   BLOCK_K, seg_start < seg_end, TILED)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
     for seg in range(seg_start, seg_end):
         live = seg + 1 < seg_end
-        q_nxt = step_words(qw_ptr, seg + 1, offs_w[:, None], offs_n[None, :], n_mask[None, :], N, K, group_offset,
-                           BLOCK_K, live)
+        q_nxt = step_words(qw_ptr, seg + 1, offs_w[:, None], offs_n[None, :], n_mask[None, :], stride_q, K,
+                           group_offset, BLOCK_K, live, TILED)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
         pw = pid_m * (KPAD // 8) + seg * (BLOCK_K // 8) + offs_w  # [BW] prepared-word index
         d = _word_dot(q, xp_ptr + pw * 8, one_bits)  # [BW, BN]
@@ -127,14 +129,14 @@ def _gemv_prep_rows_kernel(
     xp_ptr,  # [M, KPAD] fp32 prepared activations
     c_ptr,  # [M, KPAD/8] fp32
     xs_ptr,  # [M, KPAD/8] fp32
-    qw_ptr,  # [K/8, N] int32, packed along K
+    qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
-    M, N, K, KPAD,
+    M, N, K, KPAD, stride_q,  # stride_q: layout.word_stride(qweight)
     group_offset, zero_offset, segs_per_split, one_bits,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rows per step, divides GROUP_SIZE
@@ -142,6 +144,7 @@ def _gemv_prep_rows_kernel(
     ROWS: tl.constexpr,  # activation rows per program, each weight word decoded once for all of them
     SERIAL: tl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: tl.constexpr,  # ... and writes silu(gate) * this
+    TILED: tl.constexpr,  # qweight in the tiled layout
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # Every tensor is a view of one [R, BW, BN] layout, loads included (size-1 axes where a factor does not vary):
@@ -156,11 +159,12 @@ def _gemv_prep_rows_kernel(
     seg_end = tl.minimum(seg_start + segs_per_split, KPAD // BLOCK_K)
     acc = tl.zeros([ROWS, BLOCK_K // 8, BLOCK_N], dtype=tl.float32)  # 128 s sum x q, summed over words at the end
     corr = tl.zeros([ROWS, 1, BLOCK_N], dtype=tl.float32)  # s (z sum x + 128 sum xp): per row, no word axis
-    q = step_words(qw_ptr, seg_start, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K, seg_start < seg_end)
+    q = step_words(qw_ptr, seg_start, offs_w, offs_n, n_mask, stride_q, K, group_offset, BLOCK_K, seg_start < seg_end,
+                   TILED)
     s, zw = load_group(qz_ptr, sc_ptr, (seg_start * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & (seg_start < seg_end), N)
     for seg in range(seg_start, seg_end):
         live = seg + 1 < seg_end
-        q_nxt = step_words(qw_ptr, seg + 1, offs_w, offs_n, n_mask, N, K, group_offset, BLOCK_K, live)
+        q_nxt = step_words(qw_ptr, seg + 1, offs_w, offs_n, n_mask, stride_q, K, group_offset, BLOCK_K, live, TILED)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
         pw = offs_r * (KPAD // 8) + seg * (BLOCK_K // 8) + offs_w  # [R, BW, 1] prepared words
         sf = s.to(tl.float32)
@@ -229,15 +233,15 @@ def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset,
     counts (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials."""
     xp, c, xs = prep
     m, kpad = xp.shape
-    n = qweight.shape[1]
+    n = packed_shape(qweight)[1]
     split_k = splits_of(part)
     rows = cfg.get("ROWS", 1)
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"ROWS must be a power of two, got {rows}")
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, rows))
     tensors = (xp, c, xs, qweight, qzeros, scales, part)
-    sizes = (m, n, k, kpad, group_offset, zero_offset, per, 0x3F800000)
-    meta = dict(GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+    sizes = (m, n, k, kpad, word_stride(qweight), group_offset, zero_offset, per, 0x3F800000)
+    meta = dict(GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], TILED=is_tiled(qweight),
                 num_warps=cfg.get("num_warps", 4), num_stages=1)
     meta.update(SERIAL=counts is not None, SWIGLU=gate is not None)
     if rows == 1:

@@ -9,7 +9,7 @@ host time on an empty op, but not consistently on these: bench/README.md, "Model
 CUDA runs the Triton kernels; CPU runs them under TRITON_INTERPRET=1 (tests) and the reference otherwise.
 Bias stays outside, as for ``gptq_mm``. The fast ops' optional last argument ``perm`` [K] makes them compute
 x[..., perm] @ W (the lowering folds an ``index_select`` into it): read inside the decode x-prep kernel, a gather
-before the other kernels (kernels.gptq_mm_sorted).
+before the other kernels (kernels.gptq_mm_sorted). The fast ops take qweight N-major or tiled (layout.py).
 """
 
 from typing import Optional
@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..gptq import GPTQWeight, reference_matmul
+from ..layout import packed_shape, untile
 from ..ops import gptq_mm
 from . import INTERPRET, check_perm, check_sorted_args, gptq_mm_gidx, gptq_mm_sorted, gptq_swiglu_sorted
 
@@ -24,7 +25,7 @@ from . import INTERPRET, check_perm, check_sorted_args, gptq_mm_gidx, gptq_mm_so
 @torch.library.custom_op("tpaware::gptq_mm_fast", mutates_args=())
 def gptq_mm_fast(
     x: torch.Tensor,  # [..., K]
-    qweight: torch.Tensor,  # [K/8, N] int32
+    qweight: torch.Tensor,  # [K/8, N] int32, or tiled (layout.py)
     qzeros: torch.Tensor,  # [G, N/8] int32
     scales: torch.Tensor,  # [G, N]
     group_size: int,
@@ -36,7 +37,7 @@ def gptq_mm_fast(
         return gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=perm)
     check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
     x = _permuted(x, perm)
-    w = GPTQWeight(qweight, qzeros, scales, None, group_size, zero_offset, group_offset)
+    w = GPTQWeight(untile(qweight), qzeros, scales, None, group_size, zero_offset, group_offset)
     return reference_matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.out_features)
 
 
@@ -47,9 +48,10 @@ def _(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=No
 
 @gptq_mm_fast.register_fake
 def _(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=None):
-    torch._check(x.shape[-1] == qweight.shape[0] * 8, lambda: "gptq_mm_fast: x's last dim must equal qweight rows * 8")
+    words, n = packed_shape(qweight)
+    torch._check(x.shape[-1] == words * 8, lambda: "gptq_mm_fast: x's last dim must equal 8 x qweight's words")
     _check_perm_shape(perm, x, "gptq_mm_fast")
-    return x.new_empty(*x.shape[:-1], qweight.shape[1])
+    return x.new_empty(*x.shape[:-1], n)
 
 
 def _permuted(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
@@ -103,7 +105,7 @@ def _(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero_offset):
 @torch.library.custom_op("tpaware::gptq_swiglu_fast", mutates_args=())
 def gptq_swiglu_fast(
     x: torch.Tensor,  # [..., K]
-    gate_qweight: torch.Tensor,  # [K/8, N] int32
+    gate_qweight: torch.Tensor,  # [K/8, N] int32, or tiled (layout.py)
     gate_qzeros: torch.Tensor,  # [G, N/8] int32
     gate_scales: torch.Tensor,  # [G, N]
     up_qweight: torch.Tensor,
@@ -119,9 +121,9 @@ def gptq_swiglu_fast(
         return gptq_swiglu_sorted(x, gate, up, group_size, group_offset, zero_offset, perm=perm)
     x = _permuted(x, perm)
     x2 = x.reshape(-1, x.shape[-1])
-    ws = (GPTQWeight(*w, None, group_size, zero_offset, group_offset) for w in (gate, up))
+    ws = (GPTQWeight(untile(qw), qz, sc, None, group_size, zero_offset, group_offset) for qw, qz, sc in (gate, up))
     g, u = (reference_matmul(x2.float(), w) for w in ws)
-    return (torch.nn.functional.silu(g) * u).to(x.dtype).reshape(*x.shape[:-1], gate_qweight.shape[1])
+    return (torch.nn.functional.silu(g) * u).to(x.dtype).reshape(*x.shape[:-1], packed_shape(gate_qweight)[1])
 
 
 @gptq_swiglu_fast.register_kernel("cuda")
@@ -134,6 +136,7 @@ def _(x, gate_qweight, gate_qzeros, gate_scales, up_qweight, up_qzeros, up_scale
 @gptq_swiglu_fast.register_fake
 def _(x, gate_qweight, gate_qzeros, gate_scales, up_qweight, up_qzeros, up_scales, group_size, group_offset,
       zero_offset, perm=None):
-    torch._check(x.shape[-1] == gate_qweight.shape[0] * 8, lambda: "gptq_swiglu_fast: x's last dim != qweight rows * 8")
+    words, n = packed_shape(gate_qweight)
+    torch._check(x.shape[-1] == words * 8, lambda: "gptq_swiglu_fast: x's last dim != 8 x qweight's words")
     _check_perm_shape(perm, x, "gptq_swiglu_fast")
-    return x.new_empty(*x.shape[:-1], gate_qweight.shape[1])
+    return x.new_empty(*x.shape[:-1], n)

@@ -31,6 +31,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
+from ..layout import is_tiled, packed_shape, word_stride
 from .common import splits_of, store_split, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
@@ -39,6 +40,11 @@ TOKEN_TILES = (16, 32, 64)  # the MMA's N; 8 faulted on an H100 with triton 3.6,
 # x's dtype -> bits of the 16-bit float R OR-ed over each nibble pair's field (pair_fields, unpack_pairs); a
 # kernel argument, not a constant: as a constant ptxas splits the AND-OR in two
 PAIR_BASE_BITS = {torch.float16: 0x6400, torch.bfloat16: 0x3F80}  # 1024.0, 1.0
+# The 16-token tile on tiled words needs 92 registers (fp16; 5 programs per SM); capped at 80 (20 bytes of spills)
+# it keeps kernels.DECODE_PROGRAMS_PER_SM = 6. At one token the cap measured 0.91-0.99x the time of N-major words on
+# all 16 Llama-70B / Granite-20B shapes, where uncapped Granite's TP 1-4 shards took 1.06-1.25x (decode_split's
+# waves are planned for 6); from 2 tokens the cap cost 1.02-1.17x the uncapped time (H100, bench/README.md)
+ONE_TOKEN_TILED_REGISTERS = 80
 
 
 def _powers(n):
@@ -46,15 +52,18 @@ def _powers(n):
 
 
 @functools.lru_cache(maxsize=None)
-def word_layout(block_n: int, block_k: int, num_warps: int = NUM_WARPS) -> gl.DistributedLinearLayout:
+def word_layout(block_n: int, block_k: int, num_warps: int = NUM_WARPS, tiled: bool = False
+                ) -> gl.DistributedLinearLayout:
     """Layout of the tile [BN, BK/8 words, 4 nibble pairs]: lane g (of 8 per quad row) holds column g, lane t
-    (of 4) words t, t+4, ...; registers hold the 4 pairs, column + 8, the further words and column + 16 * warps,
-    and warp w columns 16w: what the A operand layout needs once the nibbles are put in MMA K order (module
-    doc)."""
+    (of 4) words t, t+4, ... (tiled: words (BK/32) t + b, b < BK/32, contiguous in memory); registers hold the 4
+    pairs, column + 8, the further words and column + 16 * warps, and warp w columns 16w: what the A operand
+    layout needs once the nibbles are put in MMA K order (module doc)."""
     words = block_k // 8
-    reg = ([[0, 0, 1], [0, 0, 2], [8, 0, 0]] + [[0, w, 0] for w in _powers(words)[2:]]
-           + [[c, 0, 0] for c in _powers(block_n) if c >= 16 * num_warps])
-    lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    own = _powers(words)[:-2] if tiled else _powers(words)[2:]  # a thread's words: its b bits
+    quad = _powers(words)[-2:] if tiled else [1, 2]  # its t bits
+    reg = ([[0, w, 0] for w in own] if tiled else []) + [[0, 0, 1], [0, 0, 2], [8, 0, 0]] + (
+        [] if tiled else [[0, w, 0] for w in own]) + [[c, 0, 0] for c in _powers(block_n) if c >= 16 * num_warps]
+    lane = [[0, quad[0], 0], [0, quad[1], 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
     warp = [[16 * w, 0, 0] for w in _powers(num_warps)]
     return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, words, 4])
 
@@ -117,7 +126,7 @@ def _as_column(v):
 
 @gluon.jit
 def unpack_pairs(q, z16, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr):
+                 BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     """Words [BN, BW] -> (q - z) / 16 [BN, BK] in x's dtype (exact), or with SCALED_A (q - z) * s (one rounding),
     in MMA K order (module doc); z16 = z / 16 and s16 = 16 s are [BN] fp32. Nibbles j and j + 4 sit 16 bits
     apart, so a shift (pair_fields; none for half the pairs in fp16) and one AND-OR with base_pair (R in both
@@ -136,8 +145,12 @@ def unpack_pairs(q, z16, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.const
         pairs = _pairs_mul(pairs, _both_halves(_as_column(s16), DTYPE), DTYPE)
     lo = pairs.to(gl.int16).to(DTYPE, bitcast=True)
     hi = (pairs >> 16).to(gl.int16).to(DTYPE, bitcast=True)
-    f = gl.reshape(gl.join(lo, hi), [BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2])  # [n, b, t, h, c, e]: nibble 4e + 2h + c
-    f = gl.permute(f, [0, 1, 3, 4, 2, 5])  # [n, b, h, c, t, e]
+    if TILED:
+        f = gl.reshape(gl.join(lo, hi), [BLOCK_N, 4, BLOCK_K // 32, 2, 2, 2])  # [n, t, b, h, c, e]
+        f = gl.permute(f, [0, 2, 3, 4, 1, 5])  # [n, b, h, c, t, e]
+    else:
+        f = gl.reshape(gl.join(lo, hi), [BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2])  # [n, b, t, h, c, e]: nibble 4e+2h+c
+        f = gl.permute(f, [0, 1, 3, 4, 2, 5])  # [n, b, h, c, t, e]
     return gl.reshape(f, [BLOCK_N, BLOCK_K])
 
 
@@ -149,31 +162,48 @@ def _both_halves(v, DTYPE: gl.constexpr):
 
 
 @gluon.jit
-def x_in_mma_order(x, BLOCK_K: gl.constexpr):
+def x_in_mma_order(x, BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     """x [BM, BK] (row 32b + 8t + 4e + 2h + c of the step) -> MMA K order 32b + 16h + 8c + 2t + e: a relabelling
     of registers, no data moves."""
     rows: gl.constexpr = x.shape[0]
-    x = gl.reshape(x, [rows, BLOCK_K // 32, 4, 2, 2, 2])  # [r, b, t, e, h, c]
-    x = gl.permute(x, [0, 1, 4, 5, 2, 3])  # [r, b, h, c, t, e]
+    if TILED:
+        x = gl.reshape(x, [rows, 4, BLOCK_K // 32, 2, 2, 2])  # [r, t, b, e, h, c]
+        x = gl.permute(x, [0, 2, 4, 5, 1, 3])  # [r, b, h, c, t, e]
+    else:
+        x = gl.reshape(x, [rows, BLOCK_K // 32, 4, 2, 2, 2])  # [r, b, t, e, h, c]
+        x = gl.permute(x, [0, 1, 4, 5, 2, 3])  # [r, b, h, c, t, e]
     return gl.reshape(x, [rows, BLOCK_K])
 
 
 @gluon.jit
-def weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_s,
-                 GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr = False):
+def word_offsets(words, cols, stride_q, TILED: gl.constexpr):
+    """[BN, BW] offsets of words [BW] of columns [BN] in qweight: N-major rows (stride_q = N) or TILED
+    (layout.py, stride_q = words per 64-column tile); common.word_offsets for 2-D tensors."""
+    if TILED:
+        off = gl.expand_dims((words // 16) * 1024 + words % 16, 0) + gl.expand_dims(
+            (cols // 64) * stride_q + (cols % 64) * 16, 1)
+    else:
+        off = gl.expand_dims(words * stride_q, 0) + gl.expand_dims(cols, 1)
+    return off
+
+
+@gluon.jit
+def weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_s, stride_q,
+                 GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr = False,
+                 TILED: gl.constexpr = False):
     """K-step seg's packed words [BN, BW], scales (at offs_s) and zero words [BN] (zeros outside the matrix or
     when not live: the prefetch past the last step). EVEN: the caller's promise that step seg lies inside the
     matrix (no group offset, K and N whole steps and tiles; live is then not looked at), so no masks."""
     g = (seg * BLOCK_K) // GROUP_SIZE
     if EVEN:  # group_offset is 0: the words' index without the signed division below (fewer instructions)
         words = seg * (BLOCK_K // 8) + offs_w
-        q = gl.load(qw_ptr + gl.expand_dims(words, 0) * N + gl.expand_dims(offs_nq, 1))
+        q = gl.load(qw_ptr + word_offsets(words, offs_nq, stride_q, TILED))
         s = gl.load(sc_ptr + g * N + offs_s)
         zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8)
     else:
         words = (seg * BLOCK_K - group_offset) // 8 + offs_w  # < 0 in the first step of a shard cut in a group
         w_ok = (words >= 0) & (words < K // 8) & live
-        q = gl.load(qw_ptr + gl.expand_dims(words, 0) * N + gl.expand_dims(offs_nq, 1),
+        q = gl.load(qw_ptr + word_offsets(words, offs_nq, stride_q, TILED),
                     mask=gl.expand_dims(w_ok, 0) & gl.expand_dims(offs_nq < N, 1), other=0)
         s = gl.load(sc_ptr + g * N + offs_s, mask=(offs_s < N) & live, other=0.0)
         zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8, mask=(offs_nq < N) & live, other=0)
@@ -197,25 +227,26 @@ def _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, 
 
 
 @gluon.jit
-def _step_loads(seg, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, group_offset, offs_nq, offs_w, offs_n,
-                offs_kx, offs_mx, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr):
+def _step_loads(seg, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q, group_offset,
+                offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr,
+                EVEN: gl.constexpr, TILED: gl.constexpr):
     """K-step seg's (words, scales, zero words, x): zeros past the split's last step, or with EVEN that step
     again (unmasked loads; the loop never multiplies it)."""
     live = seg < seg_end
     if EVEN:
         seg = gl.minimum(seg, seg_end - 1)
     q, s, zw = weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
-                            GROUP_SIZE, BLOCK_K, EVEN)
+                            stride_q, GROUP_SIZE, BLOCK_K, EVEN, TILED)
     return q, s, zw, _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K, EVEN)
 
 
 @gluon.jit
 def a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE: gl.constexpr, SCALED_A: gl.constexpr,
-              A_REGS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+              A_REGS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     """One step's weights as wgmma's A operand in registers: (q - z) / 16, or (q - z) * s with SCALED_A."""
     z = ((zw >> ((offs_nq % 8) * 4)) & 0xF) + zero_offset  # [BN]
     f = unpack_pairs(q, z.to(gl.float32) * 0.0625, 16.0 * s.to(gl.float32), base_pair, DTYPE, SCALED_A, BLOCK_N,
-                     BLOCK_K)
+                     BLOCK_K, TILED)
     return gl.convert_layout(f, A_REGS, assert_trivial=True)
 
 
@@ -229,7 +260,7 @@ def _wgmma_kernel(
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
-    M, N, K, stride_xm,
+    M, N, K, stride_xm, stride_q,  # stride_q: layout.word_stride(qweight)
     group_offset, zero_offset, segs_per_split, base_bits,
     GROUP_SIZE: gl.constexpr,
     BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (TOKEN_TILES)
@@ -239,6 +270,7 @@ def _wgmma_kernel(
     SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
     EVEN: gl.constexpr,  # no group offset, K a whole number of steps and N of tiles: no masks on the loads
+    TILED: gl.constexpr,  # qweight in the tiled layout (layout.py): a thread's words (BK/32) t + b
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
 ):
@@ -265,26 +297,33 @@ def _wgmma_kernel(
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, group_offset,
-                               offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K, EVEN)
+    q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
+                               group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
+                               EVEN, TILED)
     for seg in range(seg_start, seg_end):
         # the next step's loads are issued before this step's arithmetic: two steps of weights in flight (three,
         # with 127 registers instead of 80, was slower on every Llama-70B shape at M = 1 / 16: bench/README.md)
         nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
-                                       group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
-                                       EVEN)
+                                       stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
+                                       GROUP_SIZE, BLOCK_K, EVEN, TILED)
         slot = x_smem.index((seg - seg_start) % 2)
-        slot.store(x_in_mma_order(xv, BLOCK_K))
+        slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
         fence_async_shared()
         gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
         xt = slot.permute([1, 0])  # x^T [BK, BM]
-        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K)
+        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
         # one exact MMA per step, scaled per group on the fp32 accumulator
         acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
         q, xv, s, zw = nq, nxv, ns, nzw
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
+
+
+def register_cap(m: int, block_m: int, tiled: bool):
+    """ptxas's register limit for a launch (None: none): ONE_TOKEN_TILED_REGISTERS for one token in the 16-token
+    tile on tiled words."""
+    return ONE_TOKEN_TILED_REGISTERS if tiled and m == 1 and block_m == 16 else None
 
 
 def even_shape(k: int, n: int, group_offset: int, cfg: dict) -> bool:
@@ -299,15 +338,17 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     """One launch into part [SPLIT_K, M, N] (or the [M, N] output); with counts also the in-launch reduction into
     out (silu(gate) * up with gate's partials). launch_dot's contract; x fp16 or bf16."""
     m, k = x.shape
-    n = qweight.shape[1]
+    n = packed_shape(qweight)[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if bk % 32 or bn not in (64, 128) or bm not in TOKEN_TILES:
         raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}: "
                          f"{cfg}")
+    tiled = is_tiled(qweight)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _wgmma_kernel[grid](
-        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), group_offset, zero_offset, per,
-        PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
-        EVEN=even_shape(k, n, group_offset, cfg), WORDS=word_layout(bn, bk), XL=x_layout(bm, bk), num_warps=NUM_WARPS,
+        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),
+        group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
+        EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
+        XL=x_layout(bm, bk), num_warps=NUM_WARPS, maxnreg=register_cap(m, bm, tiled),
     )

@@ -27,42 +27,52 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..layout import is_tiled, packed_shape, word_stride
 from .common import splits_of, store_split, tl_dtype
 from .wgmma import PAIR_BASE_BITS, a_operand, weight_loads, word_layout
 
 TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
 
 
-def x_in_mma_order(x: torch.Tensor, group_offset: int) -> torch.Tensor:
+def x_in_mma_order(x: torch.Tensor, group_offset: int, block_k: int = 32, tiled: bool = False) -> torch.Tensor:
     """x [M, K] -> [M, Kp]: group_offset zero columns in front (the shard's first group starts before its first
-    row), zeros up to a multiple of 32 behind, and each 32-column block in the MMA's K order (wgmma.py's module
-    doc: position 32b + 16h + 8c + 2t + e holds column 32b + 8t + 4e + 2h + c)."""
+    row), zeros up to a multiple of 32 (tiled weights: of block_k) behind, and each K-step in the MMA's K order
+    (wgmma.py's module doc: position 32b + 16h + 8c + 2t + e of a step holds its column 32b + 8t + 4e + 2h + c;
+    with tiled weights, whose thread t holds words (block_k / 32) t + b: column 8 ((block_k / 32) t + b) + 4e +
+    2h + c)."""
     m, k = x.shape
-    kp = -(-(k + group_offset) // 32) * 32
+    step = block_k if tiled else 32
+    kp = -(-(k + group_offset) // step) * step
     if group_offset or kp != k:
         x = F.pad(x, (group_offset, kp - k - group_offset))
     out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
-    out.view(m, kp // 32, 2, 2, 4, 2).permute(0, 1, 4, 5, 2, 3).copy_(x.view(m, kp // 32, 4, 2, 2, 2))
+    blocks = step // 32
+    # out [m, step s, b, h, c, t, e] <- x [m, s, t, b, e, h, c] (N-major: b, t the other way round in x)
+    x_dims = (m, kp // step, 4, blocks, 2, 2, 2) if tiled else (m, kp // step, blocks, 4, 2, 2, 2)
+    to_x = (0, 1, 5, 2, 6, 3, 4) if tiled else (0, 1, 2, 5, 6, 3, 4)
+    out.view(m, kp // step, blocks, 2, 2, 4, 2).permute(*to_x).copy_(x.view(*x_dims))
     return out
 
 
 class PrefillX(NamedTuple):
-    """x prepared for prefill launches: the TMA descriptor of x_in_mma_order(x, group_offset) for one (BLOCK_M,
-    BLOCK_K) tile, which gate's and up's launches of a SwiGLU share (one reorder launch and one descriptor where
-    there were two: plain-call prefill is host-bound, bench/README.md). shape and dtype are x's, so that the
-    launch path reads it as it reads x."""
+    """x prepared for prefill launches: the TMA descriptor of x_in_mma_order(x, group_offset, BLOCK_K, tiled) for
+    one (BLOCK_M, BLOCK_K) tile, which gate's and up's launches of a SwiGLU share (one reorder launch and one
+    descriptor where there were two: plain-call prefill is host-bound, bench/README.md). shape and dtype are x's,
+    so that the launch path reads it as it reads x."""
     desc: TensorDescriptor
     group_offset: int
+    tiled: bool
     shape: torch.Size
     dtype: torch.dtype
 
 
-def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict) -> PrefillX:
-    """x [M, K] reordered (and padded) for the TMA, with its descriptor for cfg's tiles."""
+def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict, tiled: bool) -> PrefillX:
+    """x [M, K] reordered (and padded) for the TMA, with its descriptor for cfg's tiles, for a qweight in the
+    tiled layout or not (layout.is_tiled)."""
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
-    return PrefillX(TensorDescriptor.from_tensor(x_in_mma_order(x, group_offset), [bm, bk], layout), group_offset,
-                    x.shape, x.dtype)
+    xr = x_in_mma_order(x, group_offset, bk, tiled)
+    return PrefillX(TensorDescriptor.from_tensor(xr, [bm, bk], layout), group_offset, tiled, x.shape, x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,9 +89,9 @@ def _load_x(x_desc, seg, live, pid_m, ready, slot, BLOCK_M: gl.constexpr, BLOCK_
 
 @gluon.jit
 def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m, qw_ptr,
-              qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq, offs_w, base_pair,
+              qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, offs_nq, offs_w, base_pair,
               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-              STAGES: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr):
+              STAGES: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr, TILED: gl.constexpr):
     """Start step's MMA on operand a (async), then, once the previous MMA (operand a_free) is done, unpack the
     next step's operand into a_free's place while this one runs. Returns (acc, next operand, the weights after)."""
     mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
@@ -92,10 +102,10 @@ def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc,
     ahead = step + STAGES - 1
     _load_x(x_desc, seg_start + ahead, ahead < steps, pid_m, ready.index(ahead % STAGES),
             x_smem.index(ahead % STAGES), BLOCK_M, BLOCK_K)
-    nxt = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K)
+    nxt = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K, TILED)
     seg = seg_start + step + 2
     q, s, zw = weight_loads(seg, seg < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_nq,
-                            GROUP_SIZE, BLOCK_K)
+                            stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
     return acc, nxt, q, s, zw
 
 
@@ -112,7 +122,7 @@ def _pinned_below_wait(acc, sc_ptr, offs_n):
 
 @gluon.jit
 def _prefill_kernel(
-    x_desc,  # TMA descriptor of x_in_mma_order(x) [M, Kp], block [BM, BK]
+    x_desc,  # TMA descriptor of x_in_mma_order(x, ..., BLOCK_K, TILED) [M, Kp], block [BM, BK]
     qw_ptr,  # [K/8, N] int32, packed along K
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
@@ -120,7 +130,7 @@ def _prefill_kernel(
     final_ptr,  # [M, N] output of a one-launch split-K (SERIAL), else unused
     count_ptr,  # [tiles] int32 zeros (SERIAL: common.tile_counters), else None
     gate_ptr,  # [SPLIT_K, M, N] fp32 partials of gate when this is up's launch of a serial SwiGLU, else None
-    M, N, K,
+    M, N, K, stride_q,  # stride_q: layout.word_stride(qweight)
     group_offset, zero_offset, segs_per_split, base_bits,
     GROUP_SIZE: gl.constexpr,
     BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (TOKEN_TILES)
@@ -131,7 +141,8 @@ def _prefill_kernel(
     SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
     WARPS: gl.constexpr,  # 4 or 8: one or two warpgroups, each 64 of every BLOCK_N output columns
-    WORDS: gl.constexpr,  # wgmma.word_layout(BLOCK_N, BLOCK_K, WARPS)
+    TILED: gl.constexpr,  # qweight in the tiled layout (layout.py)
+    WORDS: gl.constexpr,  # wgmma.word_layout(BLOCK_N, BLOCK_K, WARPS, TILED)
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
@@ -155,19 +166,21 @@ def _prefill_kernel(
     for i in gl.static_range(STAGES - 1):
         _load_x(x_desc, seg_start + i, i < steps, pid_m, ready.index(i), x_smem.index(i), BLOCK_M, BLOCK_K)
     q, s, zw = weight_loads(seg_start, seg_start < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
-                            offs_w, offs_nq, GROUP_SIZE, BLOCK_K)
-    a0 = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K)
+                            offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
+    a0 = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K, TILED)
     q, s, zw = weight_loads(seg_start + 1, seg_start + 1 < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
-                            offs_nq, offs_w, offs_nq, GROUP_SIZE, BLOCK_K)
+                            offs_nq, offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
     a1 = a0
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     for step in range(0, steps, 2):
         acc, a1, q, s, zw = _mma_step(step, a0, a1, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready,
-                                      pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq, offs_w,
-                                      base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS)
+                                      pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset,
+                                      offs_nq, offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                                      DTYPE, A_REGS, TILED)
         acc, a0, q, s, zw = _mma_step(step + 1, a1, a0, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem,
-                                      ready, pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, zero_offset, offs_nq,
-                                      offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS)
+                                      ready, pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset,
+                                      zero_offset, offs_nq, offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
+                                      STAGES, DTYPE, A_REGS, TILED)
     acc = warpgroup_mma_wait(0, deps=[acc, a0, a1])[0]
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -183,19 +196,21 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
                    counts=None, gate=None):
     """launch_wgmma's contract (wgmma.py) for configs with PREFILL: x fp16 or bf16 [M, K], or prefill_x of it."""
     m, k = x.shape
-    n = qweight.shape[1]
+    n = packed_shape(qweight)[1]
     bm, bn, bk, stages, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"], cfg["num_warps"]
     if bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or bn not in (16 * warps, 32 * warps) or stages < 2:
         raise ValueError(f"prefill wgmma tiles need BLOCK_K a multiple of 32, BLOCK_M in {TOKEN_TILES}, 4 or 8 "
                          f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2: {cfg}")
-    px = x if isinstance(x, PrefillX) else prefill_x(x, group_offset, cfg)
-    if list(px.desc.block_shape) != [bm, bk] or px.group_offset != group_offset:
-        raise ValueError(f"x was prepared for {px.desc.block_shape} tiles at group offset {px.group_offset}, not "
-                         f"{[bm, bk]} at {group_offset}")
+    tiled = is_tiled(qweight)
+    px = x if isinstance(x, PrefillX) else prefill_x(x, group_offset, cfg, tiled)
+    if list(px.desc.block_shape) != [bm, bk] or px.group_offset != group_offset or px.tiled != tiled:
+        raise ValueError(f"x was prepared for {px.desc.block_shape} tiles at group offset {px.group_offset} "
+                         f"(tiled weights: {px.tiled}), not {[bm, bk]} at {group_offset} ({tiled})")
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _prefill_kernel[grid](
-        px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, group_offset, zero_offset, per,
+        px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, word_stride(qweight),
+        group_offset, zero_offset, per,
         PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps,
-        WORDS=word_layout(bn, bk, warps), num_warps=warps,
+        TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
     )
