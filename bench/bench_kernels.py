@@ -329,7 +329,7 @@ def wgmma_configs(m):
     if not 1 <= m <= 64:
         return []
     bm = max(16, 1 << (m - 1).bit_length())
-    tiles = [(64, 128, sk) for sk in (2, 4, 8, 16)] + [(64, 64, sk) for sk in (4, 8, 16)]
+    tiles = [(64, 128, sk) for sk in (2, 4, 5, 6, 8, 16)] + [(64, 64, sk) for sk in (4, 8, 16)]
     tiles += [(128, 64, sk) for sk in (4, 8)] if bm <= 32 else []  # larger tiles: 255 registers (kernel_regs.py)
     tiles += [(128, 128, sk) for sk in (2, 4, 8)] if bm <= 16 else []
     return [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
@@ -363,12 +363,13 @@ def prefill_configs(m, n):
 SWEEP_SHAPES = ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192))  # Llama-70B TP 1 and TP 8 up / down
 
 
-def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES, only=""):
+def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES, only="", tiled=False):
     """Every config of sweep_configs and prefill_configs per shape and M (only: "decode" for the wgmma kernel's,
-    "prefill" for the prefill kernel's)."""
+    "prefill" for the prefill kernel's; tiled: qweight in the tiled layout, checked against the same weights)."""
     res = []
     for k, n in sweep_shapes:
         copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
+        timed = [(tile(qw), qz, sc) for qw, qz, sc in copies] if tiled else copies
         for m, cfgs in sweep_configs():
             if only_ms and m not in only_ms:
                 continue
@@ -378,7 +379,7 @@ def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES, only=""):
             print(f"sweep K={k} N={n} M={m} cublas_fp16 {ref:.1f} us", flush=True)
             for cfg in _only(cfgs + prefill_configs(m, n), only):
                 try:
-                    fns = tpaware_fns(copies, x, cfg)
+                    fns = tpaware_fns(timed, x, cfg)
                     us, err = graph_us(fns), check_tpaware(fns[0], copies[0], x)
                 except Exception as e:  # a config out of resources is a result, not a crash
                     us = err = float("nan")
@@ -399,6 +400,7 @@ def main():
     ap.add_argument("--sweep-only", choices=("decode", "prefill"), default=None,
                     help="sweep only the wgmma kernel's configs (decode) or the prefill kernel's")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
+    ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
     ap.add_argument("--tps", default="", help="comma-separated TP degrees to run (default: all)")
     ap.add_argument("--ms", default="", help="comma-separated M to run (default: per --quick)")
@@ -418,7 +420,8 @@ def main():
     head["rows"] = rows
     if args.sweep:
         kn_shapes = [tuple(int(d) for d in kn.split("x")) for kn in args.sweep_shapes.split(",") if kn] or SWEEP_SHAPES
-        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m], kn_shapes, args.sweep_only or "")
+        head["sweep"] = sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m], kn_shapes, args.sweep_only or "",
+                              args.sweep_tiled)
     else:
         models, tps = args.models.split(",") if args.models else MODELS, [int(t) for t in args.tps.split(",") if t]
         for model, tp, layer, k, n in shapes(args.quick and not args.models):
