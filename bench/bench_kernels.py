@@ -196,7 +196,9 @@ def own_config(provider, k, n, m, device):
         return pick_config(m, k, n, GROUP, device, wgmma=False)
     if provider == "tpaware_reduce_launch":
         return dict(cfg, SERIAL=False)
-    return cfg if provider in ("tpaware", "tpaware_tiled") or provider in PERM_PROVIDERS else None
+    if provider == "tpaware_tiled":
+        return pick_config(m, k, n, GROUP, device, tiled=True)
+    return cfg if provider == "tpaware" or provider in PERM_PROVIDERS else None
 
 
 def provider_fns(provider, copies, x, k, n, m, perm):

@@ -42,11 +42,30 @@ def kernel_table(d):
         cols += [_cell(row.get(p)) for p in PROVIDERS[1:]]
         cols.append(kernel_name(t["config"]) if t else "")
         print("| " + " | ".join(str(c) for c in cols) + " |")
+    tiled_table(cells)
     perm_table(cells)
     before_table(cells, d.get("before_commit"))
     wgmma_table(cells)
     rows_table(cells)
     serial_table(cells)
+
+
+def tiled_table(cells):
+    """tpaware on qweight as stored (N-major) against the same weights tiled (tpaware_tiled, layout.py)."""
+    rows = [(key, row) for key, row in cells.items() if "tpaware" in row and "tpaware_tiled" in row]
+    if not rows:
+        return
+    print("\nqweight N-major (tpaware) against tiled (tpaware_tiled), same call (us, CUDA-graph per-call):\n")
+    print("| model | TP | layer | K x N | M | N-major | tiled | tiled / N-major | tiled % roof | tiled x floor "
+          "| torch_int4 | cublas_fp16 |")
+    print("|---" * 12 + "|")
+    for (model, tp, layer, k, n, m), row in rows:
+        t, g = row["tpaware"], row["tpaware_tiled"]
+        cols = [model, tp, layer, f"{k}x{n}", m, f"{t['median_us']:.1f}", f"{g['median_us']:.1f}",
+                f"{g['median_us'] / t['median_us']:.3f}", f"{g['pct_roof']:.0f}%",
+                f"{g['median_us'] / g['floor_us']:.2f}"]
+        cols += [f"{row[p]['median_us']:.1f}" if p in row else "" for p in ("torch_int4", "cublas_fp16")]
+        print("| " + " | ".join(str(c) for c in cols) + " |")
 
 
 def before_table(cells, before_commit):

@@ -432,6 +432,30 @@ def test_dispatch_wgmma(monkeypatch):
     assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
 
 
+TILED_SWEEP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
+                           "sweep_tiled_m16_7c9a906_NVIDIA_H100_80GB_HBM3.json")
+
+
+def test_tiled_split_matches_sweep(monkeypatch):
+    """On tiled words at 2..16 tokens the dispatch's split (last-wave fill at 5 programs per SM) times within 7% of
+    the fastest 64-column split of the committed H100 sweep at M = 16, on each of its 11 shapes; at one token it
+    keeps the N-major choice (the register cap keeps 6 programs per SM)."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    cpu = torch.device("cpu")  # 132 SMs, as the H100 swept
+    times = {}
+    for r in json.load(open(TILED_SWEEP))["sweep"]:
+        if r["cfg"]["BLOCK_N"] == 64 and r["cfg"]["BLOCK_K"] == 128:
+            times.setdefault((r["K"], r["N"]), {})[r["cfg"]["SPLIT_K"]] = r["graph_us"]
+    assert len(times) == 11
+    for (k, n), by_split in times.items():
+        cfg = K.pick_config(16, k, n, 128, cpu, wgmma=True, tiled=True)
+        assert (cfg["BLOCK_N"], cfg["BLOCK_K"]) == (64, 128) and cfg == K.pick_config(2, k, n, 128, cpu, wgmma=True,
+                                                                                      tiled=True)
+        assert by_split[cfg["SPLIT_K"]] <= 1.07 * min(by_split.values()), (k, n, cfg["SPLIT_K"], by_split)
+        assert K.pick_config(1, k, n, 128, cpu, wgmma=True, tiled=True) == K.pick_config(1, k, n, 128, cpu, wgmma=True)
+
+
 # (N, the faster split-K of 4 and 8 for one token): the Llama-70B TP 1-8 up and down shards, H100 sweep at 1c95e50
 DECODE_SPLIT_SWEPT = [(28672, 8), (8192, 4), (14336, 8), (7168, 4), (3584, 8)]
 
@@ -447,18 +471,20 @@ def test_decode_split_matches_sweep(n, best, monkeypatch):
     assert K.pick_config(1, 8192, n, 128, torch.device("cuda", 0), wgmma=True)["SPLIT_K"] == best
 
 
-@pytest.mark.parametrize("tiled", [False, True])
-def test_decode_programs_per_sm_from_registers(tiled):
-    """decode_split counts DECODE_PROGRAMS_PER_SM programs of the 16-token wgmma tile per SM at one token: what its
-    registers allow, on N-major words and on tiled ones with the launch's register cap (sm_90a, compiled here; 64K
-    registers per SM, allocated per warp in steps of 8 per thread)."""
-    from tpaware_compile.kernels import DECODE_PROGRAMS_PER_SM
+@pytest.mark.parametrize("tiled,m", [(False, 1), (True, 1), (True, 2)])
+def test_decode_programs_per_sm_from_registers(tiled, m):
+    """decode_split counts DECODE_PROGRAMS_PER_SM programs of the 16-token wgmma tile per SM at one token (N-major
+    words, or tiled ones under the launch's register cap) and TILED_PROGRAMS_PER_SM from two tokens on tiled words
+    (no cap): what their registers allow (fp16, sm_90a, compiled here; 64K registers per SM, allocated per warp in
+    steps of 8 per thread)."""
+    from tpaware_compile.kernels import DECODE_PROGRAMS_PER_SM, TILED_PROGRAMS_PER_SM
     from tpaware_compile.kernels.wgmma import NUM_WARPS, register_cap
     kernel_regs = _sm90_compiler()
-    cap = register_cap(1, 16, tiled)
+    cap = register_cap(m, 16, tiled)
     regs = kernel_regs.ptxas_usage(kernel_regs.compile_wgmma(16, 64, 128, tiled=tiled, maxnreg=cap))[0]
-    assert 65536 // (-(-regs // 8) * 8 * 32 * NUM_WARPS) == DECODE_PROGRAMS_PER_SM, regs
-    assert (cap is None) != tiled and register_cap(2, 16, tiled) is None and register_cap(1, 32, tiled) is None
+    per_sm = TILED_PROGRAMS_PER_SM if tiled and m > 1 else DECODE_PROGRAMS_PER_SM
+    assert 65536 // (-(-regs // 8) * 8 * 32 * NUM_WARPS) == per_sm, regs
+    assert (cap is not None) == (tiled and m == 1) and register_cap(1, 32, tiled) is None
 
 
 # (K, N, M, the fastest split-K of the 256-token prefill tiles): H100 sweeps, bench/results/sweep_split_* (splits

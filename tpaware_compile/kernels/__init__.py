@@ -54,6 +54,8 @@ DEQUANT_RATE = 3.0e12
 CUBLAS_RATE = 7.0e14
 PREFILL_MAX_SPLIT = 5
 DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 128 threads (bench/kernel_regs.py)
+# ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): 92 registers (fp16)
+TILED_PROGRAMS_PER_SM = 5
 _SMS = {}
 _CAPABILITY = {}
 
@@ -107,16 +109,18 @@ def _num_sms(device) -> int:
     return _SMS[idx]
 
 
-def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional[bool] = None) -> dict:
+def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional[bool] = None,
+                tiled: bool = False) -> dict:
     """Kernel and block sizes per shape (a table from the H100 sweeps in bench/README.md). ``wgmma``: whether the
-    Hopper kernel may run (default: on sm_90 devices; gptq_mm_sorted passes False for fp32 x)."""
+    Hopper kernel may run (default: on sm_90 devices; gptq_mm_sorted passes False for fp32 x); ``tiled``: qweight
+    in the tiled layout (layout.py)."""
     if INTERPRET:  # one config, large blocks: the interpreter costs ~ms per program and step
         kind = "gemv" if m <= GEMV_MAX_M else "dot"
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
     wgmma = has_wgmma(device) if wgmma is None else wgmma
     if wgmma and m <= PREFILL_MAX_M and segment_rows(group_size, 128) % 32 == 0:
         if m <= WGMMA_MAX_M:
-            return wgmma_config(m, k, n, group_size, device)
+            return wgmma_config(m, k, n, group_size, device, tiled)
         cfg = prefill_config(m, k, n, group_size, device)
         if m <= PREFILL_ALWAYS_MAX_M or dequant_seconds(m, k, n) > prefill_seconds(
                 m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device)):
@@ -170,35 +174,40 @@ def has_wgmma(device) -> bool:
     return _CAPABILITY[idx] == (9, 0)
 
 
-def wgmma_config(m: int, k: int, n: int, group_size: int, device) -> dict:
+def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = False) -> dict:
     """The Hopper kernel for decode: 64 output columns by M rounded up to 16, 32 or 64 tokens per program, one
     group segment (up to 128 rows) per step, split-K for 4-8 programs per output tile (fewer for 64 tokens),
     reduced in the launch. From the H100 sweeps (bench/README.md), on the Llama-70B shapes at M = 1, 4, 16, 32
     and 64; dispatched up to WGMMA_MAX_M. At one token the split is the one of 4 and 8 that fills the last wave
     of programs most (decode_split); with more tokens the fp32 partials (M x N per split) weigh in, and 4 won on
-    large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8)."""
+    large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8). On tiled words from 2 to 16 tokens (5
+    programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11 Llama-70B and
+    Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
     tiles = -(-n // 64)
     if m == 1:
         split_k = decode_split(tiles, _num_sms(device))
+    elif tiled and block_m == 16:
+        split_k = decode_split(tiles, _num_sms(device), TILED_PROGRAMS_PER_SM, (4, 5, 6, 8))
     else:
         split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
     block_k = segment_rows(group_size, 128)
     return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split_k, SERIAL=True)
 
 
-def decode_split(tiles: int, sms: int) -> int:
-    """Split-K 4 or 8 for the one-token wgmma kernel: the one whose programs (tiles x split) fill the last wave of
-    DECODE_PROGRAMS_PER_SM per SM most. On the 8 Llama-70B TP 1-8 shapes of an H100 sweep it picks the faster of
-    the two each time (TP 2 up: 224 tiles, 896 programs against 792 places, 34.4 us with 4, 31.6 with 8)."""
-    places = DECODE_PROGRAMS_PER_SM * sms
+def decode_split(tiles: int, sms: int, per_sm: int = DECODE_PROGRAMS_PER_SM, splits: tuple = (4, 8)) -> int:
+    """Split-K (of ``splits``) for the 16-token wgmma tile: the one whose programs (tiles x split) fill the last
+    wave of ``per_sm`` per SM most. At one token, 4 or 8 at DECODE_PROGRAMS_PER_SM: on the 8 Llama-70B TP 1-8
+    shapes of an H100 sweep it picks the faster of the two each time (TP 2 up: 224 tiles, 896 programs against 792
+    places, 34.4 us with 4, 31.6 with 8)."""
+    places = per_sm * sms
 
     def last_wave_fill(split):
         return (tiles * split % places or places) / places
 
-    return max((4, 8), key=last_wave_fill)
+    return max(splits, key=last_wave_fill)
 
 
 def prefill_config(m: int, k: int, n: int, group_size: int, device) -> dict:
@@ -283,7 +292,7 @@ def gptq_mm_sorted(
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device, wgmma=_wgmma_for(x2))
+    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device, wgmma=_wgmma_for(x2), tiled=is_tiled(qweight))
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
     args = (qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype)
@@ -319,7 +328,8 @@ def gptq_swiglu_sorted(
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device, wgmma=_wgmma_for(x2))
+    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device, wgmma=_wgmma_for(x2),
+                                tiled=is_tiled(gate[0]))
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
     y = swiglu(xc, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm)
