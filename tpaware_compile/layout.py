@@ -8,9 +8,10 @@ column. The tiled layout holds the same words in tiles of 64 columns by 16 words
 
 One 128-row step of a 64-column tile is then 4 KB in one piece, and a thread of the wgmma kernels, which holds
 words (BLOCK_K / 32) t + b of its columns (wgmma.word_layout), loads a column's words of a step as one 16-byte
-vector, from one address per column. Measured on an H100 (bench/README.md): the one-token kernel 0.91-0.96x the
-time on N-major words. Words read down each column instead (qweight.t() contiguous: 64 bytes of a column per
-step) measured 1.2x slower, so the tile keeps 64 columns of a step together.
+vector. Measured on an H100 (bench/README.md, "The tiled layout"): the one-token kernel 0.91-0.99x the time on
+N-major words over 16 Llama-70B / Granite-20B shapes. Words read down each column instead (qweight.t()
+contiguous: 64 bytes of a column per step) took 1.11-1.27x on the larger shards, so a tile keeps 64 columns of
+a step together.
 
 The repack is a permutation of int32 words (``untile(tile(q))`` is q bit for bit). It needs K a multiple of 128
 and N of 64 (``can_tile``); every kernel of ``kernels`` reads both layouts.
@@ -39,11 +40,10 @@ def can_tile(k: int, n: int) -> bool:
 
 def tile(qweight: torch.Tensor) -> torch.Tensor:
     """N-major [K/8, N] -> tiled [N/64, K/128, 64, 16] (a new tensor; the words are not changed)."""
-    words, n = qweight.shape
-    if qweight.dim() != 2 or not can_tile(words * 8, n):
+    if qweight.dim() != 2 or not can_tile(qweight.shape[0] * 8, qweight.shape[1]):
         raise ValueError(f"tiling needs qweight [K/8, N] with K a multiple of {8 * TILE_WORDS} and N of {TILE_COLS}, "
                          f"got {tuple(qweight.shape)}")
-    steps, tiles = words // TILE_WORDS, n // TILE_COLS
+    steps, tiles = qweight.shape[0] // TILE_WORDS, qweight.shape[1] // TILE_COLS
     return qweight.reshape(steps, TILE_WORDS, tiles, TILE_COLS).permute(2, 0, 3, 1).contiguous()
 
 

@@ -11,7 +11,9 @@ kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cu
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
 gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
-``gptq_mm_gidx`` is the per-row g_idx kernel (gidx.py) for act-order weights as stored: the baseline.
+qweight is N-major [K/8, N] as GPTQ stores it, or tiled (layout.py: the wgmma kernels' fastest layout; every
+kernel here reads both). ``gptq_mm_gidx`` is the per-row g_idx kernel (gidx.py) for act-order weights as stored:
+the baseline.
 Under TRITON_INTERPRET=1 (CPU tests) one fixed config runs, and bf16 is computed through fp32 (the
 interpreter's bf16 arithmetic is wrong).
 """

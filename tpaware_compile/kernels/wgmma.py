@@ -15,7 +15,9 @@ word sharing a register, and x's rows are read in the same order:
     MMA row 32b + 16h + 8c + 2t + e  <-  weight row 32b + 8t + 4e + 2h + c     (unpack_pairs, x_in_mma_order)
 
 The words are loaded in a layout where lane t of each quad holds words t, t+4, ..., so after unpacking
-``convert_layout(..., assert_trivial=True)`` into the MMA operand layout is free: the compiler checks it. The
+``convert_layout(..., assert_trivial=True)`` into the MMA operand layout is free: the compiler checks it. On
+tiled words (layout.py) lane t holds words (BK/32) t + b instead, which lie side by side in memory (one vector
+load per column and step), and the 32-row block b of the MMA's K order takes word (BK/32) t + b (TILED). The
 operand is (q - z)/16, exact in fp16 and bf16 (unpack_pairs: an AND-OR puts two nibbles into the mantissas of
 a float pair, one paired multiply-add takes the zero point off), so the scale is the only per-group factor on
 the fp32 accumulator; the split-K is reduced inside the launch as in the other kernels (common.store_split).
@@ -43,7 +45,7 @@ PAIR_BASE_BITS = {torch.float16: 0x6400, torch.bfloat16: 0x3F80}  # 1024.0, 1.0
 # The 16-token tile on tiled words needs 92 registers (fp16; 5 programs per SM); capped at 80 (20 bytes of spills)
 # it keeps kernels.DECODE_PROGRAMS_PER_SM = 6. At one token the cap measured 0.91-0.99x the time of N-major words on
 # all 16 Llama-70B / Granite-20B shapes, where uncapped Granite's TP 1-4 shards took 1.06-1.25x (decode_split's
-# waves are planned for 6); from 2 tokens the cap cost 1.02-1.17x the uncapped time (H100, bench/README.md)
+# waves are planned for 6); at 16 tokens the cap cost Llama 1.14-1.23x the uncapped time (H100, bench/README.md)
 ONE_TOKEN_TILED_REGISTERS = 80
 
 
