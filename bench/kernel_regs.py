@@ -3,7 +3,8 @@ here, no GPU needed: the kernels are specialized as the JIT would specialize the
 pointers, N, K and KPAD multiples of 16), the PTX is assembled by the ptxas that ships with triton (`ptxas -v`),
 and the SASS of the longest backward branch's body (the K-step loop) is counted with its cuobjdump.
 Instructions per weight predict the issue-bound time (the one-row GEMV reaches 61-68% of the copy roof on an
-H100 at 4.4; the wgmma kernel 61-69% at 5.0); a prediction, not a measurement. The wgmma kernel is Gluon,
+H100 at 4.4; the wgmma kernel at one token 73-74% at 4.1 on N-major words, 77-79% at 3.8 on tiled ones under its
+register cap); a prediction, not a measurement. The wgmma kernel is Gluon,
 compiled through triton's GluonASTSource (triton 3.6).
 
     python bench/kernel_regs.py            # the GEMVs' configs, then the wgmma kernel's
@@ -156,14 +157,20 @@ def main():
         per_weight = loop_instructions_per_weight(*cfg)
         cols = (*cfg, *registers(*cfg), f"{per_weight:.2f}", f"{per_weight / cfg[0]:.2f}")
         print("| " + " | ".join(str(v) for v in cols) + " |", flush=True)
-    print("\nHopper kernel (wgmma.py), fp16, SERIAL")
-    print("| BLOCK_M | BLOCK_N | BLOCK_K | registers | spill stores | spill loads | loop instructions per weight |")
-    print("|---|---|---|---|---|---|---|")
+    print("\nHopper kernel (wgmma.py), fp16, SERIAL; qweight N-major, tiled (layout.py), and tiled under the one-token "
+          "register cap (wgmma.register_cap)")
+    print("| words | BLOCK_M | BLOCK_N | BLOCK_K | registers | spill stores | spill loads | loop instructions per "
+          "weight |")
+    print("|---|---|---|---|---|---|---|---|")
     for bm, bn, bk in WGMMA_CONFIGS:
-        kernel = compile_wgmma(bm, bn, bk)
-        per_weight = loop_length(sass(kernel)) / (bk * bn / (32 * wgmma.NUM_WARPS))
-        print("| " + " | ".join(str(v) for v in (bm, bn, bk, *ptxas_usage(kernel), f"{per_weight:.2f}")) + " |",
-              flush=True)
+        for words, tiled, cap in (("N-major", False, None), ("tiled", True, None),
+                                  ("tiled, capped", True, wgmma.register_cap(1, (bm, bn, bk), True))):
+            if words.endswith("capped") and cap is None:
+                continue
+            kernel = compile_wgmma(bm, bn, bk, tiled=tiled, maxnreg=cap)
+            per_weight = loop_length(sass(kernel)) / (bk * bn / (32 * wgmma.NUM_WARPS))
+            cols = (words, bm, bn, bk, *ptxas_usage(kernel), f"{per_weight:.2f}")
+            print("| " + " | ".join(str(v) for v in cols) + " |", flush=True)
     print("\nHopper prefill kernel (wgmma_prefill.py), fp16 output without split-K, 8 warps: the dispatched tiles")
     print("| BLOCK_M | BLOCK_N | BLOCK_K | x slots | registers | spill stores | spill loads | shared bytes |")
     print("|---|---|---|---|---|---|---|---|")

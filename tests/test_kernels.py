@@ -480,11 +480,12 @@ def test_decode_programs_per_sm_from_registers(tiled, m):
     from tpaware_compile.kernels import DECODE_PROGRAMS_PER_SM, TILED_PROGRAMS_PER_SM
     from tpaware_compile.kernels.wgmma import NUM_WARPS, register_cap
     kernel_regs = _sm90_compiler()
-    cap = register_cap(m, 16, tiled)
+    cap = register_cap(m, (16, 64, 128), tiled)
     regs = kernel_regs.ptxas_usage(kernel_regs.compile_wgmma(16, 64, 128, tiled=tiled, maxnreg=cap))[0]
     per_sm = TILED_PROGRAMS_PER_SM if tiled and m > 1 else DECODE_PROGRAMS_PER_SM
     assert 65536 // (-(-regs // 8) * 8 * 32 * NUM_WARPS) == per_sm, regs
-    assert (cap is not None) == (tiled and m == 1) and register_cap(1, 32, tiled) is None
+    assert (cap is not None) == (tiled and m == 1)
+    assert all(register_cap(1, tiles, tiled) is None for tiles in ((32, 64, 128), (16, 64, 64), (16, 128, 128)))
 
 
 # (K, N, M, the fastest split-K of the 256-token prefill tiles): H100 sweeps, bench/results/sweep_split_* (splits

@@ -322,10 +322,11 @@ def _wgmma_kernel(
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
 
 
-def register_cap(m: int, block_m: int, tiled: bool):
-    """ptxas's register limit for a launch (None: none): ONE_TOKEN_TILED_REGISTERS for one token in the 16-token
-    tile on tiled words."""
-    return ONE_TOKEN_TILED_REGISTERS if tiled and m == 1 and block_m == 16 else None
+def register_cap(m: int, tiles: tuple, tiled: bool):
+    """ptxas's register limit for a launch (None: none): ONE_TOKEN_TILED_REGISTERS for one token in the
+    dispatched 16 x 64 x 128 tile (``tiles``: BLOCK_M, BLOCK_N, BLOCK_K) on tiled words, the one measured (smaller
+    steps need fewer registers than the cap, larger tiles would spill: bench/kernel_regs.py)."""
+    return ONE_TOKEN_TILED_REGISTERS if tiled and m == 1 and tuple(tiles) == (16, 64, 128) else None
 
 
 def even_shape(k: int, n: int, group_offset: int, cfg: dict) -> bool:
@@ -352,5 +353,5 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
-        XL=x_layout(bm, bk), num_warps=NUM_WARPS, maxnreg=register_cap(m, bm, tiled),
+        XL=x_layout(bm, bk), num_warps=NUM_WARPS, maxnreg=register_cap(m, (bm, bn, bk), tiled),
     )
