@@ -255,7 +255,7 @@ def a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE: gl.constexpr, SC
 @gluon.jit
 def _wgmma_kernel(
     x_ptr,  # [M, K] fp16 / bf16, row stride stride_xm
-    qw_ptr,  # [K/8, N] int32, packed along K
+    qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
@@ -273,7 +273,7 @@ def _wgmma_kernel(
     SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
     EVEN: gl.constexpr,  # no group offset, K a whole number of steps and N of tiles: no masks on the loads
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py): a thread's words (BK/32) t + b
-    WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K)
+    WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])

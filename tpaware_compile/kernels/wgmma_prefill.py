@@ -5,8 +5,9 @@ streamed by TMA and the MMAs running while the next operand is unpacked.
 At 128-256 tokens per tile, x's tile no longer fits in registers beside the accumulator (the decode kernel
 spills there), so x goes from global to shared memory by the tensor memory accelerator into a ring of STAGES
 slots, each with an mbarrier, issued STAGES - 1 steps ahead. The TMA copies rows as they are, so the host
-writes x once in the MMA's K order (``x_in_mma_order``: a permutation within each 32-row block, relative to the
-shard's group offset, which it also pads in); that costs one pass over x, small against a prefill matmul.
+writes x once in the MMA's K order (``x_in_mma_order``: a permutation within each 32-row block, or each K-step
+for tiled weights, relative to the shard's group offset, which it also pads in); that costs one pass over x,
+small against a prefill matmul.
 
 The scale goes into the operand ((q - z) * s, one rounding in x's dtype, as the weights of a dequantize-then-
 matmul in that dtype are rounded) so that the MMAs accumulate over all of K in place: no second accumulator,
@@ -123,7 +124,7 @@ def _pinned_below_wait(acc, sc_ptr, offs_n):
 @gluon.jit
 def _prefill_kernel(
     x_desc,  # TMA descriptor of x_in_mma_order(x, ..., BLOCK_K, TILED) [M, Kp], block [BM, BK]
-    qw_ptr,  # [K/8, N] int32, packed along K
+    qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
     out_ptr,  # [SPLIT_K, M, N] fp32 partials, or [M, N] output when SPLIT_K == 1
