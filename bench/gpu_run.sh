@@ -1,11 +1,12 @@
 #!/bin/bash
 # One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects), written
 # as they go, so that a step cut by its time limit still leaves what it got to.
-# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [sweepms] [host]
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [tiled] [sweepms] [host]
 #   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
 #   serial:  GPU tests of every kernel's store path (forced configs, dispatch, production shapes, SwiGLU, one-launch split-K)
 #   wgmma:   GPU tests of the Hopper kernel (forced configs, SwiGLU)   sweepms: bench_kernels --sweep at $SWEEP_MS only
+#   tiled:   GPU tests on tiled words (layout.py), then N-major against tiled at M = 1..64 on every shape
 #   new:     GPU tests of the newest kernel work (x[P1] through perm, multi-row GEMV, one-launch split-K, forced configs)
 #   model:   bench_model.py --quick (Llama-2-7B shapes, TP 1)     modelfull: Llama-2-7B and 13B (model7b, model13b: one)
 #   profile: top CUDA kernels of a prefill per bench_model variant  mlp1nofuse: mlp1 with gate and up unfused
@@ -21,6 +22,8 @@ for step in "$@"; do
     new) timeout 360 python -m pytest -m gpu tests/test_kernels.py tests/test_backend_gpu.py -k "perm or rows or serial or kernel_gpu_configs or fused_swiglu_lowering" -q -p no:cacheprovider > $OUT/pytest_new.log 2>&1; tail -3 $OUT/pytest_new.log ;;
     serial) timeout ${TESTS_TIMEOUT:-300} python -m pytest -m gpu tests/test_kernels.py -k "serial or kernel_gpu_configs or perm_gpu_dispatch or production_configs or swiglu_gpu" -q -p no:cacheprovider > $OUT/pytest_serial.log 2>&1; tail -3 $OUT/pytest_serial.log ;;
     wgmma) timeout ${TESTS_TIMEOUT:-200} python -m pytest -m gpu tests/test_kernels.py -k wgmma -q -p no:cacheprovider > $OUT/pytest_wgmma.log 2>&1; tail -3 $OUT/pytest_wgmma.log ;;
+    tiled) timeout ${TESTS_TIMEOUT:-300} python -m pytest -m gpu tests/test_kernels.py -k tiled -q -p no:cacheprovider > $OUT/pytest_tiled.log 2>&1; tail -3 $OUT/pytest_tiled.log
+      timeout 200 python bench/bench_kernels.py --ms 1,2,16,32,64 --providers tpaware,tpaware_tiled --out $OUT/kernels_tiled.json > $OUT/kernels_tiled.log 2>&1; tail -3 $OUT/kernels_tiled.log ;;
     sweepms) timeout ${SWEEP_TIMEOUT:-400} python bench/bench_kernels.py --sweep --sweep-ms $SWEEP_MS --out $OUT/sweep_ms.json > $OUT/sweep_ms.log 2>&1; tail -3 $OUT/sweep_ms.log ;;
     gidx) timeout 200 python -m pytest tests/test_kernels.py -m gpu -k gidx -q -p no:cacheprovider > $OUT/pytest_gidx.log 2>&1; tail -3 $OUT/pytest_gidx.log ;;
     prod) timeout 110 python -m pytest tests/test_kernels.py -m gpu -k production -q -p no:cacheprovider > $OUT/pytest_prod.log 2>&1; tail -3 $OUT/pytest_prod.log ;;
