@@ -151,6 +151,11 @@ def launch_count(cfg, k) -> int:
     return 1 + int(split and not cfg.get("SERIAL")) + int(cfg["kind"] == "gemv")
 
 
+def tiled_copies(copies):
+    """The same weight copies with qweight tiled (layout.py)."""
+    return [(tile(qw), qz, sc) for qw, qz, sc in copies]
+
+
 def tpaware_fns(copies, x, cfg=None):
     return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_sorted(x, qw, qz, sc, GROUP, 0, 0, config=cfg) for qw, qz, sc in copies]
 
@@ -205,7 +210,7 @@ def provider_fns(provider, copies, x, k, n, m, perm):
     if provider == "tpaware":
         return tpaware_fns(copies, x)
     if provider == "tpaware_tiled":
-        return tpaware_fns([(tile(qw), qz, sc) for qw, qz, sc in copies], x)
+        return tpaware_fns(tiled_copies(copies), x)
     if provider in ("tpaware_rows", "tpaware_reduce_launch", "tpaware_tldot"):
         return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
     if provider in PERM_PROVIDERS:
@@ -371,7 +376,7 @@ def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES, only="", tiled=False):
     res = []
     for k, n in sweep_shapes:
         copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
-        timed = [(tile(qw), qz, sc) for qw, qz, sc in copies] if tiled else copies
+        timed = tiled_copies(copies) if tiled else copies
         for m, cfgs in sweep_configs():
             if only_ms and m not in only_ms:
                 continue
