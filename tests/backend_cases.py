@@ -13,6 +13,7 @@ from torch import nn
 
 from tpaware_compile import report as R
 from tpaware_compile.backend import tpaware  # by function: the tests run without the package installed too
+from tpaware_compile.layout import is_tiled
 from tpaware_compile.models import Decoder, DecoderConfig, Parallel, random_weights
 from tpaware_compile.nn import TPMLP
 from tpaware_compile.quantize import quantize
@@ -21,8 +22,8 @@ GROUP = 32
 INTER = 192  # 6 groups: 3 per rank at TP 2, 1.5 at TP 4 (shards share a boundary group)
 
 
-def config(family: str = "llama", layers: int = 2) -> DecoderConfig:
-    return DecoderConfig(vocab=64, hidden=64, inter=INTER, layers=layers, heads=4, kv_heads=2, family=family)
+def config(family: str = "llama", layers: int = 2, hidden: int = 64, inter: int = INTER) -> DecoderConfig:
+    return DecoderConfig(vocab=64, hidden=hidden, inter=inter, layers=layers, heads=4, kv_heads=2, family=family)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,11 +32,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compile_decoder(rank, world, family="llama", form="N", fused=False, collectives="functional",
-                    hand_off="eager", zero_offset=0, dtype="float32", dynamic=None, presort=False, **options):
-    """Eager and compiled twins of one small decoder; returns a summary of prefill, decode and eager-after."""
+                    hand_off="eager", zero_offset=0, dtype="float32", dynamic=None, presort=False, tileable=False,
+                    **options):
+    """Eager and compiled twins of one small decoder; returns a summary of prefill, decode and eager-after.
+    ``tileable``: hidden 128 and intermediate 256, so that the shards of TP 1 and 2 can be tiled (layout.py)."""
     torch._dynamo.reset()
     R.clear_reports()
-    cfg = config(family)
+    cfg = config(family, hidden=128, inter=256) if tileable else config(family)
     w = random_weights(cfg, dtype=getattr(torch, dtype), group_size=GROUP, seed=0, zero_offset=zero_offset)
     par = Parallel(rank=rank, world=world, form=form, collectives=collectives, fused=fused, presort=presort)
     eager, model = Decoder(cfg, par, w), Decoder(cfg, par, w)
@@ -53,6 +56,8 @@ def compile_decoder(rank, world, family="llama", form="N", fused=False, collecti
     out["reports"] = [r.to_dict() for r in R.all_reports()]
     out["graph"] = graph_summary(R.all_reports()[0])
     out["g_idx_none"] = [gptq_g_idx(rep) for rep in R.all_reports()]  # rewritten graph, then the form-T retrace
+    out["tiled"] = [qweights_tiled(rep) for rep in R.all_reports()]
+    out["modules_tiled"] = [is_tiled(t) for name, t in model.named_buffers() if name.endswith("qweight")]
     out["in_perm"] = [blk.mlp.in_perm is not None for blk in model.blocks]
     out["memory"] = weight_bytes(model, R.all_reports()) / weight_bytes(eager, [])
     return out
@@ -111,6 +116,15 @@ def _columns(path) -> list:
 def gptq_g_idx(rep) -> list:
     """g_idx is None, for every quantized matmul of a kept graph."""
     return [n.args[4] is None for n in rep.graph_module.graph.nodes if "gptq_mm" in str(n.target)]
+
+
+def qweights_tiled(rep) -> list:
+    """Whether each quantized matmul of a kept graph reads tiled words: a constant or a graph input's value."""
+    gm = rep.graph_module
+    values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], rep.example_inputs))
+    tensor = lambda n: getattr(gm, n.target) if n.op == "get_attr" else values[n]
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "gptq_mm" in str(n.target)]
+    return [is_tiled(tensor(n.args[1])) for n in calls]
 
 
 def _path_to_columns(down) -> list:
@@ -191,23 +205,24 @@ class ForeignMLP(nn.Module):
         return y + full.sum(-1, keepdim=True) if self.variant == "other_user" else y
 
 
-def mlp_weights(sorted_down: bool = False) -> dict:
+def mlp_weights(sorted_down: bool = False, hidden: int = 64, inter: int = INTER) -> dict:
     g = torch.Generator().manual_seed(3)
     q = lambda k, n, act=True: quantize(torch.randn(k, n, generator=g) / k**0.5, GROUP, act_order=act, generator=g)
-    gate = q(64, INTER)
-    return {"gate": gate, "up": q(64, INTER).replace(g_idx=gate.g_idx), "down": q(INTER, 64, not sorted_down)}
+    gate = q(hidden, inter)
+    return {"gate": gate, "up": q(hidden, inter).replace(g_idx=gate.g_idx), "down": q(inter, hidden, not sorted_down)}
 
 
-def compile_mlp(rank, world, module: nn.Module, hand_off="eager", shape=(1, 4, 64)):
+def compile_mlp(rank, world, module: nn.Module, hand_off="eager", shape=(1, 4, 64), options=None):
     """Compile one MLP module; returns outputs' agreement, report rows and whether the module was converted."""
     torch._dynamo.reset()
     R.clear_reports()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
     ref = module(x)
     before = {n: b.clone() for n, b in module.named_buffers()}
-    out = torch.compile(module, backend=tpaware, options={"tpaware.hand_off": hand_off})(x)
+    options = {"tpaware.hand_off": hand_off, **(options or {})}
+    out = torch.compile(module, backend=tpaware, options=options)(x)
     after = dict(module.named_buffers())
-    out2 = torch.compile(module, backend=tpaware, options={"tpaware.hand_off": hand_off})(x)  # cached graph
+    out2 = torch.compile(module, backend=tpaware, options=options)(x)  # cached graph
     return {"equal": torch.equal(ref, out), "err": max(rel_err(ref, out), rel_err(ref, out2)),
             "hand_offs": [rep.hand_off for rep in R.all_reports()],
             "rows": [r.to_dict() for rep in R.all_reports() for r in rep.rows],
@@ -218,6 +233,16 @@ def compile_mlp(rank, world, module: nn.Module, hand_off="eager", shape=(1, 4, 6
 def foreign_case(rank, world, variant="", hand_off="eager"):
     mlp = TPMLP.from_full("swiglu", mlp_weights(), "N", rank, world, dist.group.WORLD if world > 1 else None)
     return compile_mlp(rank, world, ForeignMLP(mlp, variant), hand_off)
+
+
+def foreign_tiled_case(rank, world):
+    """A foreign module with tpaware.tile_weights: which quantized matmuls of its rewritten graph read tiled words."""
+    mlp = TPMLP.from_full("swiglu", mlp_weights(hidden=128, inter=256), "N", rank, world,
+                          dist.group.WORLD if world > 1 else None)
+    options = {"tpaware.tile_weights": True, "tpaware.keep_graph": True}
+    out = compile_mlp(rank, world, ForeignMLP(mlp), shape=(1, 4, 128), options=options)
+    out["tiled"] = qweights_tiled(R.all_reports()[0])
+    return out
 
 
 def distinct_g_idx_case(rank, world, form):

@@ -115,6 +115,33 @@ def test_presorted_first_layers(cells, cell):
         assert all(all(g) for g in r["g_idx_none"]) and r["memory"] <= 1.02
 
 
+@pytest.mark.parametrize("cell", [("llama", "N", 2), ("gptbigcode", "L", 2), ("llama", "U", 1),
+                                  ("gptbigcode", "N", 1)], ids=_id)
+def test_tiled_weights(cells, cell):
+    """tpaware.tile_weights: the rewritten MLPs hold their weights tiled (layout.py), the modules in place (form N's
+    down too): every quantized matmul of both graphs reads tiled words, numbers as eager's (form N exactly), eager
+    after compile right on the modules' tiled buffers, weight memory as eager's, and the report says so."""
+    family, form, world = cell
+    for r in cells(*cell, tileable=True, **{"tpaware.tile_weights": True}):
+        if form == "N":
+            assert r["equal"] == [True, True] and r["eager_after_equal"], r["err"]
+        else:
+            assert max(r["err"]) < 1e-5 and r["eager_after_err"] < 1e-5, r["err"]
+        assert all(all(t) for t in r["tiled"]) and [len(t) for t in r["tiled"]] == [6 if family == "llama" else 4] * 2
+        assert all(r["modules_tiled"]) and r["forms"] == ["T", "T"]
+        assert r["memory"] <= 1.02
+        for row in r["reports"][0]["rows"]:
+            assert row["applied"] and row["weights"] == "in place"
+            assert row["kernels"].endswith(", tiled words") and ", tiled words; down: " in row["kernels"]
+
+
+def test_weights_stay_n_major_by_default_on_cpu(cells):
+    """tile_weights "auto" tiles on sm_90 GPUs only: on CPU the same tileable decoder keeps N-major words."""
+    for r in cells("llama", "N", 2, tileable=True):
+        assert not any(any(t) for t in r["tiled"]) and not any(r["modules_tiled"])
+        assert all("tiled" not in row["kernels"] for row in r["reports"][0]["rows"])
+
+
 @pytest.mark.parametrize("form", ["N", "L"])
 def test_fused_gate_up(cells, form):
     for r in cells("llama", form, 2, fused=True):
@@ -178,6 +205,24 @@ def test_foreign_module_keeps_private_copy(ranks, spelling):
         assert row["applied"] and row["weights"] == "private copy" and row["private_bytes"] > 0
         assert "sorted via x[P1]" in row["kernels"]  # the permutation is a constant of the graph
         assert r["equal"] and r["buffers_unchanged"] and r["eager_after_err"] == 0
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_foreign_module_tiled_private_copy(ranks, world):
+    """A foreign module with tpaware.tile_weights: its private copies of gate and up are tiled; form N's down,
+    which the graph reads from the module as it is, stays N-major (tiling it would hold a second copy)."""
+    for r in ranks(world).run(C.foreign_tiled_case):
+        row = r["rows"][0]
+        assert row["applied"] and row["weights"] == "private copy" and row["private_bytes"] > 0
+        assert r["tiled"] == [True, True, False]  # gate, up, down in graph order
+        assert r["equal"] and r["buffers_unchanged"] and r["eager_after_err"] == 0
+
+
+def test_tile_weights_option_is_checked():
+    import torch
+
+    with pytest.raises(Exception, match="tile_weights must be"):
+        torch.compile(lambda x: x * 2, backend=C.tpaware, options={"tpaware.tile_weights": "yes"})(torch.ones(2))
 
 
 def test_foreign_module_through_inductor(ranks):

@@ -77,3 +77,29 @@ def test_block_by_block_compilation():
         assert C.rel_err(eager(tokens, pos).float(), model(tokens, pos).float()) < 2e-2
     assert [blk.mlp.form for blk in model.blocks] == ["T"] * 3
     assert sum(len(r.applied) for r in R.all_reports()) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,hand_off", [(torch.float16, "inductor"), (torch.bfloat16, "inductor"),
+                                            (torch.float16, "eager")])
+def test_tile_weights_auto(dtype, hand_off):
+    """tpaware.tile_weights left at "auto": on sm_90 the rewritten modules hold tiled words (layout.py) and every
+    lowered matmul of prefill, decode and the form-T retrace reads them; elsewhere N-major. Either way the
+    results are the eager twin's (which runs the reference on the same weights)."""
+    from tpaware_compile.layout import is_tiled, pays_on
+
+    torch._dynamo.reset()
+    R.clear_reports()
+    cfg = C.config("llama", layers=2, hidden=128, inter=256)  # whole 128-row steps and 64-column tiles
+    w = random_weights(cfg, dtype=dtype, group_size=C.GROUP, seed=0)
+    eager = Decoder(cfg, Parallel(form="N"), w).cuda()
+    model = Decoder(cfg, Parallel(form="N"), w).cuda()
+    compiled = torch.compile(model, backend=tpaware, options={"tpaware.hand_off": hand_off})
+    for tokens, pos in _steps():
+        assert C.rel_err(eager(tokens, pos).float(), compiled(tokens, pos).float()) < 2e-2
+    tiled = pays_on(torch.device("cuda"))
+    qweights = [b for name, b in model.named_buffers() if name.endswith("qweight")]
+    assert len(qweights) == 6 and all(is_tiled(q) == tiled for q in qweights)
+    lines = [r.kernels for rep in R.all_reports() for r in rep.rows]
+    assert lines and all("triton" in k and ("tiled words" in k) == tiled for k in lines), lines
+    assert [blk.mlp.form for blk in model.blocks] == ["T", "T"]

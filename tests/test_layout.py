@@ -36,3 +36,51 @@ def test_kernel_offsets_match_the_layout():
     off = word_offsets.fn(words, cols, word_stride(tile(q)), True)  # the jit function's Python body
     assert torch.equal(t[off], q)
     assert torch.equal(q.reshape(-1)[word_offsets.fn(words, cols, 128, False)], q)
+
+
+def _sorted_weight(k=256, n=128, group_size=64):
+    from tpaware_compile.quantize import quantize
+    g = torch.Generator().manual_seed(4)
+    return quantize(torch.randn(k, n, generator=g), group_size, act_order=False, generator=g).replace(g_idx=None)
+
+
+def test_a_tiled_weight_is_the_same_matrix():
+    """GPTQWeight.with_layout: the same shape and, dequantized, the same bits; the reference op on either layout
+    gives the same bits too."""
+    from tpaware_compile.gptq import dequantize
+    from tpaware_compile.ops import gptq_linear
+
+    w = _sorted_weight()
+    t = w.with_layout(tiled=True)
+    assert t.tiled and not w.tiled and t.with_layout(tiled=True) is t and w.with_layout(tiled=False) is w
+    assert (t.in_features, t.out_features) == (w.in_features, w.out_features) == (256, 128)
+    assert torch.equal(t.with_layout(tiled=False).qweight, w.qweight)
+    assert torch.equal(dequantize(t), dequantize(w))
+    x = torch.randn(3, 256)
+    assert torch.equal(gptq_linear(x, t), gptq_linear(x, w))
+
+
+def test_tiled_words_need_sorted_groups_and_whole_tiles():
+    w = _sorted_weight()
+    assert w.can_tile and not w.replace(g_idx=w.group_index()).can_tile
+    assert not _sorted_weight(k=192).can_tile  # K = 192: one and a half 128-row steps
+    with pytest.raises(ValueError, match="tiled words need contiguous groups"):
+        w.with_layout(tiled=True).replace(g_idx=w.group_index())
+    strided = tile(w.qweight).transpose(0, 1).contiguous().transpose(0, 1)  # same shape, not contiguous
+    with pytest.raises(ValueError, match="tiled words must be contiguous"):
+        w.replace(qweight=strided)
+
+
+@pytest.mark.parametrize("transform", ["permute_rows", "permute_cols", "narrow_cols", "narrow_rows", "cat_cols"])
+def test_reorder_refuses_tiled_words(transform):
+    """reorder.py moves N-major words: on tiled ones it would move the wrong words, so it refuses them."""
+    from tpaware_compile import reorder
+
+    t = _sorted_weight().with_layout(tiled=True)
+    call = {"permute_rows": lambda: reorder.permute_rows(t, torch.arange(256)),
+            "permute_cols": lambda: reorder.permute_cols(t, torch.arange(128)),
+            "narrow_cols": lambda: reorder.narrow_cols(t, 0, 64),
+            "narrow_rows": lambda: reorder.narrow_rows(t, 0, 128),
+            "cat_cols": lambda: reorder.cat_cols([t, t])}[transform]
+    with pytest.raises(ValueError, match="qweight is tiled"):
+        call()

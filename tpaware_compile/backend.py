@@ -10,6 +10,9 @@ Backend keys (all start with ``tpaware.``; the rest of ``options`` are Inductor 
     tpaware.allow_group_offset  shards may share a boundary group (default True; False skips such MLPs)
     tpaware.lower       passes/lower.py mode: "auto" (default), "always" or "never"
     tpaware.fuse_swiglu lower silu(gate) * up on two sorted-group matmuls to one fused kernel (default True)
+    tpaware.tile_weights  hold the rewritten MLPs' sorted-group weights in the tiled layout the Hopper kernels read
+                        fastest (layout.py): "auto" (default: when the weights are on an sm_90 GPU and the
+                        lowering is on), True or False. In place, like the rewrite: no second copy
     tpaware.fold_perm   when x is a graph input, the first layers' calls take x and P1 instead of x[..., P1]
                         (default False: on an H100 the MLP was as fast or faster with Inductor's gather,
                         bench/README.md; a computed x always keeps the gather, fused into its producer)
@@ -25,6 +28,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import report as _report
+from .layout import pays_on
 from .passes.owners import caller_scope
 from .passes.rewrite import RewriteOptions, rewrite_graph
 
@@ -35,6 +39,8 @@ _REWRITE_KEYS = {"timeout_s", "probe_rtol", "probe_seed", "allow_group_offset", 
 def tpaware(gm: GraphModule, example_inputs: List, options=None, mode=None, **_) -> Callable:
     ours, inductor = _split_options(options or {})
     rewrite_opts = RewriteOptions(**{k: v for k, v in ours.items() if k in _REWRITE_KEYS})
+    rewrite_opts.tile_weights = _tile_weights(ours.get("tile_weights", "auto"), ours.get("lower", "auto"),
+                                              example_inputs)
     original = _copy(gm)  # before surgery: rewritten again for each other module instance that reuses the graph
 
     def compile_for(example_inputs, scope=None) -> Tuple[Callable, List[int]]:
@@ -114,8 +120,18 @@ def _choose_hand_off(how: str, rep) -> str:
     return "eager" if any(r.weights == "in place" for r in rep.applied) else how
 
 
+def _tile_weights(choice, lower: str, example_inputs) -> bool:
+    if choice not in ("auto", True, False):
+        raise ValueError(f"tpaware.tile_weights must be 'auto', True or False, got {choice!r}")
+    if choice != "auto":
+        return choice
+    devices = {v.device for v in example_inputs if isinstance(v, torch.Tensor)}
+    return lower != "never" and any(pays_on(d) for d in devices)
+
+
 def _split_options(options: dict):
-    known = _REWRITE_KEYS | {"hand_off", "report", "lower", "fuse_swiglu", "fold_perm", "keep_graph"}
+    known = _REWRITE_KEYS | {"hand_off", "report", "lower", "fuse_swiglu", "fold_perm", "keep_graph",
+                             "tile_weights"}
     unknown = [k for k in options if k.startswith(_PREFIX) and k[len(_PREFIX):] not in known]
     if unknown:
         raise ValueError(f"tpaware: unknown backend options {unknown}")

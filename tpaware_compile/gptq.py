@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from .layout import can_tile, is_tiled, packed_shape, tile, untile
+
 BITS = 4
 PACK = 32 // BITS  # nibbles per int32 word
 MAXQ = (1 << BITS) - 1
@@ -37,6 +39,8 @@ def pack_rows(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(qweight: torch.Tensor) -> torch.Tensor:
     """[K/8, N] int32 -> [K, N] int32 in [0, 15]."""
+    if qweight.dim() != 2:
+        raise ValueError(f"unpack_rows: expected N-major qweight [K/8, N], got {tuple(qweight.shape)} (untile first)")
     nib = (qweight[:, None, :] >> _SHIFTS.to(qweight.device)[None, :, None]) & MAXQ  # [K/8, 8, N]
     return nib.reshape(-1, qweight.shape[1])
 
@@ -70,9 +74,10 @@ def _check_packable(t: torch.Tensor, dim: int, name: str) -> None:
 @dataclass(frozen=True)
 class GPTQWeight:
     """One GPTQ linear's tensors. ``g_idx`` may be None when groups are contiguous runs of ``group_size``
-    rows, the first one starting ``group_offset`` rows into group 0 (a shard cut inside a group)."""
+    rows, the first one starting ``group_offset`` rows into group 0 (a shard cut inside a group). With
+    contiguous groups qweight may also be tiled (layout.py: what the Hopper kernels read fastest)."""
 
-    qweight: torch.Tensor  # [K/8, N] int32
+    qweight: torch.Tensor  # [K/8, N] int32, or tiled [N/64, K/128, 64, 16] (g_idx None only)
     qzeros: torch.Tensor  # [G, N/8] int32
     scales: torch.Tensor  # [G, N]
     g_idx: Optional[torch.Tensor]  # [K] int32, or None for contiguous groups
@@ -86,11 +91,19 @@ class GPTQWeight:
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[0] * PACK
+        return packed_shape(self.qweight)[0] * PACK
 
     @property
     def out_features(self) -> int:
-        return self.qweight.shape[1]
+        return packed_shape(self.qweight)[1]
+
+    @property
+    def tiled(self) -> bool:
+        return is_tiled(self.qweight)
+
+    @property
+    def can_tile(self) -> bool:
+        return self.g_idx is None and can_tile(self.in_features, self.out_features)
 
     @property
     def num_groups(self) -> int:
@@ -105,6 +118,12 @@ class GPTQWeight:
     def replace(self, **changes) -> "GPTQWeight":
         return replace(self, **changes)
 
+    def with_layout(self, tiled: bool) -> "GPTQWeight":
+        """The same weight with its words tiled or N-major (a repack of whole words: the matrix is unchanged)."""
+        if tiled == self.tiled:
+            return self
+        return self.replace(qweight=tile(self.qweight) if tiled else untile(self.qweight).contiguous())
+
     def nbytes(self) -> int:
         tensors = (self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -112,8 +131,11 @@ class GPTQWeight:
 
 def validate(w: GPTQWeight) -> None:
     """Raise ValueError naming the tensor and the expected shape on any inconsistency."""
-    _expect(w.qweight, "qweight", 2, torch.int32)
-    k, n = w.qweight.shape[0] * PACK, w.qweight.shape[1]
+    if is_tiled(w.qweight):
+        _validate_tiled(w)
+    else:
+        _expect(w.qweight, "qweight", 2, torch.int32)
+    k, n = w.in_features, w.out_features
     if n % PACK:
         raise ValueError(f"qweight: out_features N={n} must be divisible by {PACK} (qzeros pack along N)")
     if w.group_size <= 0:
@@ -129,6 +151,14 @@ def validate(w: GPTQWeight) -> None:
         _validate_contiguous(w, k, g)
     else:
         _validate_g_idx(w, k, g)
+
+
+def _validate_tiled(w: GPTQWeight) -> None:
+    _expect(w.qweight, "qweight", 4, torch.int32)
+    if w.g_idx is not None:
+        raise ValueError("qweight: tiled words need contiguous groups (g_idx None); sort the rows first")
+    if not w.qweight.is_contiguous():
+        raise ValueError("qweight: tiled words must be contiguous (the kernels read whole tiles)")
 
 
 def _validate_contiguous(w: GPTQWeight, k: int, g: int) -> None:
@@ -174,7 +204,7 @@ def dequantize(w: GPTQWeight, dtype: Optional[torch.dtype] = None) -> torch.Tens
 def dequantize_unchecked(qweight, qzeros, scales, group_index, zero_offset: int = 0, dtype=None) -> torch.Tensor:
     """``dequantize`` on raw tensors that the caller vouches for (the custom op's hot path skips validation)."""
     g = group_index.long()
-    q = unpack_rows(qweight)  # [K, N]
+    q = unpack_rows(untile(qweight))  # [K, N]
     z = unpack_cols(qzeros)[g] + zero_offset  # [K, N]
     out = (q - z).to(torch.float32) * scales[g].to(torch.float32)
     return out.to(dtype or scales.dtype)

@@ -34,6 +34,12 @@ def packed_shape(qweight: torch.Tensor) -> tuple:
     return tuple(qweight.shape)
 
 
+def pays_on(device: torch.device) -> bool:
+    """Whether the kernels read tiled words faster there: on Hopper (sm_90), where the wgmma kernels were
+    measured (above). Elsewhere nothing was measured, so the backend leaves the words N-major by default."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def can_tile(k: int, n: int) -> bool:
     return k % (8 * TILE_WORDS) == 0 and n % TILE_COLS == 0
 

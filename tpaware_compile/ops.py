@@ -10,12 +10,13 @@ from typing import Optional
 import torch
 
 from .gptq import GPTQWeight, contiguous_group_index, dequantize_unchecked
+from .layout import packed_shape
 
 
 @torch.library.custom_op("tpaware::gptq_mm", mutates_args=())
 def gptq_mm(
     x: torch.Tensor,  # [..., K]
-    qweight: torch.Tensor,  # [K/8, N] int32
+    qweight: torch.Tensor,  # [K/8, N] int32, or tiled (layout.py)
     qzeros: torch.Tensor,  # [G, N/8] int32
     scales: torch.Tensor,  # [G, N]
     g_idx: Optional[torch.Tensor],  # [K], None for contiguous groups
@@ -23,7 +24,7 @@ def gptq_mm(
     group_offset: int,
     zero_offset: int,
 ) -> torch.Tensor:  # [..., N] in x.dtype
-    k = qweight.shape[0] * 8
+    k = packed_shape(qweight)[0] * 8
     groups = g_idx if g_idx is not None else contiguous_group_index(k, group_size, group_offset, qweight.device)
     # fp64 accumulation: a column's result must not depend on where it sits (BLAS blocks by position), or a
     # rewrite that only permutes columns would change bits; one final rounding makes it position-independent
@@ -33,8 +34,9 @@ def gptq_mm(
 
 @gptq_mm.register_fake
 def _(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero_offset):
-    torch._check(x.shape[-1] == qweight.shape[0] * 8, lambda: "gptq_mm: x's last dim must equal qweight rows * 8")
-    return x.new_empty(*x.shape[:-1], qweight.shape[1])
+    words, n = packed_shape(qweight)
+    torch._check(x.shape[-1] == words * 8, lambda: "gptq_mm: x's last dim must equal 8 x qweight's words")
+    return x.new_empty(*x.shape[:-1], n)
 
 
 def gptq_linear(x: torch.Tensor, w: GPTQWeight, add_bias: bool = True) -> torch.Tensor:

@@ -14,7 +14,8 @@ How each tensor moves (W is [K, N]; rows = input features K, columns = output fe
 sort_shared_rows folds the act-order of the first layer(s) of an MLP: their rows sorted by the P1 they
 share, paired with a run-time ``x[..., P1]``.
 
-Row-parallel shards keep no bias: it is added once, after the AllReduce.
+Row-parallel shards keep no bias: it is added once, after the AllReduce. Every transform reads qweight
+N-major; tiled words (layout.py, a kernel layout) are refused: ``w.with_layout(tiled=False)`` first.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -32,6 +33,7 @@ def stable_argsort(g_idx: torch.Tensor) -> torch.Tensor:
 def permute_rows(w: GPTQWeight, perm: torch.Tensor) -> GPTQWeight:
     """The weight of ``x[:, perm] @ W[perm]``, which equals ``x @ W``."""
     _check_perm(perm, w.in_features, "row permutation")
+    _check_n_major(w, "permute_rows")
     qweight = pack_rows(unpack_rows(w.qweight)[perm])
     return w.replace(qweight=qweight, g_idx=w.group_index()[perm], group_offset=0)
 
@@ -75,6 +77,7 @@ def sort_shared_rows(ws: Sequence[GPTQWeight]) -> Tuple[List[GPTQWeight], Option
 def permute_cols(w: GPTQWeight, perm: torch.Tensor) -> GPTQWeight:
     """The weight whose output is ``(x @ W)[:, perm]``."""
     _check_perm(perm, w.out_features, "column permutation")
+    _check_n_major(w, "permute_cols")
     return w.replace(
         qweight=w.qweight[:, perm].contiguous(),
         qzeros=pack_cols(unpack_cols(w.qzeros)[:, perm]),
@@ -86,6 +89,7 @@ def permute_cols(w: GPTQWeight, perm: torch.Tensor) -> GPTQWeight:
 def narrow_cols(w: GPTQWeight, start: int, length: int) -> GPTQWeight:
     """Output columns [start, start + length); both must be multiples of 8 (qzeros pack along N)."""
     _check_range(start, length, w.out_features, "columns")
+    _check_n_major(w, "narrow_cols")
     return w.replace(
         qweight=w.qweight[:, start : start + length].contiguous(),
         qzeros=w.qzeros[:, start // PACK : (start + length) // PACK].contiguous(),
@@ -97,6 +101,8 @@ def narrow_cols(w: GPTQWeight, start: int, length: int) -> GPTQWeight:
 def cat_cols(ws: Sequence[GPTQWeight]) -> GPTQWeight:
     """Concatenate along N (a fused gate_up from gate and up); rows must share their groups."""
     first = ws[0]
+    for w in ws:
+        _check_n_major(w, "cat_cols")
     for w in ws[1:]:
         same = (w.g_idx is None) == (first.g_idx is None) and (w.g_idx is None or torch.equal(w.g_idx, first.g_idx))
         groups = (w.group_size, w.group_offset, w.zero_offset)
@@ -119,6 +125,7 @@ def narrow_rows(w: GPTQWeight, start: int, length: int) -> GPTQWeight:
     shard keeps only the groups it touches and a group offset; with g_idx it keeps the full scales and zeros.
     The bias is dropped: a row-parallel layer adds it once after the reduction."""
     _check_range(start, length, w.in_features, "rows")
+    _check_n_major(w, "narrow_rows")
     # clone, not contiguous(): a row slice is already contiguous, and a view would keep the whole parent alive
     qweight = w.qweight[start // PACK : (start + length) // PACK].clone()
     if w.g_idx is not None:
@@ -155,6 +162,11 @@ def _check_range(start: int, length: int, size: int, what: str) -> None:
     if start % PACK or length % PACK or length <= 0 or start < 0 or start + length > size:
         raise ValueError(f"{what} [{start}, {start + length}) must be a non-empty range inside [0, {size}) "
                          f"with both ends multiples of {PACK}")
+
+
+def _check_n_major(w: GPTQWeight, what: str) -> None:
+    if w.tiled:
+        raise ValueError(f"{what}: qweight is tiled (a kernel layout); untile it first: w.with_layout(tiled=False)")
 
 
 def _check_perm(perm: torch.Tensor, size: int, what: str) -> None:

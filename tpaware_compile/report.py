@@ -18,7 +18,9 @@ M = sympy.Symbol("M", positive=True, integer=True)  # tokens per call (product o
 # Words that passes/lower.py puts in a first layer's lowering line, and what the kernels column then says
 SWIGLU_FUSED = "fused SwiGLU"
 PERM_FOLDED = "x[..., perm] folded into the call"
-_FIRST_LAYER_NOTES = ((SWIGLU_FUSED, "one fused SwiGLU kernel"), (PERM_FOLDED, "x[P1] folded into the call"))
+TILED = "tiled words"
+_FIRST_LAYER_NOTES = ((SWIGLU_FUSED, "one fused SwiGLU kernel"), (PERM_FOLDED, "x[P1] folded into the call"),
+                      (TILED, TILED))
 
 
 @dataclass

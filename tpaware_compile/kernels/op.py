@@ -75,7 +75,7 @@ def gptq_mm_fast_linear(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
 @torch.library.custom_op("tpaware::gptq_mm_triton", mutates_args=())
 def gptq_mm_triton(
     x: torch.Tensor,  # [..., K]
-    qweight: torch.Tensor,  # [K/8, N] int32
+    qweight: torch.Tensor,  # [K/8, N] int32, or tiled (layout.py) with g_idx None
     qzeros: torch.Tensor,  # [G, N/8] int32
     scales: torch.Tensor,  # [G, N]
     g_idx: Optional[torch.Tensor],  # [K], None for contiguous groups
@@ -97,9 +97,9 @@ def _triton_mm(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero
 
 @gptq_mm_triton.register_fake
 def _(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero_offset):
-    torch._check(x.shape[-1] == qweight.shape[0] * 8,
-                 lambda: "gptq_mm_triton: x's last dim must equal qweight rows * 8")
-    return x.new_empty(*x.shape[:-1], qweight.shape[1])
+    words, n = packed_shape(qweight)
+    torch._check(x.shape[-1] == words * 8, lambda: "gptq_mm_triton: x's last dim must equal 8 x qweight's words")
+    return x.new_empty(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("tpaware::gptq_swiglu_fast", mutates_args=())

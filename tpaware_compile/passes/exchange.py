@@ -31,7 +31,8 @@ class Target:
     p2: torch.Tensor  # [I] the global permutation
     cols: List[GPTQWeight]  # new weights of cand.cols, in order
     aligned: Dict[Node, torch.Tensor]  # new per-column vectors (biases), by their placeholder
-    down: GPTQWeight  # new down shard (unchanged object for form N)
+    down: GPTQWeight  # new down shard (form N: the graph's own, unless tiled later)
+    down_changed: bool  # whether the graph must read ``down`` instead of its own down weight
     p1: Optional[torch.Tensor] = None  # [H] permutation of x folded into the cols' rows (None: not folded)
     p1_note: str = ""  # why the cols keep their g_idx, when they do
 
@@ -49,10 +50,11 @@ def exchange(cand: Candidate, values: Dict[Node, torch.Tensor], sync: Sync, fail
             raise RewriteAborted(f"tpaware: ranks computed different global permutations for {cand.name}")
         down = reorder.shard_rows(reorder.drop_contiguous_g_idx(reorder.permute_rows(down, p2)), cand.rank, cand.world)
         down = own_storage(down)
-    cols = [own_storage(_target_cols(c.weight(values), p2, cand, sync)) for c in cand.cols]
+    # reorder.py moves N-major words only (presorted first layers, g_idx None, may hold tiled ones)
+    cols = [own_storage(_target_cols(c.weight(values).with_layout(tiled=False), p2, cand, sync)) for c in cand.cols]
     cols, p1, note = reorder.sort_shared_rows(cols)
     aligned = {ph: _target_vector(values[ph], p2, cand, sync) for ph in cand.aligned}
-    return Target(p2, cols, aligned, down, p1, note)
+    return Target(p2, cols, aligned, down, cand.form != "N", p1, note)
 
 
 def own_storage(w: GPTQWeight) -> GPTQWeight:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..ops import gptq_mm  # noqa: F401  registers tpaware::gptq_mm
-from ..report import PERM_FOLDED, SWIGLU_FUSED  # the report reads these words in the lines returned here
+from ..layout import is_tiled
+from ..report import PERM_FOLDED, SWIGLU_FUSED, TILED  # the report reads these words in the lines returned here
 
 GPTQ_MM = (torch.ops.tpaware.gptq_mm, torch.ops.tpaware.gptq_mm.default)
 MODES = ("auto", "always", "never")
@@ -36,9 +37,11 @@ def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True,
     from .. import kernels
     from ..kernels import op  # noqa: F401  registers tpaware::gptq_mm_fast
 
-    choices = []
+    choices, tiled = [], set()
     for node in gm.graph.find_nodes(op="call_function", target=GPTQ_MM[1]) + \
             gm.graph.find_nodes(op="call_function", target=GPTQ_MM[0]):
+        if _holds_tiled(gm, node.args[1]):
+            tiled.add(node.name)
         reason = _skip_reason(node, mode, kernels.INTERPRET)
         if reason is not None:
             choices.append(f"{node.name}: reference ({reason})")
@@ -58,6 +61,7 @@ def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True,
     if fold_perm:
         folded = set(_fold_perms(gm))
         choices = [f"{c}, {PERM_FOLDED}" if c.split(": ", 1)[0] in folded else c for c in choices]
+    choices = [f"{c}, {TILED}" if c.split(": ", 1)[0] in tiled else c for c in choices]
     gm.recompile()
     return choices
 
@@ -173,6 +177,12 @@ def _skip_reason(node: Node, mode: str, interpreted: bool) -> Optional[str]:
         return None
     device = _device(node.args[0])
     return None if device is not None and device.type == "cuda" else f"no Triton kernel on {device}"
+
+
+def _holds_tiled(gm: GraphModule, qweight: Node) -> bool:
+    """Whether the qweight a node reads is tiled (layout.py): a constant of the rewrite, or a module's buffer."""
+    value = getattr(gm, qweight.target, None) if qweight.op == "get_attr" else _val(qweight)
+    return isinstance(value, torch.Tensor) and is_tiled(value)
 
 
 def _device(node: Node) -> Optional[torch.device]:

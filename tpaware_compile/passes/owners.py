@@ -41,7 +41,7 @@ class Owners:
         for j, (m, w) in enumerate(zip(self.cols, t.cols)):
             bias = next((t.aligned[ph] for ph, k in self.bias_of.items() if k == j), None)
             m.load(w.replace(bias=bias))
-        if c.form != "N":  # form N's down is already the target shard
+        if t.down_changed:  # form N's down is already the target shard (unless tiled)
             self.down.load(t.down.replace(bias=self.down.weight().bias))
         if t.p1 is not None:  # the cols' rows are now sorted by P1: x must follow
             self.mlp.in_perm = t.p1

@@ -7,7 +7,7 @@ per candidate: exchange weights, probe old against new, agree on the verdict, an
 finds form T with nothing left to do).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -30,6 +30,7 @@ class RewriteOptions:
     probe_seed: int = 0
     allow_group_offset: bool = True  # shards may share a boundary group (the kernel takes a group offset)
     fail_rank: Optional[int] = None  # failure injection for tests: this rank raises during the exchange
+    tile_weights: bool = False  # hold the target's sorted-group weights tiled (layout.py), where shapes allow
 
 
 def rewrite_graph(gm: GraphModule, example_inputs, opts: RewriteOptions, report: RewriteReport,
@@ -134,17 +135,30 @@ def _rewrite_one(gm: GraphModule, c: Candidate, values, opts: RewriteOptions, ro
         row.reason = why or f"probe check failed: old and new MLP differ (max rel err {err:.2e} on this rank)"
         return None
     owners = find_owners(c, values, scope)
-    if owners is not None and owners.applicable(target):
+    in_place = owners is not None and owners.applicable(target)
+    if opts.tile_weights:
+        target = _tiled(target, down_too=c.form != "N" or in_place)
+    if in_place:
         row.weights, convert = "in place", (lambda: owners.convert(c, target))
     else:
-        row.weights, row.private_bytes, convert = "private copy", _private_bytes(c, target), (lambda: None)
+        row.weights, row.private_bytes, convert = "private copy", _private_bytes(target), (lambda: None)
     _commit_graph(gm, c, target)
     _fill_row(row, c, target)
     return convert
 
 
-def _private_bytes(c: Candidate, t: Target) -> int:
-    down = 0 if c.form == "N" else t.down.nbytes()
+def _tiled(t: Target, down_too: bool) -> Target:
+    """t with the words of each weight that has contiguous groups tiled (layout.py), where its shape allows. The
+    down only with ``down_too``: form N's is the graph's own, and a tiled private copy would hold it twice."""
+    def tile(w):
+        return w.with_layout(tiled=True) if w.can_tile else w
+
+    down = tile(t.down) if down_too else t.down
+    return replace(t, cols=[tile(w) for w in t.cols], down=down, down_changed=t.down_changed or down is not t.down)
+
+
+def _private_bytes(t: Target) -> int:
+    down = t.down.nbytes() if t.down_changed else 0
     p1 = 0 if t.p1 is None else t.p1.numel() * t.p1.element_size()
     return sum(w.nbytes() for w in t.cols) + sum(v.numel() * v.element_size() for v in t.aligned.values()) + down + p1
 
@@ -179,7 +193,7 @@ def _commit_graph(gm: GraphModule, c: Candidate, t: Target) -> None:
             const = _constant(gm, f"{c.name}.{ph.name}", v)
         for n in c.act_nodes:
             n.replace_input_with(ph, const)
-    if c.form != "N":
+    if t.down_changed:
         _set_weight(gm, c.down, t.down, f"{c.name}.{c.down.path or c.down.node.name}", keep_g_idx=False)
     c.down.node.update_arg(0, c.h_local)
     for n in c.dead_nodes:  # users first; DCE would keep the collectives, so erase them by hand
