@@ -196,6 +196,8 @@ def main():
     p.add_argument("--per-row-first", action="store_true",
                    help="eager forms run gate/up (fc) on the per-row g_idx kernel instead of presorted rows")
     p.add_argument("--no-fuse-swiglu", action="store_true", help="tpaware lowers gate and up to separate kernels")
+    p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--ms", default=None, help="comma-separated token counts (default: 1, 16 with --quick, else all)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.cpu_check:
@@ -203,8 +205,9 @@ def main():
 
         launch(2, _cpu_check_rank, a.out)
         return
-    models = {"llama70b": MODELS["llama70b"]} if a.quick else MODELS
-    ms = (1, 16) if a.quick else M_ALL
+    names = a.models.split(",") if a.models else ["llama70b"] if a.quick else list(MODELS)
+    models = {n: MODELS[n] for n in names}
+    ms = tuple(int(m) for m in a.ms.split(",")) if a.ms else (1, 16) if a.quick else M_ALL
     if a.single_gpu:
         return single_gpu(models, ms, a.kernel, a.out, not a.per_row_first, not a.no_fuse_swiglu)
     dist.init_process_group("nccl")

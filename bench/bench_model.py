@@ -27,6 +27,7 @@ from timing import graph_us, header  # noqa: E402
 from tpaware_compile.backend import tpaware  # the function: the bench needs no installed entry point  # noqa: E402
 from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
 from tpaware_compile.gptq import GPTQWeight  # noqa: E402
+from tpaware_compile.layout import is_tiled  # noqa: E402
 from tpaware_compile.models import Decoder, DecoderConfig, Parallel, random_weights  # noqa: E402
 
 SHAPES = {
@@ -34,7 +35,10 @@ SHAPES = {
     "llama2-13b": DecoderConfig(vocab=32000, hidden=5120, inter=13824, layers=40, heads=40, kv_heads=40, max_seq=1024),
 }
 TINY = {"tiny": DecoderConfig(vocab=256, hidden=128, inter=384, layers=2, heads=4, kv_heads=2, max_seq=64)}
-VARIANTS = {"eager": None, "inductor": "inductor", "tpaware": tpaware}
+# name -> (backend, options); the backend's default tiles the packed words on sm_90 (layout.py), and
+# tpaware_nmajor keeps them N-major: the same rewrite and lowering, so the pair shows what the layout is worth
+VARIANTS = {"eager": (None, None), "inductor": ("inductor", None), "tpaware": (tpaware, None),
+            "tpaware_nmajor": (tpaware, {"tpaware.tile_weights": False})}
 
 
 def device_weights(cfg, device, dtype):
@@ -58,7 +62,8 @@ def build(cfg, variant, weights, device, kernel):
     """One variant's model from shared, read-only weights (each variant converts only its own MLP modules)."""
     # presort: act-order gate/up run as vLLM runs them (rows sorted at load, x[..., P1]): the best eager path
     model = Decoder(cfg, Parallel(kernel=kernel, presort=True), weights).to(device)
-    return model if VARIANTS[variant] is None else torch.compile(model, backend=VARIANTS[variant])
+    backend, options = VARIANTS[variant]
+    return model if backend is None else torch.compile(model, backend=backend, options=options)
 
 
 @torch.no_grad()
@@ -145,7 +150,7 @@ def main():
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    raise_recompile_limit(64)  # three variants, two graphs each (prefill, decode), plus the retraces
+    raise_recompile_limit(64)  # four variants, two graphs each (prefill, decode), plus the retraces
     cuda = not a.cpu_check
     device, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
     names = ["llama2-7b"] if a.quick else a.models
@@ -160,7 +165,7 @@ def main():
         for variant, model in models.items():
             decode = decode_step_us(model, device, prompt, 50 if cuda else 3)
             plain, graphed = prefill_tokens_per_s(model, device, prompt, cfg.vocab, 10 if cuda else 1)
-            row = dict(model=name, tp=1, variant=variant, kernel=_kernel_name(variant, kernel),
+            row = dict(model=name, tp=1, variant=variant, kernel=_kernel_name(variant, kernel, model),
                        decode_us_per_token=decode, prefill_tokens_per_s=plain, prefill_graph_tokens_per_s=graphed)
             rows.append(row)
             graph_col = f"{graphed:8.0f}" if graphed else "       -"
@@ -172,9 +177,11 @@ def main():
         del models
 
 
-def _kernel_name(variant, kernel):
-    if variant == "tpaware":
-        return "tpaware rewrite + lowering (see the rewrite report)"
+def _kernel_name(variant, kernel, model):
+    if variant.startswith("tpaware"):
+        qweights = [b for n, b in model.named_buffers() if n.endswith("qweight")]
+        words = "tiled" if all(is_tiled(q) for q in qweights) else "N-major"
+        return f"tpaware rewrite + lowering (see the rewrite report), {words} words"
     return f"{kernel}: gate/up sorted via x[P1] (presort), down sorted (form N at TP 1)"
 
 
