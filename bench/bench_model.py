@@ -148,6 +148,8 @@ def main():
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     p.add_argument("--cpu-check", action="store_true", help="tiny model on CPU: validation only, no claims")
     p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated, timed in this order (eager always runs: the others are checked against it)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     raise_recompile_limit(64)  # four variants, two graphs each (prefill, decode), plus the retraces
@@ -160,7 +162,7 @@ def main():
     rows = []
     for name, cfg in shapes.items():
         weights = device_weights(cfg, device, dtype)
-        models = {v: build(cfg, v, weights, device, kernel) for v in VARIANTS}
+        models = {v: build(cfg, v, weights, device, kernel) for v in _variants(a.variants)}
         check_agreement(models, cfg, device, prompt, 2e-2 if cuda else 1e-4)
         for variant, model in models.items():
             decode = decode_step_us(model, device, prompt, 50 if cuda else 3)
@@ -175,6 +177,14 @@ def main():
                 with open(a.out, "w") as f:
                     json.dump(dict(header(), prompt=prompt, rows=rows), f, indent=1)
         del models
+
+
+def _variants(spec: str) -> list:
+    names = spec.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    return names if "eager" in names else names + ["eager"]
 
 
 def _kernel_name(variant, kernel, model):
