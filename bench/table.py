@@ -183,7 +183,8 @@ def _cell(r):
     return f"{r['median_us']:.1f} ({r['do_bench_us']:.1f})" if r else "-"
 
 
-MLP_VARIANTS = ("formN_eager", "formN_inductor", "formL", "tpaware", "tpaware_fold_perm", "allgather_perm", "allreduce")
+MLP_VARIANTS = ("formN_eager", "formN_inductor", "formL", "tpaware", "tpaware_nmajor", "tpaware_fold_perm",
+                "allgather_perm", "allreduce")
 
 
 def mlp_table(d):
