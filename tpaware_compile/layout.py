@@ -14,7 +14,9 @@ contiguous: 64 bytes of a column per step) took 1.11-1.27x on the larger shards,
 a step together.
 
 The repack is a permutation of int32 words (``untile(tile(q))`` is q bit for bit). It needs K a multiple of 128
-and N of 64 (``can_tile``); every kernel of ``kernels`` reads both layouts.
+and N of 64 (``can_tile``); every kernel of ``kernels`` reads both layouts, and so does the reference (it untiles).
+``GPTQWeight.with_layout`` repacks a weight; the backend's ``tpaware.tile_weights`` holds the rewritten MLPs'
+weights tiled, in place of their N-major words (by default where ``pays_on``).
 """
 
 import torch

@@ -9,7 +9,8 @@ as their x (the rewrite's x[..., P1] before the first layers, or a presorted mod
 they take x and ``perm=P`` (the decode x-prep kernel reads x[..., P] itself, the other kernels gather first).
 Where x is computed in the graph the gather always stays: Inductor fuses it into x's producer (an RMSNorm and the
 gather compile to one kernel). On CPU the reference stays unless the Triton interpreter runs (tests): there the
-Triton ops would only call the reference too.
+Triton ops would only call the reference too. A weight the rewrite tiled (layout.py) goes to the same ops, which
+read either layout; its line in the report says "tiled words".
 """
 
 import operator
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..ops import gptq_mm  # noqa: F401  registers tpaware::gptq_mm
 from ..layout import is_tiled
+from ..ops import gptq_mm  # noqa: F401  registers tpaware::gptq_mm
 from ..report import PERM_FOLDED, SWIGLU_FUSED, TILED  # the report reads these words in the lines returned here
 
 GPTQ_MM = (torch.ops.tpaware.gptq_mm, torch.ops.tpaware.gptq_mm.default)
