@@ -58,12 +58,17 @@ PREFILL_MAX_SPLIT = 5
 DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 128 threads (bench/kernel_regs.py)
 # ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): 92 registers (fp16)
 TILED_PROGRAMS_PER_SM = 5
+# ... its 128-column form: 158 registers, 3 programs per SM; taken on tiled words where its programs fill their
+# last wave to WIDE_MIN_FILL and each reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
+WIDE_PROGRAMS_PER_SM = 3
+WIDE_MIN_FILL = 0.9
+WIDE_MIN_ROWS = 1536
 _SMS = {}
 _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "gemv_rows_config", "wgmma_config", "decode_split", "prefill_config", "prefill_split", "prefill_seconds",
-           "dequant_seconds", "has_wgmma", "INTERPRET"]
+           "gemv_rows_config", "wgmma_config", "tiled_wide_split", "decode_split", "prefill_config", "prefill_split",
+           "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -184,19 +189,41 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     of programs most (decode_split); with more tokens the fp32 partials (M x N per split) weigh in, and 4 won on
     large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8). On tiled words from 2 to 16 tokens (5
     programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11 Llama-70B and
-    Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it."""
+    Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns where
+    tiled_wide_split takes them (the fastest config of that sweep on the 4 shapes where it does)."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
-    tiles = -(-n // 64)
+    block_n, tiles = 64, -(-n // 64)
+    wide = tiled_wide_split(k, n, _num_sms(device)) if tiled and block_m == 16 and m > 1 else None
     if m == 1:
         split_k = decode_split(tiles, _num_sms(device))
+    elif wide:
+        block_n, split_k = 128, wide
     elif tiled and block_m == 16:
         split_k = decode_split(tiles, _num_sms(device), TILED_PROGRAMS_PER_SM, (4, 5, 6, 8))
     else:
         split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
     block_k = segment_rows(group_size, 128)
-    return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split_k, SERIAL=True)
+    return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                SERIAL=True)
+
+
+def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
+    """Split-K (2, 4 or 8) for 128-column tiles of 16 tokens on tiled words, or None to keep 64 columns. In an H100
+    sweep at M = 16 (sweep_tiled_m16) the 128-column tile beat every 64-column config by 5-13% where its programs
+    (3 per SM) filled one wave to 97% with 12 or more 128-row steps each (Granite-20B TP 1 and TP 2 up, TP 1
+    down; TP 2 down tied), and lost where either failed (Granite TP 4 filled it with 6 steps: 1.09x the best;
+    the Llama-70B shards fill no wave of 128-column programs well)."""
+    if n % 128:
+        return None
+    places = WIDE_PROGRAMS_PER_SM * sms
+
+    def fills(split):
+        programs = n // 128 * split
+        return (programs % places or places) / places >= WIDE_MIN_FILL and k // split >= WIDE_MIN_ROWS
+
+    return next((split for split in (2, 4, 8) if fills(split)), None)
 
 
 def decode_split(tiles: int, sms: int, per_sm: int = DECODE_PROGRAMS_PER_SM, splits: tuple = (4, 8)) -> int:
