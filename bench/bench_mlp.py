@@ -25,7 +25,7 @@ from timing import graph_us, header, wall_us  # noqa: E402
 from tpaware_compile.backend import tpaware  # the function: the bench needs no installed entry point  # noqa: E402
 from tpaware_compile.collectives import all_gather_last_dim, all_reduce_sum  # noqa: E402
 from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
-from tpaware_compile.layout import is_tiled  # noqa: E402
+from tpaware_compile.layout import words_of  # noqa: E402
 from tpaware_compile.nn import TPMLP  # noqa: E402
 from tpaware_compile.quantize import random_gptq  # noqa: E402
 
@@ -79,12 +79,13 @@ def variants(kind, hidden, inter, rank, world, device, dtype, kernel, copies, pr
     out["formN_inductor"] = ([torch.compile(m, backend="inductor") for m in eager_n],
                              f"{kernel} (opaque custom op under Inductor): {first}, down sorted")
     out["formL"] = (make("L"), f"{kernel}: {first}, down per-row g_idx (rank-local act-order)")
-    tpaware = convert_each(make("N"), hidden, device, dtype, {"tpaware.fuse_swiglu": fuse})
-    out["tpaware"] = (tpaware, f"tpaware lowering{'' if fuse else ', SwiGLU unfused'}, {_words(tpaware)} words")
+    rewritten = convert_each(make("N"), hidden, device, dtype, {"tpaware.fuse_swiglu": fuse})
+    unfused = "" if fuse else ", SwiGLU unfused"
+    out["tpaware"] = (rewritten, f"tpaware lowering{unfused}, {words_of(rewritten[0])} words")
     # the backend's default tiles the words on sm_90 only (layout.py): the same lowering on N-major words beside it
     out["tpaware_nmajor"] = (convert_each(make("N"), hidden, device, dtype,
                                           {"tpaware.fuse_swiglu": fuse, "tpaware.tile_weights": False}),
-                             f"tpaware lowering{'' if fuse else ', SwiGLU unfused'}, N-major words")
+                             f"tpaware lowering{unfused}, N-major words")
     # x here is the compiled graph's input: with tpaware.fold_perm the first layers take x and P1 (their op gathers,
     # or the decode x-prep kernel reads x[..., P1]); without it Inductor runs the gather
     out["tpaware_fold_perm"] = (convert_each(make("N"), hidden, device, dtype,
@@ -103,12 +104,6 @@ def convert_each(mlps, hidden, device, dtype, options=None):
         compiled.append(torch.compile(m, backend=tpaware, options=options))
         compiled[-1](x)
     return compiled
-
-
-def _words(compiled) -> str:
-    """The layout of the packed words a converted copy holds: "tiled" or "N-major"."""
-    qweights = [b for n, b in compiled[0]._orig_mod.named_buffers() if n.endswith("qweight")]
-    return "tiled" if all(is_tiled(q) for q in qweights) else "N-major"
 
 
 def comm_fns(mlp, hidden, inter, world, m, device, dtype):

@@ -27,7 +27,7 @@ from timing import graph_us, header  # noqa: E402
 from tpaware_compile.backend import tpaware  # the function: the bench needs no installed entry point  # noqa: E402
 from tpaware_compile.compat import raise_recompile_limit  # noqa: E402
 from tpaware_compile.gptq import GPTQWeight  # noqa: E402
-from tpaware_compile.layout import is_tiled  # noqa: E402
+from tpaware_compile.layout import words_of  # noqa: E402
 from tpaware_compile.models import Decoder, DecoderConfig, Parallel, random_weights  # noqa: E402
 
 SHAPES = {
@@ -189,9 +189,7 @@ def _variants(spec: str) -> list:
 
 def _kernel_name(variant, kernel, model):
     if variant.startswith("tpaware"):
-        qweights = [b for n, b in model.named_buffers() if n.endswith("qweight")]
-        words = "tiled" if all(is_tiled(q) for q in qweights) else "N-major"
-        return f"tpaware rewrite + lowering (see the rewrite report), {words} words"
+        return f"tpaware rewrite + lowering (see the rewrite report), {words_of(model)} words"
     return f"{kernel}: gate/up sorted via x[P1] (presort), down sorted (form N at TP 1)"
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tpaware_compile.layout import can_tile, is_tiled, packed_shape, tile, untile, word_stride
+from tpaware_compile.layout import can_tile, is_tiled, packed_shape, tile, untile, word_stride, words_of
 
 
 def test_tile_places_each_word_and_untile_restores_it():
@@ -84,3 +84,10 @@ def test_reorder_refuses_tiled_words(transform):
             "cat_cols": lambda: reorder.cat_cols([t, t])}[transform]
     with pytest.raises(ValueError, match="qweight is tiled"):
         call()
+
+
+def test_words_of_a_module():
+    from tpaware_compile.nn import GPTQLinear
+
+    w = _sorted_weight()
+    assert words_of(GPTQLinear(w)) == "N-major" and words_of(GPTQLinear(w.with_layout(tiled=True))) == "tiled"

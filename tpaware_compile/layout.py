@@ -62,6 +62,12 @@ def untile(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.permute(1, 3, 0, 2).reshape(packed_shape(qweight))
 
 
+def words_of(module: torch.nn.Module) -> str:
+    """"tiled" when every qweight buffer of ``module`` is tiled, else "N-major" (for reports and benchmarks)."""
+    qweights = [b for name, b in module.named_buffers() if name.endswith("qweight")]
+    return "tiled" if qweights and all(is_tiled(q) for q in qweights) else "N-major"
+
+
 def word_stride(qweight: torch.Tensor) -> int:
     """The kernels' ``stride_q``: words from one row of qweight to the next (N-major: N) or from one 64-column
     tile to the next (tiled: 64 K / 8); qweight contiguous."""
