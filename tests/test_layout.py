@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tpaware_compile.layout import can_tile, is_tiled, packed_shape, tile, untile, word_stride, words_of
+from tpaware_compile.layout import (TILE_COLS, TILE_WORDS, can_tile, is_tiled, packed_shape, tile, untile, word_stride,
+                                    words_of)
 
 
 def test_tile_places_each_word_and_untile_restores_it():
@@ -26,9 +27,13 @@ def test_tile_refuses_shapes_it_cannot_hold(shape):
         tile(torch.zeros(shape, dtype=torch.int32))
 
 
-def test_kernel_offsets_match_the_layout():
+def test_kernel_offsets_match_the_layout(monkeypatch):
     """common.word_offsets (the kernels' address of word w of column n) lands on the word tile() put there."""
+    from tpaware_compile.kernels import common
     from tpaware_compile.kernels.common import word_offsets
+    # called as plain Python: the tile's sizes as ints (in a kernel they are constexprs of the same values)
+    monkeypatch.setattr(common, "_TILE_COLS", TILE_COLS)
+    monkeypatch.setattr(common, "_TILE_WORDS", TILE_WORDS)
     q = torch.randint(-2**31, 2**31 - 1, (32, 128), dtype=torch.int32)
     t = tile(q).reshape(-1)
     words = torch.arange(32)[:, None]

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import packed_shape
+from ..layout import TILE_COLS, TILE_WORDS, packed_shape
 
 # float format -> (bits of 1.0, left shift that puts a nibble at the top 4 mantissa bits)
 _MANTISSA = {torch.float32: (0x3F800000, 19), torch.float16: (0x3C00, 6), torch.bfloat16: (0x3F80, 3)}
@@ -71,13 +71,18 @@ def x_columns(perm_ptr, rows, K, HAS_PERM: tl.constexpr):
     return cols
 
 
+_TILE_COLS = tl.constexpr(TILE_COLS)  # layout.py's tile, as compile-time constants of the kernels
+_TILE_WORDS = tl.constexpr(TILE_WORDS)
+
+
 @triton.jit
 def word_offsets(words, cols, stride_q, TILED: tl.constexpr):
     """Offsets in qweight of packed words ``words`` of columns ``cols`` (broadcast together): N-major rows
     (stride_q = N) or TILED (layout.py: [N/64, K/128, 64, 16], stride_q = words per 64-column tile). The Gluon
     kernels' copy is wgmma.word_offsets."""
     if TILED:
-        off = (cols // 64) * stride_q + (words // 16) * 1024 + (cols % 64) * 16 + words % 16
+        off = ((cols // _TILE_COLS) * stride_q + (words // _TILE_WORDS) * (_TILE_COLS * _TILE_WORDS)
+               + (cols % _TILE_COLS) * _TILE_WORDS + words % _TILE_WORDS)
     else:
         off = words * stride_q + cols
     return off

@@ -33,7 +33,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from ..layout import is_tiled, packed_shape, word_stride
+from ..layout import TILE_COLS, TILE_WORDS, is_tiled, packed_shape, word_stride
 from .common import splits_of, store_split, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
@@ -177,13 +177,17 @@ def x_in_mma_order(x, BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     return gl.reshape(x, [rows, BLOCK_K])
 
 
+_TILE_COLS = gl.constexpr(TILE_COLS)  # layout.py's tile, as compile-time constants of the kernels
+_TILE_WORDS = gl.constexpr(TILE_WORDS)
+
+
 @gluon.jit
 def word_offsets(words, cols, stride_q, TILED: gl.constexpr):
     """[BN, BW] offsets of words [BW] of columns [BN] in qweight: N-major rows (stride_q = N) or TILED
     (layout.py, stride_q = words per 64-column tile); common.word_offsets for 2-D tensors."""
     if TILED:
-        off = gl.expand_dims((words // 16) * 1024 + words % 16, 0) + gl.expand_dims(
-            (cols // 64) * stride_q + (cols % 64) * 16, 1)
+        off = gl.expand_dims((words // _TILE_WORDS) * (_TILE_COLS * _TILE_WORDS) + words % _TILE_WORDS, 0) + \
+            gl.expand_dims((cols // _TILE_COLS) * stride_q + (cols % _TILE_COLS) * _TILE_WORDS, 1)
     else:
         off = gl.expand_dims(words * stride_q, 0) + gl.expand_dims(cols, 1)
     return off
