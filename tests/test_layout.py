@@ -96,3 +96,17 @@ def test_words_of_a_module():
 
     w = _sorted_weight()
     assert words_of(GPTQLinear(w)) == "N-major" and words_of(GPTQLinear(w.with_layout(tiled=True))) == "tiled"
+
+
+def test_fast_ops_on_cpu_read_tiled_words():
+    """The fast ops' CPU path (the reference, without the interpreter) gives the same bits on tiled words."""
+    from tpaware_compile.kernels import op  # noqa: F401  registers the fast ops
+
+    gate = _sorted_weight(group_size=32)
+    up = gate.replace(scales=gate.scales * 2)
+    x = torch.randn(3, 256)
+    fast, swiglu = torch.ops.tpaware.gptq_mm_fast, torch.ops.tpaware.gptq_swiglu_fast
+    args = lambda w, tiled: (w.with_layout(tiled).qweight, w.qzeros, w.scales)  # noqa: E731
+    assert torch.equal(fast(x, *args(gate, True), 32, 0, 0), fast(x, *args(gate, False), 32, 0, 0))
+    assert torch.equal(swiglu(x, *args(gate, True), *args(up, True), 32, 0, 0),
+                       swiglu(x, *args(gate, False), *args(up, False), 32, 0, 0))

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..gptq import GPTQWeight, reference_matmul
-from ..layout import packed_shape, untile
+from ..layout import packed_shape
 from ..ops import gptq_mm
 from . import INTERPRET, check_perm, check_sorted_args, gptq_mm_gidx, gptq_mm_sorted, gptq_swiglu_sorted
 
@@ -37,7 +37,7 @@ def gptq_mm_fast(
         return gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=perm)
     check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset)
     x = _permuted(x, perm)
-    w = GPTQWeight(untile(qweight), qzeros, scales, None, group_size, zero_offset, group_offset)
+    w = GPTQWeight(qweight, qzeros, scales, None, group_size, zero_offset, group_offset)
     return reference_matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.out_features)
 
 
@@ -121,7 +121,7 @@ def gptq_swiglu_fast(
         return gptq_swiglu_sorted(x, gate, up, group_size, group_offset, zero_offset, perm=perm)
     x = _permuted(x, perm)
     x2 = x.reshape(-1, x.shape[-1])
-    ws = (GPTQWeight(untile(qw), qz, sc, None, group_size, zero_offset, group_offset) for qw, qz, sc in (gate, up))
+    ws = (GPTQWeight(*w, None, group_size, zero_offset, group_offset) for w in (gate, up))
     g, u = (reference_matmul(x2.float(), w) for w in ws)
     return (torch.nn.functional.silu(g) * u).to(x.dtype).reshape(*x.shape[:-1], packed_shape(gate_qweight)[1])
 
