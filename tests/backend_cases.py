@@ -67,11 +67,16 @@ def compile_decoder_kw(rank, world, family, form, kw: dict):
     return compile_decoder(rank, world, family, form, **kw)
 
 
-def graph_summary(rep) -> dict:
-    """What the rewritten graph itself says about each MLP (not the report's claims)."""
+def _tensors(rep):
+    """node -> the tensor a kept graph reads there: a constant (get_attr) or a graph input's example value."""
     gm = rep.graph_module
     values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], rep.example_inputs))
-    tensor = lambda n: getattr(gm, n.target) if n.op == "get_attr" else values[n]
+    return lambda n: getattr(gm, n.target) if n.op == "get_attr" else values[n]
+
+
+def graph_summary(rep) -> dict:
+    """What the rewritten graph itself says about each MLP (not the report's claims)."""
+    gm, tensor = rep.graph_module, _tensors(rep)
     mlps = []
     for down in [n for n in gm.graph.nodes if n.name in {r.down_node for r in rep.rows}]:
         path = _path_to_columns(down)
@@ -120,10 +125,8 @@ def gptq_g_idx(rep) -> list:
 
 def qweights_tiled(rep) -> list:
     """Whether each quantized matmul of a kept graph reads tiled words: a constant or a graph input's value."""
-    gm = rep.graph_module
-    values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], rep.example_inputs))
-    tensor = lambda n: getattr(gm, n.target) if n.op == "get_attr" else values[n]
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "gptq_mm" in str(n.target)]
+    tensor = _tensors(rep)
+    calls = [n for n in rep.graph_module.graph.nodes if n.op == "call_function" and "gptq_mm" in str(n.target)]
     return [is_tiled(tensor(n.args[1])) for n in calls]
 
 
