@@ -323,18 +323,9 @@ def sweep_configs():
 
 
 def _only(cfgs, only):
-    if only == "ring":
-        return ring_configs([c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")])
     if only == "decode":
         return [c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")]
     return [c for c in cfgs if c.get("PREFILL")] if only == "prefill" else cfgs
-
-
-def ring_configs(decode):
-    """The wgmma kernel's weights through a shared-memory ring (config RING: 3, 4 or 6 slots) beside the same tiles
-    loading into registers, at the 128-row steps of 64 and 128 columns (16-token tiles)."""
-    base = [c for c in decode if c["BLOCK_K"] == 128 and c["BLOCK_M"] == 16 and c["SPLIT_K"] in (2, 4, 5, 6, 8)]
-    return base + [dict(c, RING=ring) for c in base for ring in (3, 4, 6) if c["BLOCK_N"] == 64 or ring == 4]
 
 
 PREFILL_MS = (256, 512, 1024)  # swept for the prefill kernel beside dequantize + cuBLAS (and M = 64, 128 above)
@@ -413,9 +404,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "ring"), default=None,
-                    help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, or the decode "
-                    "tiles with and without a weight ring (ring)")
+    ap.add_argument("--sweep-only", choices=("decode", "prefill"), default=None,
+                    help="sweep only the wgmma kernel's configs (decode) or the prefill kernel's")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")

@@ -31,7 +31,6 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..layout import TILE_COLS, TILE_WORDS, is_tiled, packed_shape, word_stride
@@ -248,19 +247,6 @@ def _step_loads(seg, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
 
 
 @gluon.jit
-def _ring_fill(seg, q_slot, s_slot, z_slot, qw_ptr, qz_ptr, sc_ptr, N, offs_nq, offs_w, offs_sc, stride_q,
-               GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, TILED: gl.constexpr):
-    """Start copying K-step seg's words, scales and zero words (one per column: a column's word, repeated) into
-    one slot of the shared-memory ring, as one cp.async group. EVEN shapes only (no masks)."""
-    g = (seg * BLOCK_K) // GROUP_SIZE
-    words = seg * (BLOCK_K // 8) + offs_w
-    async_copy.async_copy_global_to_shared(q_slot, qw_ptr + word_offsets(words, offs_nq, stride_q, TILED))
-    async_copy.async_copy_global_to_shared(s_slot, sc_ptr + g * N + offs_sc)
-    async_copy.async_copy_global_to_shared(z_slot, qz_ptr + g * (N // 8) + offs_nq // 8)
-    async_copy.commit_group()
-
-
-@gluon.jit
 def a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE: gl.constexpr, SCALED_A: gl.constexpr,
               A_REGS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     """One step's weights as wgmma's A operand in registers: (q - z) / 16, or (q - z) * s with SCALED_A."""
@@ -268,51 +254,6 @@ def a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE: gl.constexpr, SC
     f = unpack_pairs(q, z.to(gl.float32) * 0.0625, 16.0 * s.to(gl.float32), base_pair, DTYPE, SCALED_A, BLOCK_N,
                      BLOCK_K, TILED)
     return gl.convert_layout(f, A_REGS, assert_trivial=True)
-
-
-@gluon.jit
-def _ring_steps(acc, zero, x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
-                group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_kx, offs_mx, GROUP_SIZE: gl.constexpr,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, DTYPE: gl.constexpr,
-                TILED: gl.constexpr, WORDS: gl.constexpr, MMA: gl.constexpr, RING: gl.constexpr):
-    """The K-steps with the weights streamed through a ring of RING shared-memory slots by cp.async, RING - 1
-    steps ahead, so that the words in flight hold no registers (EVEN shapes). A step: wait for its slot's copy,
-    store x, one barrier (every thread's copies and x are in shared memory; every thread is done with the slot
-    read a step before, which the next copy then refills), load the words, scales and zeros from the slot."""
-    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    Q: gl.constexpr = gl.SliceLayout(2, WORDS)
-    SC: gl.constexpr = gl.SliceLayout(1, MMA)
-    FLAT2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    q_ring = gl.allocate_shared_memory(gl.int32, [RING, BLOCK_N, BLOCK_K // 8], FLAT2)
-    s_ring = gl.allocate_shared_memory(sc_ptr.dtype.element_ty, [RING, BLOCK_N], FLAT1)
-    z_ring = gl.allocate_shared_memory(gl.int32, [RING, BLOCK_N], FLAT1)
-    offs_sc = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([8], [32], [4], [0]))
-    for i in gl.static_range(RING - 1):
-        _ring_fill(gl.minimum(seg_start + i, seg_end - 1), q_ring.index(i), s_ring.index(i), z_ring.index(i),
-                   qw_ptr, qz_ptr, sc_ptr, N, offs_nq, offs_w, offs_sc, stride_q, GROUP_SIZE, BLOCK_K, TILED)
-    xv = _x_loads(seg_start, True, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K, True)
-    for seg in range(seg_start, seg_end):
-        it = seg - seg_start
-        async_copy.wait_group(RING - 2)  # this step's group is done (RING - 2 younger ones may still fly)
-        ahead = (it + RING - 1) % RING
-        _ring_fill(gl.minimum(seg + RING - 1, seg_end - 1), q_ring.index(ahead), s_ring.index(ahead),
-                   z_ring.index(ahead), qw_ptr, qz_ptr, sc_ptr, N, offs_nq, offs_w, offs_sc, stride_q, GROUP_SIZE,
-                   BLOCK_K, TILED)
-        slot = x_smem.index(it % 2)
-        slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
-        fence_async_shared()
-        gl.thread_barrier()
-        xv = _x_loads(gl.minimum(seg + 1, seg_end - 1), True, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx,
-                      BLOCK_K, True)
-        q = q_ring.index(it % RING).load(Q)
-        s = s_ring.index(it % RING).load(SC)
-        zw = z_ring.index(it % RING).load(gl.SliceLayout(1, Q))
-        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
-        acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, slot.permute([1, 0]), zero,
-                                                                         use_acc=False)
-    async_copy.wait_group(0)  # no copy outlives the kernel's shared memory
-    return acc
 
 
 @gluon.jit
@@ -338,7 +279,6 @@ def _wgmma_kernel(
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py): a thread's words (BK/32) t + b
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
-    RING: gl.constexpr = 0,  # > 1: weights through a ring of this many shared-memory slots (_ring_steps; EVEN)
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -363,30 +303,24 @@ def _wgmma_kernel(
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    if RING > 0:
-        acc = _ring_steps(acc, zero, x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
-                          stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_kx, offs_mx,
-                          GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, TILED, WORDS, MMA, RING)
-    else:
-        q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
-                                   group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
-                                   EVEN, TILED)
-        for seg in range(seg_start, seg_end):
-            # the next step's loads are issued before this step's arithmetic: two steps of weights in flight
-            # (three, with 127 registers instead of 80, was slower on every Llama-70B shape at M = 1 / 16:
-            # bench/README.md)
-            nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
-                                           stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
-                                           GROUP_SIZE, BLOCK_K, EVEN, TILED)
-            slot = x_smem.index((seg - seg_start) % 2)
-            slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
-            fence_async_shared()
-            gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
-            xt = slot.permute([1, 0])  # x^T [BK, BM]
-            a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
-            # one exact MMA per step, scaled per group on the fp32 accumulator
-            acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
-            q, xv, s, zw = nq, nxv, ns, nzw
+    q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
+                               group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
+                               EVEN, TILED)
+    for seg in range(seg_start, seg_end):
+        # the next step's loads are issued before this step's arithmetic: two steps of weights in flight (three,
+        # with 127 registers instead of 80, was slower on every Llama-70B shape at M = 1 / 16: bench/README.md)
+        nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
+                                       stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
+                                       GROUP_SIZE, BLOCK_K, EVEN, TILED)
+        slot = x_smem.index((seg - seg_start) % 2)
+        slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
+        fence_async_shared()
+        gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
+        xt = slot.permute([1, 0])  # x^T [BK, BM]
+        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
+        # one exact MMA per step, scaled per group on the fp32 accumulator
+        acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
+        q, xv, s, zw = nq, nxv, ns, nzw
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
@@ -417,14 +351,11 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}: "
                          f"{cfg}")
     tiled = is_tiled(qweight)
-    ring = cfg.get("RING", 0)
-    if ring and (ring < 2 or not even_shape(k, n, group_offset, cfg)):
-        raise ValueError(f"a weight ring (RING) needs 2 or more slots and an even shape (wgmma.even_shape): {cfg}")
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
-        XL=x_layout(bm, bk), RING=ring, num_warps=NUM_WARPS, maxnreg=register_cap(m, (bm, bn, bk), tiled),
+        XL=x_layout(bm, bk), num_warps=NUM_WARPS, maxnreg=register_cap(m, (bm, bn, bk), tiled),
     )
