@@ -56,6 +56,10 @@ DEQUANT_RATE = 3.0e12
 CUBLAS_RATE = 7.0e14
 PREFILL_MAX_SPLIT = 5
 DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 128 threads (bench/kernel_regs.py)
+# one token on tiled words (capped at 80 registers too): the split of these that fills the last wave most was the
+# fastest on 11 of 13 Llama-70B / Granite-20B shapes of an H100 sweep, within 4% on the other two (4 or 8 alone:
+# up to 10% slower; bench/README.md)
+ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 # ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): 92 registers (fp16)
 TILED_PROGRAMS_PER_SM = 5
 # ... its 128-column form: 158 registers, 3 programs per SM; taken on tiled words where its programs fill their
@@ -187,8 +191,9 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     reduced in the launch. From the H100 sweeps (bench/README.md), on the Llama-70B shapes at M = 1, 4, 16, 32
     and 64; dispatched up to WGMMA_MAX_M. At one token the split is the one of 4 and 8 that fills the last wave
     of programs most (decode_split); with more tokens the fp32 partials (M x N per split) weigh in, and 4 won on
-    large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8). On tiled words from 2 to 16 tokens (5
-    programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11 Llama-70B and
+    large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8). One token on tiled words: the one of
+    ONE_TOKEN_TILED_SPLITS that fills the last wave most. On tiled words from 2 to 16 tokens (5 programs per SM)
+    the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11 Llama-70B and
     Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns where
     tiled_wide_split takes them (the fastest config of that sweep on the 4 shapes where it does)."""
     block_m = max(16, 1 << (m - 1).bit_length())
@@ -197,7 +202,8 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     block_n, tiles = 64, -(-n // 64)
     wide = tiled_wide_split(k, n, _num_sms(device)) if tiled and block_m == 16 and m > 1 else None
     if m == 1:
-        split_k = decode_split(tiles, _num_sms(device))
+        splits = ONE_TOKEN_TILED_SPLITS if tiled else (4, 8)
+        split_k = decode_split(tiles, _num_sms(device), DECODE_PROGRAMS_PER_SM, splits)
     elif wide:
         block_n, split_k = 128, wide
     elif tiled and block_m == 16:
