@@ -323,9 +323,19 @@ def sweep_configs():
 
 
 def _only(cfgs, only):
+    if only == "parts":
+        return parts_configs([c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")])
     if only == "decode":
         return [c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")]
     return [c for c in cfgs if c.get("PREFILL")] if only == "prefill" else cfgs
+
+
+def parts_configs(decode):
+    """The wgmma kernel's 16-token tiles of 128-row steps (64 and 128 columns) beside 128 columns as two 64-column
+    parts on one x tile (config PARTS), uncapped and capped at 128 registers (4 programs per SM)."""
+    base = [c for c in decode if c["BLOCK_K"] == 128 and c["BLOCK_M"] == 16 and c["SPLIT_K"] in (2, 4, 5, 6, 8)]
+    two = [dict(base[0], BLOCK_N=128, SPLIT_K=sk, PARTS=2) for sk in (1, 2, 3, 4, 5, 6, 8)]
+    return base + two + [dict(c, MAXNREG=128) for c in two]
 
 
 PREFILL_MS = (256, 512, 1024)  # swept for the prefill kernel beside dequantize + cuBLAS (and M = 64, 128 above)
@@ -404,8 +414,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill"), default=None,
-                    help="sweep only the wgmma kernel's configs (decode) or the prefill kernel's")
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts"), default=None,
+                    help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, or its 16-token "
+                    "tiles beside two-part programs (parts)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")

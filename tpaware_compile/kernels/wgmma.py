@@ -257,6 +257,85 @@ def a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE: gl.constexpr, SC
 
 
 @gluon.jit
+def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
+                    group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
+                    GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                    DTYPE: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr):
+    """The K-steps of a program of BLOCK_N columns; returns its accumulator."""
+    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
+                               group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
+                               EVEN, TILED)
+    for seg in range(seg_start, seg_end):
+        # the next step's loads are issued before this step's arithmetic: two steps of weights in flight (three,
+        # with 127 registers instead of 80, was slower on every Llama-70B shape at M = 1 / 16: bench/README.md)
+        nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
+                                       stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
+                                       GROUP_SIZE, BLOCK_K, EVEN, TILED)
+        slot = x_smem.index((seg - seg_start) % 2)
+        slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
+        fence_async_shared()
+        gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
+        xt = slot.permute([1, 0])  # x^T [BK, BM]
+        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
+        # one exact MMA per step, scaled per group on the fp32 accumulator
+        acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
+        q, xv, s, zw = nq, nxv, ns, nzw
+    return acc
+
+
+@gluon.jit
+def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
+                    group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
+                    GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                    DTYPE: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr):
+    """The K-steps of a program of two BLOCK_N-column parts side by side (offs_nq, offs_n: part 0's columns): one
+    x tile per step serves both parts' MMAs, each part unpacked in turn, so x is read once per 2 BLOCK_N columns
+    with the registers of one part's operand. Returns the two parts' accumulators."""
+    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    acc0 = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    acc1 = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    q0, s0, zw0, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
+                                  group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
+                                  EVEN, TILED)
+    q1, s1, zw1 = _part_loads(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq + BLOCK_N,
+                              offs_w, offs_n + BLOCK_N, stride_q, GROUP_SIZE, BLOCK_K, EVEN, TILED)
+    for seg in range(seg_start, seg_end):
+        nq0, ns0, nzw0, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
+                                          stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
+                                          GROUP_SIZE, BLOCK_K, EVEN, TILED)
+        nq1, ns1, nzw1 = _part_loads(seg + 1, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
+                                     offs_nq + BLOCK_N, offs_w, offs_n + BLOCK_N, stride_q, GROUP_SIZE, BLOCK_K,
+                                     EVEN, TILED)
+        slot = x_smem.index((seg - seg_start) % 2)
+        slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
+        fence_async_shared()
+        gl.thread_barrier()
+        xt = slot.permute([1, 0])
+        a = a_operand(q0, s0, zw0, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
+        acc0 += gl.expand_dims(16.0 * s0.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
+        a = a_operand(q1, s1, zw1, offs_nq + BLOCK_N, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N,
+                      BLOCK_K, TILED)
+        acc1 += gl.expand_dims(16.0 * s1.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
+        q0, s0, zw0, q1, s1, zw1, xv = nq0, ns0, nzw0, nq1, ns1, nzw1, nxv
+    return acc0, acc1
+
+
+@gluon.jit
+def _part_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
+                GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr):
+    """_step_loads' weights of one more column part (no x)."""
+    live = seg < seg_end
+    if EVEN:
+        seg = gl.minimum(seg, seg_end - 1)
+    return weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
+                        GROUP_SIZE, BLOCK_K, EVEN, TILED)
+
+
+@gluon.jit
 def _wgmma_kernel(
     x_ptr,  # [M, K] fp16 / bf16, row stride stride_xm
     qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
@@ -279,51 +358,45 @@ def _wgmma_kernel(
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py): a thread's words (BK/32) t + b
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
+    PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
     X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], DTYPE)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
-    offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
+    offs_nq = pid_n * (PARTS * BLOCK_N) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
     offs_w = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(0, Q))
     base_pair = base_bits * 0x10001  # R in both halves
     offs_kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
     offs_mx = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
     if EVEN:
         offs_mx = gl.minimum(offs_mx, M - 1)
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    offs_n = pid_n * (PARTS * BLOCK_N) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     # two x slots (K-major: the MMA reads its transpose): a step writes one while a warp that is behind may still
     # be in the previous step's MMA
     x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_M, BLOCK_K], X_SMEM)
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
-                               group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
-                               EVEN, TILED)
-    for seg in range(seg_start, seg_end):
-        # the next step's loads are issued before this step's arithmetic: two steps of weights in flight (three,
-        # with 127 registers instead of 80, was slower on every Llama-70B shape at M = 1 / 16: bench/README.md)
-        nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
-                                       stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
-                                       GROUP_SIZE, BLOCK_K, EVEN, TILED)
-        slot = x_smem.index((seg - seg_start) % 2)
-        slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
-        fence_async_shared()
-        gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
-        xt = slot.permute([1, 0])  # x^T [BK, BM]
-        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
-        # one exact MMA per step, scaled per group on the fp32 accumulator
-        acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
-        q, xv, s, zw = nq, nxv, ns, nzw
-    store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
-                gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
-                gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
+    if PARTS == 2:
+        acc0, acc1 = _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
+                                     stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx,
+                                     offs_mx, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
+        offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
+        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+        # one store of both parts ([BN, BM, 2]): the one-launch split-K counts a program once
+        store_split(gl.join(acc0, acc1), out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
+                    gl.join(offs, offs + BLOCK_N), gl.join(mask, gl.expand_dims(offs_n + BLOCK_N < N, 1) &
+                                                           gl.expand_dims(offs_m < M, 0)), SERIAL, SWIGLU)
+    else:
+        acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
+                              group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
+                              GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
+        store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
+                    gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
+                    gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
 
 
 def register_cap(m: int, tiles: tuple, tiled: bool):
@@ -350,12 +423,17 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     if bk % 32 or bn not in (64, 128) or bm not in TOKEN_TILES:
         raise ValueError(f"wgmma tiles need BLOCK_K a multiple of 32, BLOCK_N 64 or 128, BLOCK_M in {TOKEN_TILES}: "
                          f"{cfg}")
+    parts = cfg.get("PARTS", 1)
+    if parts not in (1, 2) or (parts == 2 and bn != 128):
+        raise ValueError(f"PARTS is 1, or 2 for BLOCK_N 128 as two 64-column parts: {cfg}")
     tiled = is_tiled(qweight)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
+    bn //= parts
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
-        XL=x_layout(bm, bk), num_warps=NUM_WARPS, maxnreg=register_cap(m, (bm, bn, bk), tiled),
+        XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
+        maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled)),
     )
