@@ -62,10 +62,11 @@ DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 1
 ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 # ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): 92 registers (fp16)
 TILED_PROGRAMS_PER_SM = 5
-# ... its 128-column form: 158 registers, 3 programs per SM; taken on tiled words where its programs fill their
-# last wave to WIDE_MIN_FILL and each reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
-WIDE_PROGRAMS_PER_SM = 3
-WIDE_MIN_FILL = 0.9
+# ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
+# wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
+# reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
+WIDE_PROGRAMS_PER_SM = 4
+WIDE_MIN_FILL = 0.7
 WIDE_MIN_ROWS = 1536
 _SMS = {}
 _CAPABILITY = {}
@@ -194,8 +195,8 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8). One token on tiled words: the one of
     ONE_TOKEN_TILED_SPLITS that fills the last wave most. On tiled words from 2 to 16 tokens (5 programs per SM)
     the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11 Llama-70B and
-    Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns where
-    tiled_wide_split takes them (the fastest config of that sweep on the 4 shapes where it does)."""
+    Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns as two 64-column
+    parts (PARTS 2) where tiled_wide_split takes them."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
@@ -211,25 +212,29 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     else:
         split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
     block_k = segment_rows(group_size, 128)
-    return dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                SERIAL=True)
+    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+               SERIAL=True)
+    return dict(cfg, PARTS=2) if wide else cfg
 
 
 def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
-    """Split-K (2, 4 or 8) for 128-column tiles of 16 tokens on tiled words, or None to keep 64 columns. In an H100
-    sweep at M = 16 (sweep_tiled_m16) the 128-column tile beat every 64-column config by 5-13% where its programs
-    (3 per SM) filled one wave to 97% with 12 or more 128-row steps each (Granite-20B TP 1 and TP 2 up, TP 1
-    down; TP 2 down tied), and lost where either failed (Granite TP 4 filled it with 6 steps: 1.09x the best;
-    the Llama-70B shards fill no wave of 128-column programs well)."""
+    """Split-K (2, 4 or 8) for programs of 128 columns (two 64-column parts) of 16 tokens on tiled words, or None
+    to keep 64 columns: of the splits that leave each program WIDE_MIN_ROWS rows of K, the one whose programs fill
+    the last wave most, if it fills it to WIDE_MIN_FILL. Two parts read x once per 128 columns (at 16 tokens x's
+    tile is as many bytes as a 64-column weight step) and keep twice the words in flight, but halve the programs.
+    In an H100 sweep of 13 Llama-70B / Granite-20B shapes at M = 4 and 16 (sweep_parts) this takes them on the 6
+    where they were the fastest config or within 1% of it (Llama TP 1 up at M = 16: 52.5 against 59.5 us for the
+    best 64-column split) and once where 64 columns were 4% faster (Llama TP 2 down: 14 steps per program)."""
     if n % 128:
         return None
     places = WIDE_PROGRAMS_PER_SM * sms
 
-    def fills(split):
-        programs = n // 128 * split
-        return (programs % places or places) / places >= WIDE_MIN_FILL and k // split >= WIDE_MIN_ROWS
+    def fill(split):
+        return (n // 128 * split % places or places) / places
 
-    return next((split for split in (2, 4, 8) if fills(split)), None)
+    splits = [split for split in (2, 4, 8) if k // split >= WIDE_MIN_ROWS]
+    best = max(splits, key=fill, default=None)
+    return best if best is not None and fill(best) >= WIDE_MIN_FILL else None
 
 
 def decode_split(tiles: int, sms: int, per_sm: int = DECODE_PROGRAMS_PER_SM, splits: tuple = (4, 8)) -> int:

@@ -47,6 +47,10 @@ PAIR_BASE_BITS = {torch.float16: 0x6400, torch.bfloat16: 0x3F80}  # 1024.0, 1.0
 # all 16 Llama-70B / Granite-20B shapes, where uncapped Granite's TP 1-4 shards took 1.06-1.25x (decode_split's
 # waves are planned for 6); at 16 tokens the cap cost Llama 1.14-1.23x the uncapped time (H100, bench/README.md)
 ONE_TOKEN_TILED_REGISTERS = 80
+# Two 64-column parts per program (PARTS 2) take 159 registers (fp16; 3 programs per SM); capped at 128 (no spills,
+# fp16 or bf16) 4 run per SM, which was faster on the Llama-70B TP 1 / 2 up shards at 16 tokens (H100 sweep
+# sweep_parts: 52.5 against 57.1 us at TP 1)
+TWO_PART_REGISTERS = 128
 
 
 def _powers(n):
@@ -399,10 +403,13 @@ def _wgmma_kernel(
                     gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
 
 
-def register_cap(m: int, tiles: tuple, tiled: bool):
-    """ptxas's register limit for a launch (None: none): ONE_TOKEN_TILED_REGISTERS for one token in the
-    dispatched 16 x 64 x 128 tile (``tiles``: BLOCK_M, BLOCK_N, BLOCK_K) on tiled words, the one measured (smaller
-    steps need fewer registers than the cap, larger tiles would spill: bench/kernel_regs.py)."""
+def register_cap(m: int, tiles: tuple, tiled: bool, parts: int = 1):
+    """ptxas's register limit for a launch (None: none): TWO_PART_REGISTERS for two-part programs;
+    ONE_TOKEN_TILED_REGISTERS for one token in the dispatched 16 x 64 x 128 tile (``tiles``: BLOCK_M, BLOCK_N of a
+    part, BLOCK_K) on tiled words, the one measured (smaller steps need fewer registers than the cap, larger tiles
+    would spill: bench/kernel_regs.py)."""
+    if parts == 2:
+        return TWO_PART_REGISTERS
     return ONE_TOKEN_TILED_REGISTERS if tiled and m == 1 and tuple(tiles) == (16, 64, 128) else None
 
 
@@ -435,5 +442,5 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
         XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
-        maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled)),
+        maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),
     )
