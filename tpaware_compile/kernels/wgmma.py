@@ -21,7 +21,9 @@ load per column and step), and the 32-row block b of the MMA's K order takes wor
 operand is (q - z)/16, exact in fp16 and bf16 (unpack_pairs: an AND-OR puts two nibbles into the mantissas of
 a float pair, one paired multiply-add takes the zero point off), so the scale is the only per-group factor on
 the fp32 accumulator; the split-K is reduced inside the launch as in the other kernels (common.store_split).
-Where every step and tile lies inside the matrix (even_shape) the loads carry no masks. Gluon does not run
+Where every step and tile lies inside the matrix (even_shape) the loads carry no masks. At 16 tokens a 64-column
+program reads as many bytes of x per step as of weights; a program of two 64-column parts (PARTS) shares each
+x tile between the two parts' MMAs. Gluon does not run
 under TRITON_INTERPRET: CPU tests compile it for sm_90a and check the SASS; the GPU tests check its results.
 """
 
@@ -261,6 +263,25 @@ def a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE: gl.constexpr, SC
 
 
 @gluon.jit
+def _x_tile(x_smem, i, xv, BLOCK_K: gl.constexpr, TILED: gl.constexpr):
+    """Step i's x [BM, BK] into its shared-memory slot (of two: a step writes one while a warp that is behind may
+    still be in the previous step's MMA); returns x^T [BK, BM] for the MMA."""
+    slot = x_smem.index(i % 2)
+    slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
+    fence_async_shared()
+    gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
+    return slot.permute([1, 0])
+
+
+@gluon.jit
+def _scaled_mma(acc, q, s, zw, offs_nq, xt, zero, base_pair, zero_offset, DTYPE: gl.constexpr, A_REGS: gl.constexpr,
+                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TILED: gl.constexpr):
+    """acc + one step's product: one exact MMA of the unpacked words, scaled per group on the fp32 accumulator."""
+    a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
+    return acc + gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
+
+
+@gluon.jit
 def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                     group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                     GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
@@ -278,14 +299,9 @@ def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
         nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                        stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                                        GROUP_SIZE, BLOCK_K, EVEN, TILED)
-        slot = x_smem.index((seg - seg_start) % 2)
-        slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
-        fence_async_shared()
-        gl.thread_barrier()  # every warp's part of x is in shared memory before the warpgroup's MMA reads it
-        xt = slot.permute([1, 0])  # x^T [BK, BM]
-        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
-        # one exact MMA per step, scaled per group on the fp32 accumulator
-        acc += gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
+        xt = _x_tile(x_smem, seg - seg_start, xv, BLOCK_K, TILED)
+        acc = _scaled_mma(acc, q, s, zw, offs_nq, xt, zero, base_pair, zero_offset, DTYPE, A_REGS, BLOCK_N, BLOCK_K,
+                          TILED)
         q, xv, s, zw = nq, nxv, ns, nzw
     return acc
 
@@ -314,16 +330,11 @@ def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
         nq1, ns1, nzw1 = _part_loads(seg + 1, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
                                      offs_nq + BLOCK_N, offs_w, offs_n + BLOCK_N, stride_q, GROUP_SIZE, BLOCK_K,
                                      EVEN, TILED)
-        slot = x_smem.index((seg - seg_start) % 2)
-        slot.store(x_in_mma_order(xv, BLOCK_K, TILED))
-        fence_async_shared()
-        gl.thread_barrier()
-        xt = slot.permute([1, 0])
-        a = a_operand(q0, s0, zw0, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
-        acc0 += gl.expand_dims(16.0 * s0.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
-        a = a_operand(q1, s1, zw1, offs_nq + BLOCK_N, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N,
-                      BLOCK_K, TILED)
-        acc1 += gl.expand_dims(16.0 * s1.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
+        xt = _x_tile(x_smem, seg - seg_start, xv, BLOCK_K, TILED)
+        acc0 = _scaled_mma(acc0, q0, s0, zw0, offs_nq, xt, zero, base_pair, zero_offset, DTYPE, A_REGS, BLOCK_N,
+                           BLOCK_K, TILED)
+        acc1 = _scaled_mma(acc1, q1, s1, zw1, offs_nq + BLOCK_N, xt, zero, base_pair, zero_offset, DTYPE, A_REGS,
+                           BLOCK_N, BLOCK_K, TILED)
         q0, s0, zw0, q1, s1, zw1, xv = nq0, ns0, nzw0, nq1, ns1, nzw1, nxv
     return acc0, acc1
 
@@ -353,7 +364,7 @@ def _wgmma_kernel(
     group_offset, zero_offset, segs_per_split, base_bits,
     GROUP_SIZE: gl.constexpr,
     BLOCK_M: gl.constexpr,  # tokens per tile: the MMA's N (TOKEN_TILES)
-    BLOCK_N: gl.constexpr,  # output columns per tile: the MMA's M (64 or 128)
+    BLOCK_N: gl.constexpr,  # output columns per tile (per part): the MMA's M (64 or 128)
     BLOCK_K: gl.constexpr,  # rows per step: a multiple of 32 dividing GROUP_SIZE
     DTYPE: gl.constexpr,  # x's dtype (fp16 or bf16)
     SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
@@ -379,8 +390,7 @@ def _wgmma_kernel(
         offs_mx = gl.minimum(offs_mx, M - 1)
     offs_n = pid_n * (PARTS * BLOCK_N) + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-    # two x slots (K-major: the MMA reads its transpose): a step writes one while a warp that is behind may still
-    # be in the previous step's MMA
+    # two x slots (K-major: the MMA reads its transpose; _x_tile)
     x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_M, BLOCK_K], X_SMEM)
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
@@ -423,7 +433,8 @@ def even_shape(k: int, n: int, group_offset: int, cfg: dict) -> bool:
 def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
                  counts=None, gate=None):
     """One launch into part [SPLIT_K, M, N] (or the [M, N] output); with counts also the in-launch reduction into
-    out (silu(gate) * up with gate's partials). launch_dot's contract; x fp16 or bf16."""
+    out (silu(gate) * up with gate's partials). launch_dot's contract; x fp16 or bf16. Config PARTS 2: BLOCK_N 128
+    as two 64-column parts per program; MAXNREG overrides register_cap (sweeps)."""
     m, k = x.shape
     n = packed_shape(qweight)[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
