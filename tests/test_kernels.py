@@ -815,13 +815,6 @@ GPU_CONFIGS = [
     ("dot", 2, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, PARTS=2)),
     ("dot", 16, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, PARTS=2)),
     ("dot", 7, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SERIAL=True, PARTS=2, MASKED=True)),
-    # ... its stream-K launch (wgmma_stream.py; fp32 x runs the config's split-K): programs crossing tiles (7 on
-    # 8 tiles), covering whole tiles (3), one per K-step (64 of K = 1024 in 128-row steps)
-    ("dot", 1, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True, STREAM=True, PROGRAMS=7)),
-    ("dot", 16, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True, STREAM=True,
-                     PROGRAMS=3)),
-    ("dot", 5, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SERIAL=True, STREAM=True,
-                    PROGRAMS=64, MASKED=True)),
     # its prefill form (wgmma_prefill.py: x through TMA); fp32 x runs tl.dot with the same tiles
     ("dot", 130, dict(WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8,
                       SPLIT_K=1)),
@@ -838,10 +831,10 @@ GPU_CONFIGS = [
 
 def config_id(value):
     """Test ids of forced configs name the Hopper kernel's (``-k wgmma`` selects them; ``-k parts`` its two-part
-    programs, ``-k stream`` its stream-K launch)."""
+    programs)."""
     if not isinstance(value, dict) or not value.get("WGMMA"):
         return None
-    return "wgmma_parts" if value.get("PARTS") else "wgmma_stream" if value.get("STREAM") else "wgmma"
+    return "wgmma_parts" if value.get("PARTS") else "wgmma"
 
 
 @pytest.mark.gpu

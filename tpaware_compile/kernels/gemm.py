@@ -18,7 +18,6 @@ from .common import (group_affine, is_interpreted, load_group, mantissa_args, ni
                      split_k_matmul, splits_of, store_split, tl_dtype, word_offsets)
 from .wgmma import X_DTYPES as WGMMA_DTYPES, launch_wgmma
 from .wgmma_prefill import launch_prefill
-from .wgmma_stream import launch_stream
 
 
 @triton.jit
@@ -126,12 +125,7 @@ def _dot_kernel_plain(
 
 
 def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
-    """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype. Config STREAM runs the
-    stream-K launch (wgmma_stream.py) for fp16 / bf16 x, the rest of the config's split-K where it cannot."""
-    if cfg.get("STREAM") and runs_wgmma(cfg, x):
-        out = torch.empty((x.shape[0], packed_shape(qweight)[1]), dtype=out_dtype, device=x.device)
-        if launch_stream(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out, cfg):
-            return out
+    """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype."""
     return split_k_matmul(launch_dot, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
                           cfg)
 
