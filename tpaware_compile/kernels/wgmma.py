@@ -101,23 +101,32 @@ def _pairs_mul(a, b, DTYPE: gl.constexpr):
 def pair_fields(WORDS: gl.constexpr, DTYPE: gl.constexpr):
     """For nibble pair j (nibbles j and j + 4 of a word: bits 4j and 16 + 4j), as [1, 1, 4] tensors of compile-time
     constants: the shifts and mask that leave its two nibbles q inside the mantissas of a 16-bit float R (the
-    bits PAIR_BASE_BITS the caller ORs in), which then reads R + q u_j; and 1 / (16 u_j) in fp32.
+    bits PAIR_BASE_BITS the caller ORs in), which then reads R + q u_j; 1 / (16 u_j) in fp32; and zero_bits,
+    zero_step such that zero_bits + z zero_step are the bits of -(R / (16 u_j) + z / 16) for z in 0..16 (z / 16
+    is a whole number of the last mantissa place there, and z = 16 carries into the exponent as the value does).
     fp16 (R = 1024, 10 mantissa bits): pairs 0 and 1 stay where they are (u = 1, 16), pairs 2 and 3 move down by
-    8 bits, one shift for both: 9 instructions per word instead of 12 with a shift per pair.
-    bf16 (R = 1, 7 mantissa bits: 16 q would not fit): every pair moves to the mantissa's top (u = 1/16)."""
+    8 bits, one shift for both: 9 instructions per word instead of 12 with a shift per pair. -(64 + z/16) and
+    -(4 + z/16): 0xD400 + z and 0xC400 + 16 z.
+    bf16 (R = 1, 7 mantissa bits: 16 q would not fit): every pair moves to the mantissa's top (u = 1/16);
+    -(1 + z/16): 0xBF80 + 8 z."""
     j = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
     if DTYPE == gl.float16:
         lshift = j * 0
         rshift = (j // 2) * 8
         mask = (0xF << (j % 2) * 4) * 0x10001
         unit = gl.where(j % 2 == 1, 1.0 / 256, 1.0 / 16)
+        zero_bits = gl.where(j % 2 == 1, 0xC400, 0xD400)
+        zero_step = gl.where(j % 2 == 1, 16, 1)
     else:
         lshift = gl.maximum(3 - 4 * j, 0)
         rshift = gl.maximum(4 * j - 3, 0)
         mask = j * 0 + (0xF << 3) * 0x10001
         unit = j * 0.0 + 1.0
+        zero_bits = j * 0 + 0xBF80
+        zero_step = j * 0 + 8
     return (_as_pair_axis(lshift.to(gl.uint32)), _as_pair_axis(rshift.to(gl.uint32)),
-            _as_pair_axis(mask.to(gl.uint32)), _as_pair_axis(unit))
+            _as_pair_axis(mask.to(gl.uint32)), _as_pair_axis(unit), _as_pair_axis(zero_bits),
+            _as_pair_axis(zero_step))
 
 
 @gluon.jit
@@ -133,20 +142,19 @@ def _as_column(v):
 
 
 @gluon.jit
-def unpack_pairs(q, z16, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.constexpr, BLOCK_N: gl.constexpr,
+def unpack_pairs(q, z, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.constexpr, BLOCK_N: gl.constexpr,
                  BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     """Words [BN, BW] -> (q - z) / 16 [BN, BK] in x's dtype (exact), or with SCALED_A (q - z) * s (one rounding),
-    in MMA K order (module doc); z16 = z / 16 and s16 = 16 s are [BN] fp32. Nibbles j and j + 4 sit 16 bits
+    in MMA K order (module doc); z (int32) and s16 = 16 s (fp32) are [BN]. Nibbles j and j + 4 sit 16 bits
     apart, so a shift (pair_fields; none for half the pairs in fp16) and one AND-OR with base_pair (R in both
     halves) make both halves of a 32-bit register R + q u_j (no int-to-float), and one paired multiply-add,
     times 1 / (16 u_j) plus -(R / (16 u_j) + z/16), leaves (q - z)/16: the two K-adjacent values a thread's MMA
     fragment register holds. R / (16 u_j) + z/16 is exact (fp16: 64 or 4 + z/16; bf16: 1 + z/16; z in 0..16:
-    a v1 checkpoint's stored 15 plus zero_offset 1), and so is the multiply-add's result. SCALED_A then
-    multiplies by 16 s in the same paired way."""
+    a v1 checkpoint's stored 15 plus zero_offset 1), and so is the multiply-add's result; its bits come from z by
+    integer arithmetic (pair_fields). SCALED_A then multiplies by 16 s in the same paired way."""
     w = gl.expand_dims(q, 2).to(gl.uint32, bitcast=True)
-    lshift, rshift, mask, unit = pair_fields(gl.constexpr(w.type.layout), DTYPE)
-    base: gl.constexpr = 1024.0 if DTYPE == gl.float16 else 1.0  # R, the value of base_pair's halves
-    zero_pairs = _both_halves(-(base * unit + _as_column(z16)), DTYPE)  # [BN, 1, 4]
+    lshift, rshift, mask, unit, zero_bits, zero_step = pair_fields(gl.constexpr(w.type.layout), DTYPE)
+    zero_pairs = (_as_column(z) * zero_step + zero_bits) * 0x10001  # [BN, 1, 4]: -(R / (16 u_j) + z/16), paired
     pairs = ((w << lshift) >> rshift & mask).to(gl.int32, bitcast=True) | base_pair  # [BN, BW, 4]: nibbles j, j+4
     pairs = _pairs_fma(pairs, _both_halves(unit, DTYPE), zero_pairs, DTYPE)
     if SCALED_A:
@@ -257,8 +265,7 @@ def a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE: gl.constexpr, SC
               A_REGS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     """One step's weights as wgmma's A operand in registers: (q - z) / 16, or (q - z) * s with SCALED_A."""
     z = ((zw >> ((offs_nq % 8) * 4)) & 0xF) + zero_offset  # [BN]
-    f = unpack_pairs(q, z.to(gl.float32) * 0.0625, 16.0 * s.to(gl.float32), base_pair, DTYPE, SCALED_A, BLOCK_N,
-                     BLOCK_K, TILED)
+    f = unpack_pairs(q, z, 16.0 * s.to(gl.float32), base_pair, DTYPE, SCALED_A, BLOCK_N, BLOCK_K, TILED)
     return gl.convert_layout(f, A_REGS, assert_trivial=True)
 
 
