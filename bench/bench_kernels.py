@@ -323,8 +323,6 @@ def sweep_configs():
 
 
 def _only(cfgs, only):
-    if only == "halves":
-        return halves_configs([c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")])
     if only == "parts":
         return parts_configs([c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")])
     if only == "decode":
@@ -338,14 +336,6 @@ def parts_configs(decode):
     base = [c for c in decode if c["BLOCK_K"] == 128 and c["BLOCK_M"] == 16 and c["SPLIT_K"] in (2, 4, 5, 6, 8)]
     two = [dict(base[0], BLOCK_N=128, SPLIT_K=sk, PARTS=2) for sk in (1, 2, 3, 4, 5, 6, 8)]
     return base + two + [dict(c, MAXNREG=128) for c in two]
-
-
-def halves_configs(decode):
-    """The wgmma kernel's 16-token, 64-column tiles split 4-8, beside the same with each step's K in two halves
-    (HALVES) under 72 registers (7 programs per SM) and uncapped."""
-    base = [c for c in decode if (c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_M"]) == (64, 128, 16)
-            and c["SPLIT_K"] in (4, 5, 6, 8)]
-    return base + [dict(c, HALVES=True, MAXNREG=cap) for cap in (72, None) for c in base]
 
 
 PREFILL_MS = (256, 512, 1024)  # swept for the prefill kernel beside dequantize + cuBLAS (and M = 64, 128 above)
@@ -424,7 +414,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "halves"), default=None,
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts"), default=None,
                     help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, or its 16-token "
                     "tiles beside two-part programs (parts)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")

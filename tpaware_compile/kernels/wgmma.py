@@ -154,7 +154,6 @@ def unpack_pairs(q, z, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.constex
     integer arithmetic (pair_fields). SCALED_A then multiplies by 16 s in the same paired way."""
     w = gl.expand_dims(q, 2).to(gl.uint32, bitcast=True)
     lshift, rshift, mask, unit, zero_bits, zero_step = pair_fields(gl.constexpr(w.type.layout), DTYPE)
-    z = gl.convert_layout(z, gl.SliceLayout(1, gl.SliceLayout(2, w.type.layout)), assert_trivial=True)
     zero_pairs = (_as_column(z) * zero_step + zero_bits) * 0x10001  # [BN, 1, 4]: -(R / (16 u_j) + z/16), paired
     pairs = ((w << lshift) >> rshift & mask).to(gl.int32, bitcast=True) | base_pair  # [BN, BW, 4]: nibbles j, j+4
     pairs = _pairs_fma(pairs, _both_halves(unit, DTYPE), zero_pairs, DTYPE)
@@ -283,38 +282,18 @@ def _x_tile(x_smem, i, xv, BLOCK_K: gl.constexpr, TILED: gl.constexpr):
 
 @gluon.jit
 def _scaled_mma(acc, q, s, zw, offs_nq, xt, zero, base_pair, zero_offset, DTYPE: gl.constexpr, A_REGS: gl.constexpr,
-                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TILED: gl.constexpr, HALVES: gl.constexpr = False):
-    """acc + one step's product: one exact MMA of the unpacked words, scaled per group on the fp32 accumulator.
-    HALVES (tiled words): the step's K in two halves, each unpacked just before its MMA (half the operand's
-    registers live at once)."""
-    if HALVES:
-        q0, q1 = _word_halves(q, BLOCK_N, BLOCK_K)
-        a = a_operand(q0, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K // 2, TILED)
-        m = warpgroup_mma(a, xt.slice(0, BLOCK_K // 2, dim=0), zero, use_acc=False)
-        a = a_operand(q1, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K // 2, TILED)
-        m = warpgroup_mma(a, xt.slice(BLOCK_K // 2, BLOCK_K // 2, dim=0), m)
-    else:
-        a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
-        m = warpgroup_mma(a, xt, zero, use_acc=False)
-    return acc + gl.expand_dims(16.0 * s.to(gl.float32), 1) * m
-
-
-@gluon.jit
-def _word_halves(q, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Tiled words [BN, BW] of a step (thread t's words (BK/32) t + b) -> those of its two K halves, each [BN, BW/2]
-    with thread t's words (BK/64) t + b: the halves of b, a register bit (a relabelling, no data moves)."""
-    w = gl.reshape(q, [BLOCK_N, 4, 2, BLOCK_K // 64])  # [n, t, half, b]
-    w = gl.permute(w, [0, 1, 3, 2])  # [n, t, b, half]
-    return gl.split(gl.reshape(w, [BLOCK_N, BLOCK_K // 16, 2]))
+                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TILED: gl.constexpr):
+    """acc + one step's product: one exact MMA of the unpacked words, scaled per group on the fp32 accumulator."""
+    a = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, False, A_REGS, BLOCK_N, BLOCK_K, TILED)
+    return acc + gl.expand_dims(16.0 * s.to(gl.float32), 1) * warpgroup_mma(a, xt, zero, use_acc=False)
 
 
 @gluon.jit
 def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                     group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                     GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                    DTYPE: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr,
-                    HALVES: gl.constexpr = False):
-    """The K-steps of a program of BLOCK_N columns; returns its accumulator (HALVES: _scaled_mma's)."""
+                    DTYPE: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr):
+    """The K-steps of a program of BLOCK_N columns; returns its accumulator."""
     A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -329,7 +308,7 @@ def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
                                        GROUP_SIZE, BLOCK_K, EVEN, TILED)
         xt = _x_tile(x_smem, seg - seg_start, xv, BLOCK_K, TILED)
         acc = _scaled_mma(acc, q, s, zw, offs_nq, xt, zero, base_pair, zero_offset, DTYPE, A_REGS, BLOCK_N, BLOCK_K,
-                          TILED, HALVES)
+                          TILED)
         q, xv, s, zw = nq, nxv, ns, nzw
     return acc
 
@@ -402,7 +381,6 @@ def _wgmma_kernel(
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
     PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
-    HALVES: gl.constexpr = False,  # each step's K in two halves (_scaled_mma; tiled words)
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
@@ -436,7 +414,7 @@ def _wgmma_kernel(
     else:
         acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                               group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
-                              GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA, HALVES)
+                              GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
         store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                     gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                     gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
@@ -481,6 +459,6 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
-        XL=x_layout(bm, bk), PARTS=parts, HALVES=bool(cfg.get("HALVES")), num_warps=NUM_WARPS,
+        XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
         maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),
     )
