@@ -60,7 +60,7 @@ DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 1
 # fastest on 11 of 13 Llama-70B / Granite-20B shapes of an H100 sweep, within 4% on the other two (4 or 8 alone:
 # up to 10% slower; bench/README.md)
 ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
-# ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): 92 registers (fp16)
+# ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): 96 registers (fp16)
 TILED_PROGRAMS_PER_SM = 5
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
 # wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
@@ -222,9 +222,9 @@ def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
     to keep 64 columns: of the splits that leave each program WIDE_MIN_ROWS rows of K, the one whose programs fill
     the last wave most, if it fills it to WIDE_MIN_FILL. Two parts read x once per 128 columns (at 16 tokens x's
     tile is as many bytes as a 64-column weight step) and keep twice the words in flight, but halve the programs.
-    In an H100 sweep of 13 Llama-70B / Granite-20B shapes at M = 4 and 16 (sweep_parts) this takes them on the 6
-    where they were the fastest config or within 1% of it (Llama TP 1 up at M = 16: 52.5 against 59.5 us for the
-    best 64-column split) and once where 64 columns were 4% faster (Llama TP 2 down: 14 steps per program)."""
+    In an H100 sweep of 13 Llama-70B / Granite-20B shapes at M = 4 and 16 (sweep_parts) this takes them on 7:
+    on 6 the fastest config or within 1.5% of it (Llama TP 1 up at M = 16: 52.5 against 59.5 us for the best
+    64-column split), on Llama TP 2 down 4-5% slower than 64 columns (14 steps per program)."""
     if n % 128:
         return None
     places = WIDE_PROGRAMS_PER_SM * sms

@@ -23,8 +23,8 @@ a float pair, one paired multiply-add takes the zero point off), so the scale is
 the fp32 accumulator; the split-K is reduced inside the launch as in the other kernels (common.store_split).
 Where every step and tile lies inside the matrix (even_shape) the loads carry no masks. At 16 tokens a 64-column
 program reads as many bytes of x per step as of weights; a program of two 64-column parts (PARTS) shares each
-x tile between the two parts' MMAs. Gluon does not run
-under TRITON_INTERPRET: CPU tests compile it for sm_90a and check the SASS; the GPU tests check its results.
+x tile between the two parts' MMAs. Gluon does not run under TRITON_INTERPRET: CPU tests compile it for sm_90a
+and check the SASS; the GPU tests check its results.
 """
 
 import functools
@@ -44,12 +44,12 @@ TOKEN_TILES = (16, 32, 64)  # the MMA's N; 8 faulted on an H100 with triton 3.6,
 # x's dtype -> bits of the 16-bit float R OR-ed over each nibble pair's field (pair_fields, unpack_pairs); a
 # kernel argument, not a constant: as a constant ptxas splits the AND-OR in two
 PAIR_BASE_BITS = {torch.float16: 0x6400, torch.bfloat16: 0x3F80}  # 1024.0, 1.0
-# The 16-token tile on tiled words needs 92 registers (fp16; 5 programs per SM); capped at 80 (20 bytes of spills)
+# The 16-token tile on tiled words needs 96 registers (fp16; 5 programs per SM); capped at 80 (20 bytes of spills)
 # it keeps kernels.DECODE_PROGRAMS_PER_SM = 6. At one token the cap measured 0.91-0.99x the time of N-major words on
 # all 16 Llama-70B / Granite-20B shapes, where uncapped Granite's TP 1-4 shards took 1.06-1.25x (decode_split's
 # waves are planned for 6); at 16 tokens the cap cost Llama 1.14-1.23x the uncapped time (H100, bench/README.md)
 ONE_TOKEN_TILED_REGISTERS = 80
-# Two 64-column parts per program (PARTS 2) take 159 registers (fp16; 3 programs per SM); capped at 128 (no spills,
+# Two 64-column parts per program (PARTS 2) take 167 registers (fp16; 3 programs per SM); capped at 128 (no spills,
 # fp16 or bf16) 4 run per SM, which was faster on the Llama-70B TP 1 / 2 up shards at 16 tokens (H100 sweep
 # sweep_parts: 52.5 against 57.1 us at TP 1)
 TWO_PART_REGISTERS = 128
