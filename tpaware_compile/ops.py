@@ -34,8 +34,14 @@ def gptq_mm(
 
 @gptq_mm.register_fake
 def _(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero_offset):
+    return fake_matmul_out(x, qweight, "gptq_mm")
+
+
+def fake_matmul_out(x: torch.Tensor, qweight: torch.Tensor, op_name: str) -> torch.Tensor:
+    """A quantized matmul's output under fake tensors: [..., N] in x's dtype, x's K checked against qweight's
+    (either layout). The fake kernels of every op here and in kernels/op.py."""
     words, n = packed_shape(qweight)
-    torch._check(x.shape[-1] == words * 8, lambda: "gptq_mm: x's last dim must equal 8 x qweight's words")
+    torch._check(x.shape[-1] == words * 8, lambda: f"{op_name}: x's last dim must equal 8 x qweight's words")
     return x.new_empty(*x.shape[:-1], n)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..gptq import GPTQWeight, reference_matmul
 from ..layout import packed_shape
-from ..ops import gptq_mm
+from ..ops import fake_matmul_out, gptq_mm
 from . import INTERPRET, check_perm, check_sorted_args, gptq_mm_gidx, gptq_mm_sorted, gptq_swiglu_sorted
 
 
@@ -48,10 +48,9 @@ def _(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=No
 
 @gptq_mm_fast.register_fake
 def _(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=None):
-    words, n = packed_shape(qweight)
-    torch._check(x.shape[-1] == words * 8, lambda: "gptq_mm_fast: x's last dim must equal 8 x qweight's words")
+    out = fake_matmul_out(x, qweight, "gptq_mm_fast")
     _check_perm_shape(perm, x, "gptq_mm_fast")
-    return x.new_empty(*x.shape[:-1], n)
+    return out
 
 
 def _permuted(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
@@ -97,9 +96,7 @@ def _triton_mm(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero
 
 @gptq_mm_triton.register_fake
 def _(x, qweight, qzeros, scales, g_idx, group_size, group_offset, zero_offset):
-    words, n = packed_shape(qweight)
-    torch._check(x.shape[-1] == words * 8, lambda: "gptq_mm_triton: x's last dim must equal 8 x qweight's words")
-    return x.new_empty(*x.shape[:-1], n)
+    return fake_matmul_out(x, qweight, "gptq_mm_triton")
 
 
 @torch.library.custom_op("tpaware::gptq_swiglu_fast", mutates_args=())
@@ -136,7 +133,6 @@ def _(x, gate_qweight, gate_qzeros, gate_scales, up_qweight, up_qzeros, up_scale
 @gptq_swiglu_fast.register_fake
 def _(x, gate_qweight, gate_qzeros, gate_scales, up_qweight, up_qzeros, up_scales, group_size, group_offset,
       zero_offset, perm=None):
-    words, n = packed_shape(gate_qweight)
-    torch._check(x.shape[-1] == words * 8, lambda: "gptq_swiglu_fast: x's last dim != 8 x qweight's words")
+    out = fake_matmul_out(x, gate_qweight, "gptq_swiglu_fast")
     _check_perm_shape(perm, x, "gptq_swiglu_fast")
-    return x.new_empty(*x.shape[:-1], n)
+    return out

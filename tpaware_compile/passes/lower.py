@@ -60,11 +60,15 @@ def lower_gptq_mm(gm: GraphModule, mode: str = "auto", fuse_swiglu: bool = True,
         choices = [f"{name}: {fused[name]}" if name in fused else line
                    for line, name in ((c, c.split(": ", 1)[0]) for c in choices)]
     if fold_perm:
-        folded = set(_fold_perms(gm))
-        choices = [f"{c}, {PERM_FOLDED}" if c.split(": ", 1)[0] in folded else c for c in choices]
-    choices = [f"{c}, {TILED}" if c.split(": ", 1)[0] in tiled else c for c in choices]
+        choices = _noted(choices, set(_fold_perms(gm)), PERM_FOLDED)
+    choices = _noted(choices, tiled, TILED)
     gm.recompile()
     return choices
+
+
+def _noted(choices: List[str], names: set, note: str) -> List[str]:
+    """The report lines (``name: how``) with ``, note`` appended to those of the named nodes."""
+    return [f"{c}, {note}" if c.split(": ", 1)[0] in names else c for c in choices]
 
 
 _MULS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
