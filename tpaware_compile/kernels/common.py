@@ -78,11 +78,12 @@ _TILE_WORDS = tl.constexpr(TILE_WORDS)
 @triton.jit
 def word_offsets(words, cols, stride_q, TILED: tl.constexpr):
     """Offsets in qweight of packed words ``words`` of columns ``cols`` (broadcast together): N-major rows
-    (stride_q = N) or TILED (layout.py: [N/64, K/128, 64, 16], stride_q = words per 64-column tile). The Gluon
-    kernels' copy is wgmma.word_offsets."""
+    (stride_q = N) or TILED (layout.py: [N/64, K/128, 64, 16], stride_q = words per 64-column tile). The words'
+    and the columns' parts are summed apart, each on its own (unbroadcast) shape, then added once. The Gluon
+    kernels call it too (wgmma.py)."""
     if TILED:
-        off = ((cols // _TILE_COLS) * stride_q + (words // _TILE_WORDS) * (_TILE_COLS * _TILE_WORDS)
-               + (cols % _TILE_COLS) * _TILE_WORDS + words % _TILE_WORDS)
+        off = (((words // _TILE_WORDS) * (_TILE_COLS * _TILE_WORDS) + words % _TILE_WORDS)
+               + ((cols // _TILE_COLS) * stride_q + (cols % _TILE_COLS) * _TILE_WORDS))
     else:
         off = words * stride_q + cols
     return off

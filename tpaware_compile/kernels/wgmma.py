@@ -35,8 +35,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from ..layout import TILE_COLS, TILE_WORDS, is_tiled, packed_shape, word_stride
-from .common import splits_of, store_split, tl_dtype
+from ..layout import is_tiled, packed_shape, word_stride
+from .common import splits_of, store_split, tl_dtype, word_offsets
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
@@ -191,20 +191,10 @@ def x_in_mma_order(x, BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     return gl.reshape(x, [rows, BLOCK_K])
 
 
-_TILE_COLS = gl.constexpr(TILE_COLS)  # layout.py's tile, as compile-time constants of the kernels
-_TILE_WORDS = gl.constexpr(TILE_WORDS)
-
-
 @gluon.jit
-def word_offsets(words, cols, stride_q, TILED: gl.constexpr):
-    """[BN, BW] offsets of words [BW] of columns [BN] in qweight: N-major rows (stride_q = N) or TILED
-    (layout.py, stride_q = words per 64-column tile); common.word_offsets for 2-D tensors."""
-    if TILED:
-        off = gl.expand_dims((words // _TILE_WORDS) * (_TILE_COLS * _TILE_WORDS) + words % _TILE_WORDS, 0) + \
-            gl.expand_dims((cols // _TILE_COLS) * stride_q + (cols % _TILE_COLS) * _TILE_WORDS, 1)
-    else:
-        off = gl.expand_dims(words * stride_q, 0) + gl.expand_dims(cols, 1)
-    return off
+def _word_offsets(words, cols, stride_q, TILED: gl.constexpr):
+    """[BN, BW] offsets of words [BW] of columns [BN] in qweight (common.word_offsets)."""
+    return word_offsets(gl.expand_dims(words, 0), gl.expand_dims(cols, 1), stride_q, TILED)
 
 
 @gluon.jit
@@ -217,13 +207,13 @@ def weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
     g = (seg * BLOCK_K) // GROUP_SIZE
     if EVEN:  # group_offset is 0: the words' index without the signed division below (fewer instructions)
         words = seg * (BLOCK_K // 8) + offs_w
-        q = gl.load(qw_ptr + word_offsets(words, offs_nq, stride_q, TILED))
+        q = gl.load(qw_ptr + _word_offsets(words, offs_nq, stride_q, TILED))
         s = gl.load(sc_ptr + g * N + offs_s)
         zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8)
     else:
         words = (seg * BLOCK_K - group_offset) // 8 + offs_w  # < 0 in the first step of a shard cut in a group
         w_ok = (words >= 0) & (words < K // 8) & live
-        q = gl.load(qw_ptr + word_offsets(words, offs_nq, stride_q, TILED),
+        q = gl.load(qw_ptr + _word_offsets(words, offs_nq, stride_q, TILED),
                     mask=gl.expand_dims(w_ok, 0) & gl.expand_dims(offs_nq < N, 1), other=0)
         s = gl.load(sc_ptr + g * N + offs_s, mask=(offs_s < N) & live, other=0.0)
         zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8, mask=(offs_nq < N) & live, other=0)
