@@ -614,26 +614,24 @@ def test_wgmma_tiled_words_load_as_vectors():
     assert len(loops[True]) < 0.9 * len(loops[False]), {k: len(v) for k, v in loops.items()}
 
 
-@pytest.mark.parametrize("tiled,even,parts,steps", [(True, True, 1, 1), (False, False, 1, 2), (True, True, 2, 1),
-                                                   (True, True, 1, 0)])
-def test_wgmma_overlapped_launch_reads_after_wait(tiled, even, parts, steps):
-    """Launched to overlap the launch before it (config PDL), the decode kernel only asks L2 for its first steps'
-    weights (prefetches, CCTL.E.PF2) before it waits for that launch (griddepcontrol.wait: ACQBULK): every load
-    into registers, store and atomic comes after the wait, and it lets the next launch start (launch_dependents:
-    PREEXIT) only after its last MMA (sm_90a SASS, compiled here). Without PDL there is none of these."""
+@pytest.mark.parametrize("tiled,even,parts", [(True, True, 1), (False, False, 1), (True, True, 2)])
+def test_wgmma_overlapped_launch_reads_after_wait(tiled, even, parts):
+    """Launched to overlap the launch before it (PDL_STEPS > 0), the decode kernel only asks L2 for its first
+    steps' weights (prefetches, CCTL.E.PF2) before it waits for that launch (griddepcontrol.wait: ACQBULK); every
+    load into registers, store and atomic comes after the wait (sm_90a SASS, compiled here). Without PDL_STEPS
+    there is neither."""
     kernel_regs = _sm90_compiler()
-    code = kernel_regs.sass(kernel_regs.compile_wgmma(16, 64, 128, tiled=tiled, even=even, parts=parts, pdl=True,
-                                                      prefetch_steps=steps)).splitlines()
+    block_n = 64 * parts
+    code = kernel_regs.sass(kernel_regs.compile_wgmma(16, block_n // parts, 128, tiled=tiled, even=even,
+                                                      parts=parts, pdl_steps=2)).splitlines()
     wait = [i for i, line in enumerate(code) if "ACQBULK" in line]
-    start_next = [i for i, line in enumerate(code) if "PREEXIT" in line]
-    mma = [i for i, line in enumerate(code) if "HGMMA" in line]
-    assert len(wait) == 1 and len(start_next) == 1 and wait[0] < mma[0] and mma[-1] < start_next[0]
-    before = [line for line in code[:wait[0]] if re.search(r"\b(LDG|LDS|STG|STS|ATOM|ATOMG|RED)\b", line)]
+    assert len(wait) == 1, wait
+    before = [line for line in code[:wait[0]] if re.search(r"\b(LDG|LDS|STG|STS|ATOM|ATOMG|RED|HGMMA)\b", line)]
     assert not before, before
     prefetches = [line for line in code[:wait[0]] if "CCTL.E.PF2" in line]
-    assert len(prefetches) == steps * parts * (8 + 2 + 2), len(prefetches)  # a step's part: 8 words, 2 scales, 2 zeros
-    plain = kernel_regs.sass(kernel_regs.compile_wgmma(16, 64, 128, tiled=tiled, even=even, parts=parts))
-    assert not any(op in plain for op in ("ACQBULK", "PREEXIT", "CCTL.E.PF2"))
+    assert len(prefetches) == 2 * parts * (8 + 2 + 2), len(prefetches)  # per step and part: 8 words, 2 scales, 2 zeros
+    plain = kernel_regs.sass(kernel_regs.compile_wgmma(16, 64, 128, tiled=tiled, even=even))
+    assert "ACQBULK" not in plain and "CCTL.E.PF2" not in plain
 
 
 def test_wgmma_even_loop_has_no_bounds_checks():
@@ -1093,7 +1091,7 @@ def test_overlapped_launches_chain_gpu(m, dtype, layout, graphed):
     qz = torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda")
     sc = (torch.rand(k // 128, n, device="cuda") * 0.01 + 1e-3).to(DTYPES[dtype])
     cfg = pick_config(m, k, n, 128, torch.device("cuda"), tiled=layout == "tiled")
-    assert cfg.get("WGMMA") and cfg.get("PDL", wgmma.PDL)
+    assert cfg.get("WGMMA") and cfg.get("PDL_STEPS", wgmma.PDL_STEPS) > 0
     words = tile(qw) if layout == "tiled" else qw
     source = torch.empty(m, k, device="cuda", dtype=DTYPES[dtype])
     x = torch.empty_like(source)

@@ -53,10 +53,9 @@ ONE_TOKEN_TILED_REGISTERS = 80
 # fp16 or bf16) 4 run per SM, which was faster on the Llama-70B TP 1 / 2 up shards at 16 tokens (H100 sweep
 # sweep_parts: 52.5 against 57.1 us at TP 1)
 TWO_PART_REGISTERS = 128
-# Launches overlap the launch before them on the stream (programmatic dependent launch, config PDL), a program
-# asking L2 for its first PREFETCH_STEPS K-steps of weights while it waits (_after_previous_launch)
-PDL = True
-PREFETCH_STEPS = 1
+# K-steps of weights a program asks into L2 while the launch before it on the stream finishes (programmatic
+# dependent launch, _after_previous_launch); 0: no overlap
+PDL_STEPS = 1
 
 
 def _powers(n):
@@ -410,8 +409,7 @@ def _wgmma_kernel(
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
     PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
-    PDL: gl.constexpr = False,  # launched to overlap the launch before (_after_previous_launch)
-    PREFETCH_STEPS: gl.constexpr = 0,  # ... asking L2 for this many K-steps of weights meanwhile
+    PDL_STEPS: gl.constexpr = 0,  # > 0: launched to overlap the launch before (_after_previous_launch)
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
@@ -432,14 +430,14 @@ def _wgmma_kernel(
     x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_M, BLOCK_K], X_SMEM)
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
-    if PDL:
+    if PDL_STEPS > 0:
         _after_previous_launch(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
-                               stride_q, GROUP_SIZE, BLOCK_K, TILED, PARTS, BLOCK_N, PREFETCH_STEPS)
+                               stride_q, GROUP_SIZE, BLOCK_K, TILED, PARTS, BLOCK_N, PDL_STEPS)
     if PARTS == 2:
         acc0, acc1 = _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                      stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx,
                                      offs_mx, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
-        if PDL:
+        if PDL_STEPS > 0:
             _let_next_launch_start()
         offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
         mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
@@ -451,7 +449,7 @@ def _wgmma_kernel(
         acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                               group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                               GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
-        if PDL:
+        if PDL_STEPS > 0:
             _let_next_launch_start()
         store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                     gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
@@ -490,7 +488,7 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     if parts not in (1, 2) or (parts == 2 and bn != 128):
         raise ValueError(f"PARTS is 1, or 2 for BLOCK_N 128 as two 64-column parts: {cfg}")
     tiled = is_tiled(qweight)
-    pdl = cfg.get("PDL", PDL)
+    pdl_steps = cfg.get("PDL_STEPS", PDL_STEPS)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     bn //= parts
     _wgmma_kernel[grid](
@@ -498,7 +496,6 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
-        XL=x_layout(bm, bk), PARTS=parts, PDL=pdl, PREFETCH_STEPS=cfg.get("PREFETCH_STEPS", PREFETCH_STEPS) * pdl,
-        num_warps=NUM_WARPS, launch_pdl=pdl,
+        XL=x_layout(bm, bk), PARTS=parts, PDL_STEPS=pdl_steps, num_warps=NUM_WARPS, launch_pdl=pdl_steps > 0,
         maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),
     )
