@@ -339,10 +339,10 @@ def parts_configs(decode):
 
 
 def pdl_configs(m, k, n, tiled):
-    """The dispatched wgmma config (M = 1..64) with 0 (no overlap), 1 and 2 K-steps asked into L2 while the
+    """The dispatched wgmma config (M = 1..64) with 0 (no overlap), 1, 2 and 4 K-steps asked into L2 while the
     launch before finishes (config PDL_STEPS, wgmma._after_previous_launch)."""
     cfg = pick_config(m, k, n, GROUP, torch.device("cuda"), tiled=tiled)
-    return [dict(cfg, PDL_STEPS=steps) for steps in (0, 1, 2)] if cfg.get("WGMMA") and m <= 64 else []
+    return [dict(cfg, PDL_STEPS=steps) for steps in (0, 1, 2, 4)] if cfg.get("WGMMA") and m <= 64 else []
 
 
 PREFILL_MS = (256, 512, 1024)  # swept for the prefill kernel beside dequantize + cuBLAS (and M = 64, 128 above)

@@ -55,7 +55,7 @@ ONE_TOKEN_TILED_REGISTERS = 80
 TWO_PART_REGISTERS = 128
 # K-steps of weights a program asks into L2 while the launch before it on the stream finishes (programmatic
 # dependent launch, _after_previous_launch); 0: no overlap
-PDL_STEPS = 1
+PDL_STEPS = 2
 
 
 def _powers(n):
@@ -362,7 +362,8 @@ def _after_previous_launch(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, gro
                            PARTS: gl.constexpr, BLOCK_N: gl.constexpr, STEPS: gl.constexpr):
     """The start of a launch that may overlap the one before it on the stream (programmatic dependent launch):
     the first STEPS K-steps' weights, scales and zeros are asked into L2, then the program waits until the launch
-    before has finished and its writes are visible (x, the split-K partials and counters may be its outputs)."""
+    before has finished and its writes are visible (x, the split-K partials and counters may be its outputs), and
+    lets the launch after it start its own such prologue in SM slots as they free up."""
     for i in gl.static_range(STEPS):
         seg = gl.minimum(seg_start + i, seg_end - 1)
         g = (seg * BLOCK_K) // GROUP_SIZE
@@ -373,14 +374,6 @@ def _after_previous_launch(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, gro
             _prefetch_l2(sc_ptr + g * N + gl.minimum(offs_n + part * BLOCK_N, N - 1))
             _prefetch_l2(qz_ptr + g * (N // 8) + cols // 8)
     gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _let_next_launch_start():
-    """Once every program of this launch has passed here, the launch after it (if it was launched to overlap) may
-    start its programs in SM slots as they free up. Called after the K-steps: called at the start, the next
-    launch's programs took the free slots of a partial last wave at once and ran unevenly spread over the SMs
-    (H100, sweep_pdl_98263a0: Llama-70B TP 8 up 1.14x the time)."""
     gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                               pack=1)
 
@@ -437,8 +430,6 @@ def _wgmma_kernel(
         acc0, acc1 = _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                      stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx,
                                      offs_mx, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
-        if PDL_STEPS > 0:
-            _let_next_launch_start()
         offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
         mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
         # one store of both parts ([BN, BM, 2]): the one-launch split-K counts a program once
@@ -449,8 +440,6 @@ def _wgmma_kernel(
         acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                               group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                               GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
-        if PDL_STEPS > 0:
-            _let_next_launch_start()
         store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                     gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                     gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
