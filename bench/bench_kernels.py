@@ -338,13 +338,6 @@ def parts_configs(decode):
     return base + two + [dict(c, MAXNREG=128) for c in two]
 
 
-def pdl_configs(m, k, n, tiled):
-    """The dispatched wgmma config (M = 1..64) with 0 (no overlap), 1, 2 and 4 K-steps asked into L2 while the
-    launch before finishes (config PDL_STEPS, wgmma._after_previous_launch)."""
-    cfg = pick_config(m, k, n, GROUP, torch.device("cuda"), tiled=tiled)
-    return [dict(cfg, PDL_STEPS=steps) for steps in (0, 1, 2, 4)] if cfg.get("WGMMA") and m <= 64 else []
-
-
 PREFILL_MS = (256, 512, 1024)  # swept for the prefill kernel beside dequantize + cuBLAS (and M = 64, 128 above)
 
 
@@ -401,8 +394,7 @@ def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES, only="", tiled=False):
             roof = roof_bytes(k, n, m) / bw * 1e6
             ref = graph_us(cublas_fns(k, n, m))
             print(f"sweep K={k} N={n} M={m} cublas_fp16 {ref:.1f} us", flush=True)
-            todo = pdl_configs(m, k, n, tiled) if only == "pdl" else _only(cfgs + prefill_configs(m, n), only)
-            for cfg in todo:
+            for cfg in _only(cfgs + prefill_configs(m, n), only):
                 try:
                     fns = tpaware_fns(timed, x, cfg)
                     us, err = graph_us(fns), check_tpaware(fns[0], copies[0], x)
@@ -422,10 +414,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pdl"), default=None,
-                    help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, its 16-token "
-                    "tiles beside two-part programs (parts), or the dispatched one with and without overlapping the "
-                    "launch before (pdl)")
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts"), default=None,
+                    help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, or its 16-token "
+                    "tiles beside two-part programs (parts)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")

@@ -57,7 +57,7 @@ def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
 
 
 def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128, even=True,
-                  tiled=False, maxnreg=None, parts=1, pdl_steps=0):
+                  tiled=False, maxnreg=None, parts=1):
     """The Hopper kernel (wgmma.py) compiled for sm_90a: compiling checks that the unpacked weights reach the MMA
     operand layout without data movement (its convert_layout asserts it). even: the loads without masks that the
     launch picks where wgmma.even_shape holds (the TP shards), else the masked ones; tiled: qweight in the tiled
@@ -68,7 +68,7 @@ def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=F
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial, SWIGLU=swiglu, EVEN=even, TILED=tiled,
                   WORDS=wgmma.word_layout(block_n, block_k, wgmma.NUM_WARPS, tiled),
-                  XL=wgmma.x_layout(block_m, block_k), PARTS=parts, PDL_STEPS=pdl_steps)
+                  XL=wgmma.x_layout(block_m, block_k), PARTS=parts)
     sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": f"*{dtype}", "out_ptr": "*fp32",
            "final_ptr": f"*{dtype}", "count_ptr": "*i32", "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_q": "i32", "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32",
@@ -76,7 +76,7 @@ def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=F
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
                if sig[a].startswith("*") or a in ("N", "K", "stride_xm", "stride_q")}
     return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=wgmma.NUM_WARPS, maxnreg=maxnreg, launch_pdl=pdl_steps > 0))
+                          options=dict(num_warps=wgmma.NUM_WARPS, maxnreg=maxnreg))
 
 
 def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", serial=False, swiglu=False,

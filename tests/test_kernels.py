@@ -614,26 +614,6 @@ def test_wgmma_tiled_words_load_as_vectors():
     assert len(loops[True]) < 0.9 * len(loops[False]), {k: len(v) for k, v in loops.items()}
 
 
-@pytest.mark.parametrize("tiled,even,parts", [(True, True, 1), (False, False, 1), (True, True, 2)])
-def test_wgmma_overlapped_launch_reads_after_wait(tiled, even, parts):
-    """Launched to overlap the launch before it (PDL_STEPS > 0), the decode kernel only asks L2 for its first
-    steps' weights (prefetches, CCTL.E.PF2) before it waits for that launch (griddepcontrol.wait: ACQBULK); every
-    load into registers, store and atomic comes after the wait (sm_90a SASS, compiled here). Without PDL_STEPS
-    there is neither."""
-    kernel_regs = _sm90_compiler()
-    block_n = 64 * parts
-    code = kernel_regs.sass(kernel_regs.compile_wgmma(16, block_n // parts, 128, tiled=tiled, even=even,
-                                                      parts=parts, pdl_steps=2)).splitlines()
-    wait = [i for i, line in enumerate(code) if "ACQBULK" in line]
-    assert len(wait) == 1, wait
-    before = [line for line in code[:wait[0]] if re.search(r"\b(LDG|LDS|STG|STS|ATOM|ATOMG|RED|HGMMA)\b", line)]
-    assert not before, before
-    prefetches = [line for line in code[:wait[0]] if "CCTL.E.PF2" in line]
-    assert len(prefetches) == 2 * parts * (8 + 2 + 2), len(prefetches)  # per step and part: 8 words, 2 scales, 2 zeros
-    plain = kernel_regs.sass(kernel_regs.compile_wgmma(16, 64, 128, tiled=tiled, even=even))
-    assert "ACQBULK" not in plain and "CCTL.E.PF2" not in plain
-
-
 def test_wgmma_even_loop_has_no_bounds_checks():
     """Where every step and tile lies inside the matrix (even_shape) the decode kernel's loads carry no masks: its
     K-step loop has no per-thread comparisons left and is shorter than the masked one (sm_90a SASS, compiled here)."""
@@ -1073,54 +1053,6 @@ def _production_err(k, n, m, dtype, gs, off, perm_dtype=None, config=None, tiled
     y = gptq_mm_sorted(x, tile(qw) if tiled else qw, qz, sc, gs, off, 1, config=config, perm=perm)
     ref = gptq.reference_matmul(permuted(x, perm), w).float()
     return ((y.float() - ref).norm() / ref.norm()).item()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@pytest.mark.parametrize("layout", ["nmajor", "tiled"])
-@pytest.mark.parametrize("graphed", [False, True])
-def test_overlapped_launches_chain_gpu(m, dtype, layout, graphed):
-    """Each launch of the wgmma kernel may start while the one before it runs (programmatic dependent launch):
-    a chain where every call's x is the previous call's output, the first x written by a copy just before, eager
-    and in a CUDA graph, outputs poisoned: each call must see its input whole (checked against the fp32
-    reference on the input it was given)."""
-    from tpaware_compile.kernels import gptq_mm_sorted, pick_config, wgmma
-    k = n = 4096
-    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
-    qz = torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda")
-    sc = (torch.rand(k // 128, n, device="cuda") * 0.01 + 1e-3).to(DTYPES[dtype])
-    cfg = pick_config(m, k, n, 128, torch.device("cuda"), tiled=layout == "tiled")
-    assert cfg.get("WGMMA") and cfg.get("PDL_STEPS", wgmma.PDL_STEPS) > 0
-    words = tile(qw) if layout == "tiled" else qw
-    source = torch.empty(m, k, device="cuda", dtype=DTYPES[dtype])
-    x = torch.empty_like(source)
-
-    def chain():
-        x.copy_(source)
-        ys = [x]
-        for _ in range(4):
-            ys.append(gptq_mm_sorted(ys[-1], words, qz, sc, 128, 0, 1, config=cfg))
-        return ys
-
-    chain()  # compiles and allocates outside any capture
-    if graphed:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            ys = chain()
-    ref_w = gptq.dequantize(gptq.GPTQWeight(qw, qz, sc, None, 128, 1, 0), torch.float32)
-    for _ in range(2):
-        source.copy_(torch.randn_like(source))
-        if graphed:
-            for y in ys[1:]:
-                y.fill_(float("nan"))
-            graph.replay()
-        else:
-            _poison()
-            ys = chain()
-        for a, y in zip(ys, ys[1:]):
-            ref = a.float() @ ref_w
-            assert ((y.float() - ref).norm() / ref.norm()).item() < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu

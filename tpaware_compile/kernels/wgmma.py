@@ -53,9 +53,6 @@ ONE_TOKEN_TILED_REGISTERS = 80
 # fp16 or bf16) 4 run per SM, which was faster on the Llama-70B TP 1 / 2 up shards at 16 tokens (H100 sweep
 # sweep_parts: 52.5 against 57.1 us at TP 1)
 TWO_PART_REGISTERS = 128
-# K-steps of weights a program asks into L2 while the launch before it on the stream finishes (programmatic
-# dependent launch, _after_previous_launch); 0: no overlap
-PDL_STEPS = 2
 
 
 def _powers(n):
@@ -351,34 +348,6 @@ def _part_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_n
 
 
 @gluon.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines of ptrs (a hint: nothing is read into registers, so nothing can go stale)."""
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _after_previous_launch(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
-                           stride_q, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, TILED: gl.constexpr,
-                           PARTS: gl.constexpr, BLOCK_N: gl.constexpr, STEPS: gl.constexpr):
-    """The start of a launch that may overlap the one before it on the stream (programmatic dependent launch):
-    the first STEPS K-steps' weights, scales and zeros are asked into L2, then the program waits until the launch
-    before has finished and its writes are visible (x, the split-K partials and counters may be its outputs), and
-    lets the launch after it start its own such prologue in SM slots as they free up."""
-    for i in gl.static_range(STEPS):
-        seg = gl.minimum(seg_start + i, seg_end - 1)
-        g = (seg * BLOCK_K) // GROUP_SIZE
-        words = gl.maximum((seg * BLOCK_K - group_offset) // 8 + offs_w, 0)
-        for part in gl.static_range(PARTS):
-            cols = gl.minimum(offs_nq + part * BLOCK_N, N - 1)
-            _prefetch_l2(qw_ptr + _word_offsets(gl.minimum(words, K // 8 - 1), cols, stride_q, TILED))
-            _prefetch_l2(sc_ptr + g * N + gl.minimum(offs_n + part * BLOCK_N, N - 1))
-            _prefetch_l2(qz_ptr + g * (N // 8) + cols // 8)
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                              pack=1)
-
-
-@gluon.jit
 def _wgmma_kernel(
     x_ptr,  # [M, K] fp16 / bf16, row stride stride_xm
     qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
@@ -402,7 +371,6 @@ def _wgmma_kernel(
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
     PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
-    PDL_STEPS: gl.constexpr = 0,  # > 0: launched to overlap the launch before (_after_previous_launch)
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
@@ -423,9 +391,6 @@ def _wgmma_kernel(
     x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_M, BLOCK_K], X_SMEM)
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
-    if PDL_STEPS > 0:
-        _after_previous_launch(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
-                               stride_q, GROUP_SIZE, BLOCK_K, TILED, PARTS, BLOCK_N, PDL_STEPS)
     if PARTS == 2:
         acc0, acc1 = _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                      stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx,
@@ -477,7 +442,6 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     if parts not in (1, 2) or (parts == 2 and bn != 128):
         raise ValueError(f"PARTS is 1, or 2 for BLOCK_N 128 as two 64-column parts: {cfg}")
     tiled = is_tiled(qweight)
-    pdl_steps = cfg.get("PDL_STEPS", PDL_STEPS)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     bn //= parts
     _wgmma_kernel[grid](
@@ -485,6 +449,6 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
-        XL=x_layout(bm, bk), PARTS=parts, PDL_STEPS=pdl_steps, num_warps=NUM_WARPS, launch_pdl=pdl_steps > 0,
+        XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
         maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),
     )
