@@ -409,10 +409,10 @@ def test_dispatch_by_m(monkeypatch):
 
 
 def test_dispatch_wgmma(monkeypatch):
-    """On sm_90 (forced here: wgmma=True) M = 1..32 run the wgmma kernel (token tiles of 16 / 32), M = 33..256 its
-    prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles), and M = 257..1024 where its
-    time model beats dequantize + cuBLAS's; group sizes whose segments are not multiples of 32 rows and larger M
-    keep their kernels."""
+    """On sm_90 (forced here: wgmma=True) M = 1..32 run the wgmma kernel (token tiles of 16 / 32; to 64 tokens on
+    tiled words), M = 33..256 its prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles),
+    and M = 257..1024 where its time model beats dequantize + cuBLAS's; group sizes whose segments are not multiples
+    of 32 rows and larger M keep their kernels."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
@@ -430,11 +430,39 @@ def test_dispatch_wgmma(monkeypatch):
     assert K.pick_config(256, 13824, 5120, 128, cpu, wgmma=True)["SPLIT_K"] == 3  # 40: prefill_split
     assert not K.pick_config(16, 8192, 3584, 16, cpu, wgmma=True).get("WGMMA")  # 16-row groups: tl.dot
     assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
+    tiled = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True, tiled=True) for m in (33, 64, 65)}
+    assert {m: (c.get("PREFILL"), c["BLOCK_M"]) for m, c in tiled.items()} == {33: (None, 64), 64: (None, 64),
+                                                                                65: (True, 128)}
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
 PARTS_SWEEP = os.path.join(RESULTS, "sweep_parts_fdd52c1_NVIDIA_H100_80GB_HBM3.json")
 RING_SWEEP = os.path.join(RESULTS, "sweep_ring_da04492_NVIDIA_H100_80GB_HBM3.json")  # its register configs
+M64_SWEEP = os.path.join(RESULTS, "sweep_m64_5e55bbf_NVIDIA_H100_80GB_HBM3.json")
+
+
+def test_tiled_64_tokens_config_matches_sweep(monkeypatch):
+    """At 64 tokens on tiled words the dispatch's config (the decode kernel's 64-token tile) took less time than
+    the prefill config that the dispatch picks on N-major words, on each of the 13 shapes of the committed H100
+    sweep, and within 1.25x of the sweep's fastest config."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    keys = ("PREFILL", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES", "num_warps")
+    times = {}
+    for r in json.load(open(M64_SWEEP))["sweep"]:
+        key = tuple(r["cfg"].get(k) for k in keys) + (bool(r["cfg"].get("SERIAL")),)
+        times.setdefault((r["K"], r["N"]), {})[key] = r["graph_us"]
+    assert len(times) == 13
+
+    def timed(cfg):  # the dispatch reduces the prefill kernel's split-K in the launch only where cfg says SERIAL
+        return by_config[tuple(cfg.get(k) for k in keys) + (bool(cfg.get("SERIAL")),)]
+
+    for (k, n), by_config in times.items():
+        tiled = K.pick_config(64, k, n, 128, cpu, wgmma=True, tiled=True)
+        nmajor = K.pick_config(64, k, n, 128, cpu, wgmma=True)
+        assert not tiled.get("PREFILL") and nmajor.get("PREFILL")
+        assert timed(tiled) < timed(nmajor) and timed(tiled) <= 1.25 * min(by_config.values()), (k, n, tiled)
 
 
 def test_tiled_config_matches_sweep(monkeypatch):
@@ -953,6 +981,23 @@ def test_swiglu_two_parts_gpu(m, dtype, gs, off, split, layout):
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=50 + m,
              tiled=layout == "tiled")
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(24576, 6144), (6144, 3072), (8192, 3584), (8192, 28672)])
+@pytest.mark.parametrize("m", [33, 48, 64])
+@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 16), ("fp16", 128, 64)])
+def test_tiled_decode_to_64_tokens_gpu(k, n, m, dtype, gs, off):
+    """On tiled words the dispatch runs the decode kernel's 64-token tile up to M = 64 (TILED_WGMMA_MAX_M): rows
+    past M masked, every group setting, and its SwiGLU (one-launch split-K, up's launch applying silu(gate))."""
+    from tpaware_compile.kernels import pick_config
+    cfg = pick_config(m, k, n, gs, torch.device("cuda"), tiled=True)
+    assert cfg.get("WGMMA") and not cfg.get("PREFILL") and cfg["BLOCK_M"] == 64
+    assert _production_err(k, n, m, dtype, gs, off, tiled=True) < TOL[DTYPES[dtype]]
+    _poison()
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
+             tiled=True)
+    assert run_swiglu_case(c, "cuda") < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu

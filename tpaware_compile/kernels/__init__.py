@@ -5,9 +5,10 @@
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
 (sm_90) with fp16 / bf16 x instead the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's
-registers) for M = 1..32 and its prefill form (wgmma_prefill.py: x through TMA) for M = 33..256 (to 1024 where
-its time model beats dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot
-kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS above.
+registers) for M = 1..32 (to 64 on tiled words) and its prefill form (wgmma_prefill.py: x through TMA) above, up
+to 256 (to 1024 where its time model beats dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2
+(gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS
+above.
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
 gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
@@ -39,11 +40,15 @@ GEMV_MAX_M = 1  # one activation row: the GEMV (from M = 2 the one-row GEMV woul
 # 4 or 8 rows it is issue-bound (12.7 / 30 instructions per weight) and loses, so M = 3.. go to the dot kernel
 ROWS_MAX_M = 2
 DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README.md)
-# sm_90: the wgmma kernel from one token (it beat the GEMVs at M = 1 too) up to 32 tokens, its prefill form (x
-# through TMA, two warpgroups, asynchronous MMAs) from 33 up to 256 tokens, and from 257 to 1024 where
+# sm_90: the wgmma kernel from one token (it beat the GEMVs at M = 1 too) up to 32 tokens (64 on tiled words), its
+# prefill form (x through TMA, two warpgroups, asynchronous MMAs) above, up to 256 tokens, and from 257 to 1024 where
 # prefill_seconds predicts it faster than dequantize + cuBLAS; dequantize + cuBLAS above (H100 runs,
 # bench/README.md)
 WGMMA_MAX_M = 32
+# ... and up to 64 tokens on tiled words, where its 64-token tile (split as wgmma_config splits it) beat the
+# dispatched prefill config on all 13 Llama-70B TP 2-8 / Granite-20B shards of an H100 sweep at M = 64
+# (0.74-0.98x the time; sweep_m64_5e55bbf, bench/README.md)
+TILED_WGMMA_MAX_M = 64
 PREFILL_ALWAYS_MAX_M = 256
 PREFILL_MAX_M = 1024
 # the time models of prefill_seconds and dequant_seconds, fitted to H100 sweeps: one SM's multiply-add rate (x 2)
@@ -131,7 +136,7 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
     wgmma = has_wgmma(device) if wgmma is None else wgmma
     if wgmma and m <= PREFILL_MAX_M and segment_rows(group_size, 128) % 32 == 0:
-        if m <= WGMMA_MAX_M:
+        if m <= (TILED_WGMMA_MAX_M if tiled else WGMMA_MAX_M):
             return wgmma_config(m, k, n, group_size, device, tiled)
         cfg = prefill_config(m, k, n, group_size, device)
         if m <= PREFILL_ALWAYS_MAX_M or dequant_seconds(m, k, n) > prefill_seconds(
@@ -190,8 +195,8 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     """The Hopper kernel for decode: 64 output columns by M rounded up to 16, 32 or 64 tokens per program, one
     group segment (up to 128 rows) per step, split-K for 4-8 programs per output tile (fewer for 64 tokens),
     reduced in the launch. From the H100 sweeps (bench/README.md), on the Llama-70B shapes at M = 1, 4, 16, 32
-    and 64; dispatched up to WGMMA_MAX_M. At one token the split is the one of 4 and 8 that fills the last wave
-    of programs most (decode_split); with more tokens the fp32 partials (M x N per split) weigh in, and 4 won on
+    and 64; dispatched up to WGMMA_MAX_M (TILED_WGMMA_MAX_M on tiled words). At one token the split is the one of 4
+    and 8 that fills the last wave of programs most (decode_split); with more tokens the fp32 partials (M x N per split) weigh in, and 4 won on
     large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8). One token on tiled words: the one of
     ONE_TOKEN_TILED_SPLITS that fills the last wave most. On tiled words from 2 to 16 tokens (5 programs per SM)
     the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11 Llama-70B and
