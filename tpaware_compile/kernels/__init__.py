@@ -199,9 +199,10 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     and 8 that fills the last wave of programs most (decode_split); with more tokens the fp32 partials (M x N per
     split) weigh in, and 4 won on large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8). One token on
     tiled words: the one of ONE_TOKEN_TILED_SPLITS that fills the last wave most. On tiled words from 2 to 16
-    tokens (5 programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11 Llama-70B and
-    Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns as two 64-column
-    parts (PARTS 2) where tiled_wide_split takes them."""
+    tokens (5 programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11
+    Llama-70B and Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns as
+    two 64-column parts (PARTS 2) where tiled_wide_split takes them. 64 tokens: 2 splits from 100 column tiles,
+    else 4."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
