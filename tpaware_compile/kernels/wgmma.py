@@ -1,6 +1,6 @@
 """Hopper tensor-core kernel for decode batches (tiles of 16-64 tokens; dispatched for M = 1..32, to 64 on tiled
-words, wgmma_prefill.py above): the dequantized weights go straight from the loaded int32 words into the registers of ``wgmma``'s A
-operand, with no shared-memory round trip.
+words, wgmma_prefill.py above): the dequantized weights go straight from the loaded int32 words into the registers
+of ``wgmma``'s A operand, with no shared-memory round trip.
 
 The plain ``tl.dot`` kernels (gemm.py) unpack a weight tile in one register layout and Triton moves it through
 shared memory into the MMA operand layout (on an H100 that stalled every variant near a third of the copy
