@@ -442,9 +442,9 @@ M64_SWEEP = os.path.join(RESULTS, "sweep_m64_5e55bbf_NVIDIA_H100_80GB_HBM3.json"
 
 
 def test_tiled_64_tokens_config_matches_sweep(monkeypatch):
-    """At 64 tokens on tiled words the dispatch's config (the decode kernel's 64-token tile) took less time than
-    the prefill config that the dispatch picks on N-major words, on each of the 13 shapes of the committed H100
-    sweep, and within 1.25x of the sweep's fastest config."""
+    """At 64 tokens on tiled words the dispatch's config (the decode kernel's 64-token tile, split by last-wave
+    fill) took less time than the prefill config that the dispatch picks on N-major words, on each of the 13 shapes
+    of the committed H100 sweep, within 1.15x of the sweep's fastest config, and is the fastest on 8."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
@@ -458,11 +458,14 @@ def test_tiled_64_tokens_config_matches_sweep(monkeypatch):
     def timed(cfg):  # the dispatch reduces the prefill kernel's split-K in the launch only where cfg says SERIAL
         return by_config[tuple(cfg.get(k) for k in keys) + (bool(cfg.get("SERIAL")),)]
 
+    fastest = 0
     for (k, n), by_config in times.items():
         tiled = K.pick_config(64, k, n, 128, cpu, wgmma=True, tiled=True)
         nmajor = K.pick_config(64, k, n, 128, cpu, wgmma=True)
         assert not tiled.get("PREFILL") and nmajor.get("PREFILL")
-        assert timed(tiled) < timed(nmajor) and timed(tiled) <= 1.25 * min(by_config.values()), (k, n, tiled)
+        assert timed(tiled) < timed(nmajor) and timed(tiled) <= 1.15 * min(by_config.values()), (k, n, tiled)
+        fastest += timed(tiled) <= 1.01 * min(by_config.values())
+    assert fastest == 8
 
 
 def test_tiled_config_matches_sweep(monkeypatch):
