@@ -73,16 +73,14 @@ TILED_PROGRAMS_PER_SM = 5
 WIDE_PROGRAMS_PER_SM = 4
 WIDE_MIN_FILL = 0.7
 WIDE_MIN_ROWS = 1536
-# ... 64 tokens on tiled words: 255 registers, 2 programs per SM; split (of 2, 4, 5, 8) by last-wave fill among
-# those leaving each program WIDE_MIN_ROWS rows of K: on the 13 shapes of the M = 64 sweep never slower than 2 / 4
-# splits by column tiles (the rule before it), 0.83-0.95x on 5 of them, within 12% of the fastest config
+# ... 64 tokens on tiled words: 255 registers, 2 programs per SM (sixty_four_token_split)
 SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM = 2
 _SMS = {}
 _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "gemv_rows_config", "wgmma_config", "tiled_wide_split", "decode_split", "prefill_config", "prefill_split",
-           "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
+           "gemv_rows_config", "wgmma_config", "tiled_wide_split", "sixty_four_token_split", "decode_split",
+           "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -206,7 +204,7 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     tokens (5 programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11
     Llama-70B and Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns as
     two 64-column parts (PARTS 2) where tiled_wide_split takes them. 64 tokens: 2 splits from 100 column tiles,
-    else 4; on tiled words the split by last-wave fill (SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM)."""
+    else 4; on tiled words sixty_four_token_split."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
@@ -220,7 +218,7 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     elif tiled and block_m == 16:
         split_k = decode_split(tiles, _num_sms(device), TILED_PROGRAMS_PER_SM, (4, 5, 6, 8))
     elif tiled and block_m == 64:
-        split_k = decode_split(tiles, _num_sms(device), SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM, _long_splits(k, (2, 4, 5, 8)))
+        split_k = sixty_four_token_split(k, tiles, _num_sms(device))
     else:
         split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
     block_k = segment_rows(group_size, 128)
@@ -247,6 +245,20 @@ def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
     splits = _long_splits(k, (2, 4, 8))
     best = max(splits, key=fill)
     return best if fill(best) >= WIDE_MIN_FILL and k // best >= WIDE_MIN_ROWS else None
+
+
+def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
+    """Split-K for the 64-token wgmma tile on tiled words: 2 where 2 splits already make three waves of programs
+    (more splits would add fp32 partials of 64 x N each and the last wave matters little: Llama TP 1 up, 448
+    column tiles, 1.05-1.07x the time with 4 at M = 48 / 64, ab_split64_aaf51d6), else the split of 2, 4, 5 and 8
+    leaving each program WIDE_MIN_ROWS rows of K whose programs fill the last wave most. On the 13 shapes of the
+    M = 64 sweep (sweep_m64_5e55bbf) never slower than 2 splits from 100 column tiles else 4 (the rule before),
+    within 12% of the fastest config; same-machine A/B at M = 33 / 48 / 64: 0.82-0.95x on the 7 Granite-20B shards
+    where the split changed (ab_split64_aaf51d6)."""
+    per_sm = SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM
+    if 2 * tiles >= 3 * per_sm * sms:
+        return 2
+    return decode_split(tiles, sms, per_sm, _long_splits(k, (2, 4, 5, 8)))
 
 
 def _long_splits(k: int, splits: tuple) -> list:
