@@ -242,9 +242,8 @@ def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
     def fill(split):
         return (n // 128 * split % places or places) / places
 
-    splits = _long_splits(k, (2, 4, 8))
-    best = max(splits, key=fill)
-    return best if fill(best) >= WIDE_MIN_FILL and k // best >= WIDE_MIN_ROWS else None
+    best = max(_long_splits(k, (2, 4, 8)), key=fill, default=None)
+    return best if best is not None and fill(best) >= WIDE_MIN_FILL else None
 
 
 def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
@@ -258,16 +257,16 @@ def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
     per_sm = SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM
     if 2 * tiles >= 3 * per_sm * sms:
         return 2
-    return decode_split(tiles, sms, per_sm, _long_splits(k, (2, 4, 5, 8)))
+    return decode_split(tiles, sms, per_sm, _long_splits(k, (2, 4, 5, 8)) or [2])
 
 
 def _long_splits(k: int, splits: tuple) -> list:
-    """The splits that leave each program at least WIDE_MIN_ROWS rows of K (the smallest if none does)."""
-    return [split for split in splits if k // split >= WIDE_MIN_ROWS] or [min(splits)]
+    """The splits that leave each program at least WIDE_MIN_ROWS rows of K."""
+    return [split for split in splits if k // split >= WIDE_MIN_ROWS]
 
 
 def decode_split(tiles: int, sms: int, per_sm: int = DECODE_PROGRAMS_PER_SM, splits: tuple = (4, 8)) -> int:
-    """Split-K (of ``splits``) for the 16-token wgmma tile: the one whose programs (tiles x split) fill the last
+    """Split-K (of ``splits``) for a wgmma decode tile: the one whose programs (tiles x split) fill the last
     wave of ``per_sm`` per SM most. At one token, 4 or 8 at DECODE_PROGRAMS_PER_SM: on the 8 Llama-70B TP 1-8
     shapes of an H100 sweep it picks the faster of the two each time (TP 2 up: 224 tiles, 896 programs against 792
     places, 34.4 us with 4, 31.6 with 8)."""
