@@ -240,14 +240,30 @@ def _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, 
 def _step_loads(seg, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q, group_offset,
                 offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr,
                 EVEN: gl.constexpr, TILED: gl.constexpr):
-    """K-step seg's (words, scales, zero words, x): zeros past the split's last step, or with EVEN that step
-    again (unmasked loads; the loop never multiplies it)."""
+    """K-step seg's (words, scales, zero words, x) (_loaded_step)."""
+    q, s, zw = _part_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
+                           stride_q, GROUP_SIZE, BLOCK_K, EVEN, TILED)
+    seg, live = _loaded_step(seg, seg_end, EVEN)
+    return q, s, zw, _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K, EVEN)
+
+
+@gluon.jit
+def _part_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
+                GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr):
+    """K-step seg's weights of one column part (_step_loads without x; a two-part program's second part)."""
+    seg, live = _loaded_step(seg, seg_end, EVEN)
+    return weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
+                        GROUP_SIZE, BLOCK_K, EVEN, TILED)
+
+
+@gluon.jit
+def _loaded_step(seg, seg_end, EVEN: gl.constexpr):
+    """The step a load of step seg reads and whether it is live: past the split's last step the loads give
+    zeros, or with EVEN read that last step again (unmasked loads; the loop never multiplies it)."""
     live = seg < seg_end
     if EVEN:
         seg = gl.minimum(seg, seg_end - 1)
-    q, s, zw = weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
-                            stride_q, GROUP_SIZE, BLOCK_K, EVEN, TILED)
-    return q, s, zw, _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K, EVEN)
+    return seg, live
 
 
 @gluon.jit
@@ -337,14 +353,10 @@ def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
 
 
 @gluon.jit
-def _part_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
-                GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr):
-    """_step_loads' weights of one more column part (no x)."""
-    live = seg < seg_end
-    if EVEN:
-        seg = gl.minimum(seg, seg_end - 1)
-    return weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
-                        GROUP_SIZE, BLOCK_K, EVEN, TILED)
+def _output_tile(offs_m, offs_n, M, N):
+    """Offsets of a program's output tile [BN, BM] (row * N + column) and which of its rows lie inside x. Called
+    after the K-steps, not before: kept live through the loop they took registers it needs (spills)."""
+    return gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1), gl.expand_dims(offs_m < M, 0)
 
 
 @gluon.jit
@@ -395,19 +407,19 @@ def _wgmma_kernel(
         acc0, acc1 = _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                      stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx,
                                      offs_mx, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
-        offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
-        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+        offs, rows_ok = _output_tile(offs_m, offs_n, M, N)
         # one store of both parts ([BN, BM, 2]): the one-launch split-K counts a program once
         store_split(gl.join(acc0, acc1), out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
-                    gl.join(offs, offs + BLOCK_N), gl.join(mask, gl.expand_dims(offs_n + BLOCK_N < N, 1) &
-                                                           gl.expand_dims(offs_m < M, 0)), SERIAL, SWIGLU)
+                    gl.join(offs, offs + BLOCK_N), gl.join(gl.expand_dims(offs_n < N, 1) & rows_ok,
+                                                           gl.expand_dims(offs_n + BLOCK_N < N, 1) & rows_ok),
+                    SERIAL, SWIGLU)
     else:
         acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                               group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                               GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
-        store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
-                    gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
-                    gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
+        offs, rows_ok = _output_tile(offs_m, offs_n, M, N)
+        store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, offs,
+                    gl.expand_dims(offs_n < N, 1) & rows_ok, SERIAL, SWIGLU)
 
 
 def register_cap(m: int, tiles: tuple, tiled: bool, parts: int = 1):
