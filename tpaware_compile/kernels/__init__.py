@@ -69,10 +69,10 @@ ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 TILED_PROGRAMS_PER_SM = 5
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
 # wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
-# reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
+# reads at least MIN_SPLIT_ROWS rows of K (tiled_wide_split; sixty_four_token_split splits no finer either)
 WIDE_PROGRAMS_PER_SM = 4
 WIDE_MIN_FILL = 0.7
-WIDE_MIN_ROWS = 1536
+MIN_SPLIT_ROWS = 1536
 # ... 64 tokens on tiled words: 255 registers, 2 programs per SM (sixty_four_token_split)
 SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM = 2
 _SMS = {}
@@ -229,7 +229,7 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
 
 def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
     """Split-K (2, 4 or 8) for programs of 128 columns (two 64-column parts) of 16 tokens on tiled words, or None
-    to keep 64 columns: of the splits that leave each program WIDE_MIN_ROWS rows of K, the one whose programs fill
+    to keep 64 columns: of the splits that leave each program MIN_SPLIT_ROWS rows of K, the one whose programs fill
     the last wave most, if it fills it to WIDE_MIN_FILL. Two parts read x once per 128 columns (at 16 tokens x's
     tile is as many bytes as a 64-column weight step) and keep twice the words in flight, but halve the programs.
     In an H100 sweep of 13 Llama-70B / Granite-20B shapes at M = 4 and 16 (sweep_parts) this takes them on 7:
@@ -250,7 +250,7 @@ def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
     """Split-K for the 64-token wgmma tile on tiled words: 2 where 2 splits already make three waves of programs
     (more splits would add fp32 partials of 64 x N each and the last wave matters little: Llama TP 1 up, 448
     column tiles, 1.05-1.07x the time with 4 at M = 48 / 64, ab_split64_aaf51d6), else the split of 2, 4, 5 and 8
-    leaving each program WIDE_MIN_ROWS rows of K whose programs fill the last wave most. On the 13 shapes of the
+    leaving each program MIN_SPLIT_ROWS rows of K whose programs fill the last wave most. On the 13 shapes of the
     M = 64 sweep (sweep_m64_5e55bbf) never slower than 2 splits from 100 column tiles else 4 (the rule before),
     within 12% of the fastest config; same-machine A/B at M = 33 / 48 / 64: 0.82-0.95x on the 7 Granite-20B shards
     where the split changed (ab_split64_aaf51d6)."""
@@ -261,8 +261,8 @@ def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
 
 
 def _long_splits(k: int, splits: tuple) -> list:
-    """The splits that leave each program at least WIDE_MIN_ROWS rows of K."""
-    return [split for split in splits if k // split >= WIDE_MIN_ROWS]
+    """The splits that leave each program at least MIN_SPLIT_ROWS rows of K."""
+    return [split for split in splits if k // split >= MIN_SPLIT_ROWS]
 
 
 def decode_split(tiles: int, sms: int, per_sm: int = DECODE_PROGRAMS_PER_SM, splits: tuple = (4, 8)) -> int:
