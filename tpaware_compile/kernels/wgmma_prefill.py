@@ -92,14 +92,12 @@ def _load_x(x_desc, seg, live, pid_m, ready, slot, BLOCK_M: gl.constexpr, BLOCK_
 
 
 @gluon.jit
-def _mma_step(step, a, a_free, q, s, zw, q2, s2, zw2, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m,
-              qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, offs_nq, offs_w, base_pair,
+def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m, qw_ptr,
+              qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, offs_nq, offs_w, base_pair,
               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
               STAGES: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr, TILED: gl.constexpr):
     """Start step's MMA on operand a (async), then, once the previous MMA (operand a_free) is done, unpack the
-    next step's operand (from weights q, s, zw) into a_free's place while this one runs, and load the weights of
-    the step three ahead: two steps of weights stay in flight (q2, s2, zw2 the later). Returns (acc, next
-    operand, the two steps of weights after)."""
+    next step's operand into a_free's place while this one runs. Returns (acc, next operand, the weights after)."""
     mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
     acc = warpgroup_mma(a, x_smem.index(step % STAGES).permute([1, 0]), acc, is_async=True)
     acc, a_free = warpgroup_mma_wait(1, deps=[acc, a_free])
@@ -109,10 +107,10 @@ def _mma_step(step, a, a_free, q, s, zw, q2, s2, zw2, acc, seg_start, seg_end, s
     _load_x(x_desc, seg_start + ahead, ahead < steps, pid_m, ready.index(ahead % STAGES),
             x_smem.index(ahead % STAGES), BLOCK_M, BLOCK_K)
     nxt = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K, TILED)
-    seg = seg_start + step + 3
-    q3, s3, zw3 = weight_loads(seg, seg < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w,
-                               offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
-    return acc, nxt, q2, s2, zw2, q3, s3, zw3
+    seg = seg_start + step + 2
+    q, s, zw = weight_loads(seg, seg < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_nq,
+                            stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
+    return acc, nxt, q, s, zw
 
 
 @gluon.jit
@@ -178,19 +176,17 @@ def _prefill_kernel(
     a0 = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K, TILED)
     q, s, zw = weight_loads(seg_start + 1, seg_start + 1 < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
                             offs_nq, offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
-    q2, s2, zw2 = weight_loads(seg_start + 2, seg_start + 2 < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
-                               offs_nq, offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
     a1 = a0
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     for step in range(0, steps, 2):
-        acc, a1, q, s, zw, q2, s2, zw2 = _mma_step(
-            step, a0, a1, q, s, zw, q2, s2, zw2, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m,
-            qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, offs_nq, offs_w, base_pair,
-            GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS, TILED)
-        acc, a0, q, s, zw, q2, s2, zw2 = _mma_step(
-            step + 1, a1, a0, q, s, zw, q2, s2, zw2, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m,
-            qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, offs_nq, offs_w, base_pair,
-            GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS, TILED)
+        acc, a1, q, s, zw = _mma_step(step, a0, a1, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready,
+                                      pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset,
+                                      offs_nq, offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                                      DTYPE, A_REGS, TILED)
+        acc, a0, q, s, zw = _mma_step(step + 1, a1, a0, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem,
+                                      ready, pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset,
+                                      zero_offset, offs_nq, offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
+                                      STAGES, DTYPE, A_REGS, TILED)
     acc = warpgroup_mma_wait(0, deps=[acc, a0, a1])[0]
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
