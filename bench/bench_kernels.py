@@ -355,27 +355,25 @@ def wgmma_configs(m):
 def prefill_configs(m, n):
     """The Hopper prefill kernel (wgmma_prefill.py): (tokens, columns, rows per step, warps, x slots) tiles,
     split-K (1-5, reduced by a second launch or in the launch: SERIAL) only where the output tiles alone leave SMs
-    idle; below 64 tokens the decode token tiles; from 256 tokens the 256 x 128 tile that won at 256
-    (sweep_prefill; 128-token tiles, deeper x rings and a 256 x 64 tile on one warpgroup tied or lost in
-    sweep_prefill, sweep_decode_1c95e50 and sweep_w4_8b74c38) beside 256 x 64 on two warpgroups that split the
-    tokens, also capped at 128 registers (two programs per SM; 40 bytes of spills, bench/kernel_regs.py)."""
+    idle; below 64 tokens the decode token tiles; from 256 tokens the tiles that won at 256 (sweep_prefill) and
+    deeper x rings for the 256-token tile (a 256 x 64 tile on one warpgroup lost everywhere: sweep_w4_8b74c38)."""
     if m < 64:
         bm = max(16, 1 << (m - 1).bit_length())
         tiles = [(bm, 128, 128, 8, 3), (bm, 64, 128, 4, 3), (bm, 128, 64, 8, 4)]
-    elif m >= 256:
-        tiles = [(256, 128, 64, 8, 3), (256, 64, 64, 8, 3), (256, 64, 64, 8, 3, 128)]
+    elif m >= 256:  # 256 x 128 with 4 and 5 x slots too (TMA issued further ahead; 131 / 164 KB, no spills)
+        tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+                 (256, 128, 64, 8, 5)]
     else:
         tiles = [(64, 128, 128, 8, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                  (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
     out = []
-    for bm, bn, bk, warps, stages, *cap in tiles:
+    for bm, bn, bk, warps, stages in tiles:
         output_tiles = -(-n // bn) * -(-m // bm)
         for sk in (1,) if output_tiles >= 264 else (1, 2, 3, 4, 5) if m >= 64 else (2, 4, 8):
             # in-launch reduction (SERIAL) from 64 tokens only below 256: 1.5x slower there (sweep_split_ffd820b)
             for serial in (m < 64, True) if 1 < sk and 64 <= m < 256 else (m < 64,):
                 out.append(dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                STAGES=stages, num_warps=warps, SPLIT_K=sk, SERIAL=serial,
-                                **(dict(MAXNREG=cap[0]) if cap else {})))
+                                STAGES=stages, num_warps=warps, SPLIT_K=sk, SERIAL=serial))
     return out
 
 

@@ -87,8 +87,7 @@ def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", 
     fn = prefill._prefill_kernel
     tl_type = tl_dtype(DTYPES[dtype])
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps,
-                  TOKEN_GROUPS=2 if (block_n, warps) == (64, 8) else 1, TILED=tiled,
+                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps, TILED=tiled,
                   WORDS=wgmma.word_layout(block_n, block_k, warps, tiled))
     layout = prefill.x_smem_layout(block_m, block_k, tl_type)
     sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",

@@ -65,16 +65,14 @@ def word_layout(block_n: int, block_k: int, num_warps: int = NUM_WARPS, tiled: b
     """Layout of the tile [BN, BK/8 words, 4 nibble pairs]: lane g (of 8 per quad row) holds column g, lane t
     (of 4) words t, t+4, ... (tiled: words (BK/32) t + b, b < BK/32, contiguous in memory); registers hold the 4
     pairs, column + 8, the further words and column + 16 * warps, and warp w columns 16w: what the A operand
-    layout needs once the nibbles are put in MMA K order (module doc). Warps past BN / 16 (the prefill kernel's
-    64 columns on two warpgroups that split the tokens) hold copies: each warpgroup loads its own A operand."""
+    layout needs once the nibbles are put in MMA K order (module doc)."""
     words = block_k // 8
-    column_warps = min(num_warps, block_n // 16)
     own = _powers(words)[:-2] if tiled else _powers(words)[2:]  # a thread's words: its b bits
     quad = _powers(words)[-2:] if tiled else [1, 2]  # its t bits
     reg = ([[0, w, 0] for w in own] if tiled else []) + [[0, 0, 1], [0, 0, 2], [8, 0, 0]] + (
-        [] if tiled else [[0, w, 0] for w in own]) + [[c, 0, 0] for c in _powers(block_n) if c >= 16 * column_warps]
+        [] if tiled else [[0, w, 0] for w in own]) + [[c, 0, 0] for c in _powers(block_n) if c >= 16 * num_warps]
     lane = [[0, quad[0], 0], [0, quad[1], 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
-    warp = [[16 * w, 0, 0] for w in _powers(column_warps)] + [[0, 0, 0] for _ in _powers(num_warps // column_warps)]
+    warp = [[16 * w, 0, 0] for w in _powers(num_warps)]
     return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, words, 4])
 
 

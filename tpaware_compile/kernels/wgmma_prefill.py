@@ -13,11 +13,8 @@ The scale goes into the operand ((q - z) * s, one rounding in x's dtype, as the 
 matmul in that dtype are rounded) so that the MMAs accumulate over all of K in place: no second accumulator,
 no per-step multiply-add over it. The MMAs are asynchronous: the loop body runs two steps, each starting its
 MMA and then, once the previous MMA is done, unpacking the next operand into that MMA's registers (with one
-loop-carried operand ptxas serialized every MMA). Two warpgroups (8 warps) share each x tile: each takes 64 of
-the tile's columns, or, on a 64-column tile, half of its tokens (both unpack the same weights: twice the
-unpacking per MMA, but twice the output tiles of a 128-column tile, so small shards fill the SMs with fewer
-split-K partials). The split-K (for tile counts short of the SMs) and the SwiGLU's epilogue are
-common.store_split's, as in the other kernels.
+loop-carried operand ptxas serialized every MMA). Two warpgroups (8 warps) share each x tile. The split-K (for
+tile counts short of the SMs) and the SwiGLU's epilogue are common.store_split's, as in the other kernels.
 """
 
 import functools
@@ -144,14 +141,12 @@ def _prefill_kernel(
     DTYPE: gl.constexpr,  # x's dtype (fp16 or bf16)
     SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
-    WARPS: gl.constexpr,  # 4 or 8: one or two warpgroups, each 64 of every BLOCK_N output columns ...
-    TOKEN_GROUPS: gl.constexpr,  # ... or (2: BLOCK_N 64 on 8 warps) each all 64 columns and half the tokens
+    WARPS: gl.constexpr,  # 4 or 8: one or two warpgroups, each 64 of every BLOCK_N output columns
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py)
     WORDS: gl.constexpr,  # wgmma.word_layout(BLOCK_N, BLOCK_K, WARPS, TILED)
 ):
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
-                                                  warps_per_cta=[WARPS // TOKEN_GROUPS, TOKEN_GROUPS],
-                                                  instr_shape=[16, BLOCK_M // TOKEN_GROUPS, 16])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
     A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
     pid_n = gl.program_id(0)
@@ -200,16 +195,13 @@ def _prefill_kernel(
 
 def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
                    counts=None, gate=None):
-    """launch_wgmma's contract (wgmma.py) for configs with PREFILL: x fp16 or bf16 [M, K], or prefill_x of it.
-    cfg MAXNREG caps the registers (sweeps)."""
+    """launch_wgmma's contract (wgmma.py) for configs with PREFILL: x fp16 or bf16 [M, K], or prefill_x of it."""
     m, k = x.shape
     n = packed_shape(qweight)[1]
     bm, bn, bk, stages, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"], cfg["num_warps"]
-    token_groups = 2 if (bn, warps) == (64, 8) else 1
-    if (bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or stages < 2
-            or bn not in (16 * warps, 32 * warps) and token_groups == 1):
+    if bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or bn not in (16 * warps, 32 * warps) or stages < 2:
         raise ValueError(f"prefill wgmma tiles need BLOCK_K a multiple of 32, BLOCK_M in {TOKEN_TILES}, 4 or 8 "
-                         f"warps, BLOCK_N 16 or 32 times the warps (or 64 on 8), STAGES >= 2: {cfg}")
+                         f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2: {cfg}")
     tiled = is_tiled(qweight)
     px = x if isinstance(x, PrefillX) else prefill_x(x, group_offset, cfg, tiled)
     if list(px.desc.block_shape) != [bm, bk] or px.group_offset != group_offset or px.tiled != tiled:
@@ -221,6 +213,5 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
         group_offset, zero_offset, per,
         PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps,
-        TOKEN_GROUPS=token_groups, TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
-        maxnreg=cfg.get("MAXNREG"),
+        TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
     )
