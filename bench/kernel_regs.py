@@ -80,14 +80,14 @@ def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=F
 
 
 def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", serial=False, swiglu=False,
-                    group_size=128, out="fp32", tiled=False, even=True):
+                    group_size=128, out="fp32", tiled=False):
     """The Hopper prefill kernel (wgmma_prefill.py, x through TMA) compiled for sm_90a; out: the dtype it stores
-    (fp32 partials, or x's dtype without split-K); even: unmasked weight loads (wgmma.even_shape)."""
+    (fp32 partials, or x's dtype without split-K)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = prefill._prefill_kernel
     tl_type = tl_dtype(DTYPES[dtype])
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, EVEN=even, WARPS=warps, TILED=tiled,
+                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps, TILED=tiled,
                   WORDS=wgmma.word_layout(block_n, block_k, warps, tiled))
     layout = prefill.x_smem_layout(block_m, block_k, tl_type)
     sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",

@@ -241,16 +241,16 @@ def _step_loads(seg, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                 offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr,
                 EVEN: gl.constexpr, TILED: gl.constexpr):
     """K-step seg's (words, scales, zero words, x) (_loaded_step)."""
-    q, s, zw = step_weight_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
+    q, s, zw = _part_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n,
                            stride_q, GROUP_SIZE, BLOCK_K, EVEN, TILED)
     seg, live = _loaded_step(seg, seg_end, EVEN)
     return q, s, zw, _x_loads(seg, live, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K, EVEN)
 
 
 @gluon.jit
-def step_weight_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
+def _part_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
                 GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr):
-    """K-step seg's weights (_step_loads without x: a two-part program's second part, the prefill kernel's steps)."""
+    """K-step seg's weights of one column part (_step_loads without x; a two-part program's second part)."""
     seg, live = _loaded_step(seg, seg_end, EVEN)
     return weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_n, stride_q,
                         GROUP_SIZE, BLOCK_K, EVEN, TILED)
@@ -334,13 +334,13 @@ def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
     q0, s0, zw0, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                                   group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
                                   EVEN, TILED)
-    q1, s1, zw1 = step_weight_loads(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq + BLOCK_N,
+    q1, s1, zw1 = _part_loads(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq + BLOCK_N,
                               offs_w, offs_n + BLOCK_N, stride_q, GROUP_SIZE, BLOCK_K, EVEN, TILED)
     for seg in range(seg_start, seg_end):
         nq0, ns0, nzw0, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                           stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                                           GROUP_SIZE, BLOCK_K, EVEN, TILED)
-        nq1, ns1, nzw1 = step_weight_loads(seg + 1, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
+        nq1, ns1, nzw1 = _part_loads(seg + 1, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
                                      offs_nq + BLOCK_N, offs_w, offs_n + BLOCK_N, stride_q, GROUP_SIZE, BLOCK_K,
                                      EVEN, TILED)
         xt = _x_tile(x_smem, seg - seg_start, xv, BLOCK_K, TILED)

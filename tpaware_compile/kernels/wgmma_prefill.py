@@ -30,7 +30,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import splits_of, store_split, tl_dtype
-from .wgmma import PAIR_BASE_BITS, a_operand, even_shape, step_weight_loads, word_layout
+from .wgmma import PAIR_BASE_BITS, a_operand, weight_loads, word_layout
 
 TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
 
@@ -92,8 +92,7 @@ def _load_x(x_desc, seg, live, pid_m, ready, slot, BLOCK_M: gl.constexpr, BLOCK_
 def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m, qw_ptr,
               qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, offs_nq, offs_w, base_pair,
               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-              STAGES: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr, EVEN: gl.constexpr,
-              TILED: gl.constexpr):
+              STAGES: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr, TILED: gl.constexpr):
     """Start step's MMA on operand a (async), then, once the previous MMA (operand a_free) is done, unpack the
     next step's operand into a_free's place while this one runs. Returns (acc, next operand, the weights after)."""
     mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
@@ -105,21 +104,10 @@ def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc,
     _load_x(x_desc, seg_start + ahead, ahead < steps, pid_m, ready.index(ahead % STAGES),
             x_smem.index(ahead % STAGES), BLOCK_M, BLOCK_K)
     nxt = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K, TILED)
-    q, s, zw = _weights(seg_start + step + 2, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, offs_nq,
-                        offs_w, GROUP_SIZE, BLOCK_K, EVEN, TILED)
+    seg = seg_start + step + 2
+    q, s, zw = weight_loads(seg, seg < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_nq,
+                            stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
     return acc, nxt, q, s, zw
-
-
-@gluon.jit
-def _weights(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, offs_nq, offs_w,
-             GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr):
-    """Step seg's weights; past the split's last step their scales are 0, so that the step that pads an odd step
-    count to pairs adds nothing (with EVEN the words are the last step's again, read unmasked)."""
-    q, s, zw = step_weight_loads(seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w, offs_nq,
-                                 stride_q, GROUP_SIZE, BLOCK_K, EVEN, TILED)
-    if EVEN:
-        s = gl.where(seg < seg_end, s, gl.zeros_like(s))
-    return q, s, zw
 
 
 @gluon.jit
@@ -153,7 +141,6 @@ def _prefill_kernel(
     DTYPE: gl.constexpr,  # x's dtype (fp16 or bf16)
     SERIAL: gl.constexpr,  # the last program of each output tile sums the partials (common.store_split)
     SWIGLU: gl.constexpr,  # ... and writes silu(gate) * this
-    EVEN: gl.constexpr,  # wgmma.even_shape: every step and tile inside the matrix, weights loaded without masks
     WARPS: gl.constexpr,  # 4 or 8: one or two warpgroups, each 64 of every BLOCK_N output columns
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py)
     WORDS: gl.constexpr,  # wgmma.word_layout(BLOCK_N, BLOCK_K, WARPS, TILED)
@@ -179,22 +166,22 @@ def _prefill_kernel(
     steps = (seg_end - seg_start + 1) // 2 * 2
     for i in gl.static_range(STAGES - 1):
         _load_x(x_desc, seg_start + i, i < steps, pid_m, ready.index(i), x_smem.index(i), BLOCK_M, BLOCK_K)
-    q, s, zw = _weights(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, offs_nq, offs_w,
-                        GROUP_SIZE, BLOCK_K, EVEN, TILED)
+    q, s, zw = weight_loads(seg_start, seg_start < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
+                            offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
     a0 = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K, TILED)
-    q, s, zw = _weights(seg_start + 1, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, offs_nq, offs_w,
-                        GROUP_SIZE, BLOCK_K, EVEN, TILED)
+    q, s, zw = weight_loads(seg_start + 1, seg_start + 1 < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
+                            offs_nq, offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
     a1 = a0
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     for step in range(0, steps, 2):
         acc, a1, q, s, zw = _mma_step(step, a0, a1, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready,
                                       pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset,
                                       offs_nq, offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                                      DTYPE, A_REGS, EVEN, TILED)
+                                      DTYPE, A_REGS, TILED)
         acc, a0, q, s, zw = _mma_step(step + 1, a1, a0, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem,
                                       ready, pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset,
                                       zero_offset, offs_nq, offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
-                                      STAGES, DTYPE, A_REGS, EVEN, TILED)
+                                      STAGES, DTYPE, A_REGS, TILED)
     acc = warpgroup_mma_wait(0, deps=[acc, a0, a1])[0]
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -225,7 +212,6 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
         px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, word_stride(qweight),
         group_offset, zero_offset, per,
         PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
-        DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
-        EVEN=even_shape(k, n, group_offset, cfg), WARPS=warps,
+        DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps,
         TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
     )
