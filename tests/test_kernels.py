@@ -442,9 +442,11 @@ M64_SWEEP = os.path.join(RESULTS, "sweep_m64_5e55bbf_NVIDIA_H100_80GB_HBM3.json"
 
 
 def test_tiled_64_tokens_config_matches_sweep(monkeypatch):
-    """At 64 tokens on tiled words the dispatch's config (the decode kernel's 64-token tile, split by last-wave
-    fill) took less time than the prefill config that the dispatch picks on N-major words, on each of the 13 shapes
-    of the committed H100 sweep, within 1.15x of the sweep's fastest config, and is the fastest on 8."""
+    """At 64 tokens on tiled words the dispatch's config (the decode kernel's 64-token tile, split by
+    sixty_four_token_split's time model) took less time than the prefill config that the dispatch picks on N-major
+    words, on each of the 13 shapes of the committed H100 sweep, within 1.15x of the sweep's fastest config (64-row
+    steps were faster on Granite-20B TP 4), and is the fastest of the tile's 128-row splits of 2, 4, 5 and 8 on
+    all 13."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
@@ -458,14 +460,13 @@ def test_tiled_64_tokens_config_matches_sweep(monkeypatch):
     def timed(cfg):  # the dispatch reduces the prefill kernel's split-K in the launch only where cfg says SERIAL
         return by_config[tuple(cfg.get(k) for k in keys) + (bool(cfg.get("SERIAL")),)]
 
-    fastest = 0
     for (k, n), by_config in times.items():
         tiled = K.pick_config(64, k, n, 128, cpu, wgmma=True, tiled=True)
         nmajor = K.pick_config(64, k, n, 128, cpu, wgmma=True)
         assert not tiled.get("PREFILL") and nmajor.get("PREFILL")
         assert timed(tiled) < timed(nmajor) and timed(tiled) <= 1.15 * min(by_config.values()), (k, n, tiled)
-        fastest += timed(tiled) <= 1.01 * min(by_config.values())
-    assert fastest == 8
+        splits = [timed(dict(tiled, SPLIT_K=split)) for split in (2, 4, 5, 8)]
+        assert timed(tiled) == min(splits), (k, n, tiled, splits)
     # many column tiles (Llama-70B TP 1 up: 448, not in the sweep) keep 2 splits: 4 took 1.05-1.07x the time
     assert K.pick_config(64, 8192, 28672, 128, cpu, wgmma=True, tiled=True)["SPLIT_K"] == 2
 

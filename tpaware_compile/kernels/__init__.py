@@ -69,12 +69,14 @@ ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 TILED_PROGRAMS_PER_SM = 5
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
 # wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
-# reads at least MIN_SPLIT_ROWS rows of K (tiled_wide_split; sixty_four_token_split splits no finer either)
+# reads at least MIN_SPLIT_ROWS rows of K (tiled_wide_split)
 WIDE_PROGRAMS_PER_SM = 4
 WIDE_MIN_FILL = 0.7
 MIN_SPLIT_ROWS = 1536
-# ... 64 tokens on tiled words: 255 registers, 2 programs per SM (sixty_four_token_split)
+# ... 64 tokens on tiled words: 255 registers, 2 programs per SM; sixty_four_token_split counts a program's fixed
+# cost (its start, x's tiles, its fp32 partial) as this many more rows of K, fitted to an H100 sweep
 SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM = 2
+SIXTY_FOUR_TOKEN_PROGRAM_ROWS = 1000
 _SMS = {}
 _CAPABILITY = {}
 
@@ -247,17 +249,18 @@ def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
 
 
 def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
-    """Split-K for the 64-token wgmma tile on tiled words: 2 where 2 splits already make three waves of programs
-    (more splits would add fp32 partials of 64 x N each and the last wave matters little: Llama TP 1 up, 448
-    column tiles, 1.05-1.07x the time with 4 at M = 48 / 64, ab_split64_aaf51d6), else the split of 2, 4, 5 and 8
-    leaving each program MIN_SPLIT_ROWS rows of K whose programs fill the last wave most. On the 13 shapes of the
-    M = 64 sweep (sweep_m64_5e55bbf) never slower than 2 splits from 100 column tiles else 4 (the rule before),
-    within 12% of the fastest config; same-machine A/B at M = 33 / 48 / 64: 0.82-0.95x on the 7 Granite-20B shards
-    where the split changed (ab_split64_aaf51d6)."""
-    per_sm = SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM
-    if 2 * tiles >= 3 * per_sm * sms:
-        return 2
-    return decode_split(tiles, sms, per_sm, _long_splits(k, (2, 4, 5, 8)) or [2])
+    """Split-K for the 64-token wgmma tile on tiled words: of 2, 4, 5 and 8, the one of the least predicted time,
+    the waves of programs (SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM per SM) times the rows of K a program reads plus
+    SIXTY_FOUR_TOKEN_PROGRAM_ROWS. On the 13 shapes of the M = 64 sweep (sweep_m64_5e55bbf) it picks the fastest
+    of the four each time (so does any fixed cost from 750 to 1000 rows; the rule before, last-wave fill among the
+    splits leaving 1536 rows, took up to 1.07x on three Granite-20B shards), and 2 for Llama-70B TP 1 up (448
+    column tiles), where 4 took 1.05-1.07x the time (ab_split64_aaf51d6)."""
+    places = SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM * sms
+
+    def predicted(split):
+        return -(-tiles * split // places) * (k / split + SIXTY_FOUR_TOKEN_PROGRAM_ROWS)
+
+    return min((2, 4, 5, 8), key=predicted)
 
 
 def _long_splits(k: int, splits: tuple) -> list:
