@@ -74,7 +74,7 @@ WIDE_PROGRAMS_PER_SM = 4
 WIDE_MIN_FILL = 0.7
 MIN_SPLIT_ROWS = 1536
 # ... 64 tokens on tiled words: 255 registers, 2 programs per SM; sixty_four_token_split counts a program's fixed
-# cost (its start, x's tiles, its fp32 partial) as this many more rows of K, fitted to an H100 sweep
+# cost (its start, its first loads, its 64 x 64 fp32 partial) as this many more rows of K, fitted to an H100 sweep
 SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM = 2
 SIXTY_FOUR_TOKEN_PROGRAM_ROWS = 1000
 _SMS = {}
@@ -253,8 +253,9 @@ def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
     the waves of programs (SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM per SM) times the rows of K a program reads plus
     SIXTY_FOUR_TOKEN_PROGRAM_ROWS. On the 13 shapes of the M = 64 sweep (sweep_m64_5e55bbf) it picks the fastest
     of the four each time (so does any fixed cost from 750 to 1000 rows; the rule before, last-wave fill among the
-    splits leaving 1536 rows, took up to 1.07x on three Granite-20B shards), and 2 for Llama-70B TP 1 up (448
-    column tiles), where 4 took 1.05-1.07x the time (ab_split64_aaf51d6)."""
+    splits leaving 1536 rows, took up to 1.07x on three Granite-20B shards; same-machine A/B at M = 33 / 48 / 64
+    on those three: 0.94-0.99x, ab_split64model_e16ac50), and 2 for Llama-70B TP 1 up (448 column tiles), where 4
+    took 1.05-1.07x the time (ab_split64_aaf51d6)."""
     places = SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM * sms
 
     def predicted(split):
