@@ -69,10 +69,10 @@ ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 TILED_PROGRAMS_PER_SM = 5
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
 # wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
-# reads at least MIN_SPLIT_ROWS rows of K (tiled_wide_split)
+# reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
 WIDE_PROGRAMS_PER_SM = 4
 WIDE_MIN_FILL = 0.7
-MIN_SPLIT_ROWS = 1536
+WIDE_MIN_ROWS = 1536
 # ... 64 tokens on tiled words: 255 registers, 2 programs per SM; sixty_four_token_split counts a program's fixed
 # cost (its start, its first loads, its 64 x 64 fp32 partial) as this many more rows of K, fitted to an H100 sweep
 SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM = 2
@@ -231,7 +231,7 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
 
 def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
     """Split-K (2, 4 or 8) for programs of 128 columns (two 64-column parts) of 16 tokens on tiled words, or None
-    to keep 64 columns: of the splits that leave each program MIN_SPLIT_ROWS rows of K, the one whose programs fill
+    to keep 64 columns: of the splits that leave each program WIDE_MIN_ROWS rows of K, the one whose programs fill
     the last wave most, if it fills it to WIDE_MIN_FILL. Two parts read x once per 128 columns (at 16 tokens x's
     tile is as many bytes as a 64-column weight step) and keep twice the words in flight, but halve the programs.
     In an H100 sweep of 13 Llama-70B / Granite-20B shapes at M = 4 and 16 (sweep_parts) this takes them on 7:
@@ -244,7 +244,8 @@ def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
     def fill(split):
         return (n // 128 * split % places or places) / places
 
-    best = max(_long_splits(k, (2, 4, 8)), key=fill, default=None)
+    splits = [split for split in (2, 4, 8) if k // split >= WIDE_MIN_ROWS]
+    best = max(splits, key=fill, default=None)
     return best if best is not None and fill(best) >= WIDE_MIN_FILL else None
 
 
@@ -262,11 +263,6 @@ def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
         return -(-tiles * split // places) * (k / split + SIXTY_FOUR_TOKEN_PROGRAM_ROWS)
 
     return min((2, 4, 5, 8), key=predicted)
-
-
-def _long_splits(k: int, splits: tuple) -> list:
-    """The splits that leave each program at least MIN_SPLIT_ROWS rows of K."""
-    return [split for split in splits if k // split >= MIN_SPLIT_ROWS]
 
 
 def decode_split(tiles: int, sms: int, per_sm: int = DECODE_PROGRAMS_PER_SM, splits: tuple = (4, 8)) -> int:
