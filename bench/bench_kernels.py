@@ -438,10 +438,10 @@ def main():
     head["rows"] = rows
     if args.sweep:
         kn_shapes = [tuple(int(d) for d in kn.split("x")) for kn in args.sweep_shapes.split(",") if kn] or SWEEP_SHAPES
+        sweep_ms = [int(m) for m in args.sweep_ms.split(",") if m]
         head["sweep"] = []
         for kn in kn_shapes:  # saved after every shape, as the rows below
-            head["sweep"] += sweep(bw, [int(m) for m in args.sweep_ms.split(",") if m], [kn], args.sweep_only or "",
-                                   args.sweep_tiled)
+            head["sweep"] += sweep(bw, sweep_ms, [kn], args.sweep_only or "", args.sweep_tiled)
             save(head, out, t0)
     else:
         models, tps = args.models.split(",") if args.models else MODELS, [int(t) for t in args.tps.split(",") if t]
