@@ -334,11 +334,10 @@ def _only(cfgs, only):
 
 def ws_configs(prefill):
     """The warp-specialized prefill kernel (wgmma_ws.py, config WS) beside the prefill kernel's 256 x 128 configs
-    of 1-4 splits that it would replace: each of those, and the same tile with WS at 3 and 4 ring slots, and
-    at 4 with the MMAs reading the weights from shared memory (WS_SMEM_A)."""
-    variants = (dict(), dict(WS=True), dict(WS=True, STAGES=4), dict(WS=True, STAGES=4, WS_SMEM_A=True))
-    return [dict(c, **v) for c in prefill if (c["BLOCK_M"], c["BLOCK_N"], c["STAGES"]) == (256, 128, 3)
-            and c["SPLIT_K"] <= 4 and not c.get("SERIAL") for v in variants]
+    of 1-4 splits that it would replace: each of those, and the same tile with WS at 3 and 4 ring slots."""
+    return [dict(c, WS=True, STAGES=stages) if ws else c
+            for c in prefill if (c["BLOCK_M"], c["BLOCK_N"], c["STAGES"]) == (256, 128, 3) and c["SPLIT_K"] <= 4
+            and not c.get("SERIAL") for ws, stages in ((False, 3), (True, 3), (True, 4))]
 
 
 def parts_configs(decode):

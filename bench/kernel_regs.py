@@ -102,15 +102,14 @@ def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", 
 
 
 def compile_ws(block_m=256, block_n=128, block_k=64, stages=3, dtype="fp16", serial=False, swiglu=False,
-               group_size=128, out="fp32", tiled=True, smem_a=False):
+               group_size=128, out="fp32", tiled=True):
     """The warp-specialized prefill kernel (wgmma_ws.py) compiled for sm_90a, as compile_prefill."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = ws._ws_prefill_kernel
     tl_type = tl_dtype(DTYPES[dtype])
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
                   DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, TILED=tiled,
-                  WORDS=ws.unpack_layout(block_n, block_k, tiled), W_SMEM=ws.w_smem_layout(block_n, block_k, tl_type),
-                  A_FROM_SMEM=smem_a)
+                  WORDS=ws.unpack_layout(block_n, block_k, tiled), W_SMEM=ws.w_smem_layout(block_n, block_k, tl_type))
     layout = prefill.x_smem_layout(block_m, block_k, tl_type)
     sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",
            "sc_ptr": f"*{dtype}", "out_ptr": f"*{out}", "final_ptr": f"*{dtype}", "count_ptr": "*i32",

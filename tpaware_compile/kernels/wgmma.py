@@ -311,12 +311,12 @@ def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
                                group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
                                EVEN, TILED)
     for seg in range(seg_start, seg_end):
-        # x into shared memory first: its fence (MEMBAR) waits for every load in flight, so the next step's loads
-        # go after it and have this step's arithmetic to land (issued before it, every step waited them out)
-        xt = _x_tile(x_smem, seg - seg_start, xv, BLOCK_K, TILED)
+        # the next step's loads are issued before this step's arithmetic: two steps of weights in flight (three,
+        # with 127 registers instead of 80, was slower on every Llama-70B shape at M = 1 / 16: bench/README.md)
         nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                        stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                                        GROUP_SIZE, BLOCK_K, EVEN, TILED)
+        xt = _x_tile(x_smem, seg - seg_start, xv, BLOCK_K, TILED)
         acc = _scaled_mma(acc, q, s, zw, offs_nq, xt, zero, base_pair, zero_offset, DTYPE, A_REGS, BLOCK_N, BLOCK_K,
                           TILED)
         q, xv, s, zw = nq, nxv, ns, nzw
@@ -341,13 +341,13 @@ def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
     q1, s1, zw1 = _part_loads(seg_start, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq + BLOCK_N,
                               offs_w, offs_n + BLOCK_N, stride_q, GROUP_SIZE, BLOCK_K, EVEN, TILED)
     for seg in range(seg_start, seg_end):
-        xt = _x_tile(x_smem, seg - seg_start, xv, BLOCK_K, TILED)  # before the next loads (_one_part_steps)
         nq0, ns0, nzw0, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                           stride_q, group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                                           GROUP_SIZE, BLOCK_K, EVEN, TILED)
         nq1, ns1, nzw1 = _part_loads(seg + 1, seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
                                      offs_nq + BLOCK_N, offs_w, offs_n + BLOCK_N, stride_q, GROUP_SIZE, BLOCK_K,
                                      EVEN, TILED)
+        xt = _x_tile(x_smem, seg - seg_start, xv, BLOCK_K, TILED)
         acc0 = _scaled_mma(acc0, q0, s0, zw0, offs_nq, xt, zero, base_pair, zero_offset, DTYPE, A_REGS, BLOCK_N,
                            BLOCK_K, TILED)
         acc1 = _scaled_mma(acc1, q1, s1, zw1, offs_nq + BLOCK_N, xt, zero, base_pair, zero_offset, DTYPE, A_REGS,

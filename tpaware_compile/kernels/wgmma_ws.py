@@ -62,8 +62,7 @@ def w_smem_layout(block_n: int, block_k: int, dtype) -> gl.NVMMASharedLayout:
 def _unpack_partition(x_desc, x_smem, w_smem, x_ready, w_ready, free, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q,
                       group_offset, zero_offset, base_bits, seg_start, seg_end, pid_n, pid_m,
                       GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                      STAGES: gl.constexpr, DTYPE: gl.constexpr, TILED: gl.constexpr, WORDS: gl.constexpr,
-                      A_FROM_SMEM: gl.constexpr):
+                      STAGES: gl.constexpr, DTYPE: gl.constexpr, TILED: gl.constexpr, WORDS: gl.constexpr):
     """Fill the ring: per K-step, x's tile by TMA and the unpacked weights by stores (module doc)."""
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
     offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
@@ -77,7 +76,7 @@ def _unpack_partition(x_desc, x_smem, w_smem, x_ready, w_ready, free, qw_ptr, qz
                                offs_nq, offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
     q2, s2, zw2 = weight_loads(seg_start + 2, seg_start + 2 < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset,
                                offs_nq, offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
-    for i in range((seg_end - seg_start + 1) // 2 * 2):  # the MMA partition's steps (_mma_partition)
+    for i in range(seg_end - seg_start):
         slot = i % STAGES
         nxt = seg_start + i + 3
         q3, s3, zw3 = weight_loads(nxt, nxt < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq, offs_w,
@@ -88,68 +87,29 @@ def _unpack_partition(x_desc, x_smem, w_smem, x_ready, w_ready, free, qw_ptr, qz
         z = ((zw >> zero_shift) & 0xF) + zero_offset
         w = unpack_pairs(q, z, 16.0 * s.to(gl.float32), base_pair, DTYPE, True, BLOCK_N, BLOCK_K, TILED, True)
         w_smem.index(slot).store(w)
-        if A_FROM_SMEM:
-            fence_async_shared()  # the generic-proxy stores before the MMA's async-proxy reads
+        fence_async_shared()  # the generic-proxy stores before the MMA's async-proxy reads
         gl.thread_barrier()  # the whole partition's stores, before its one arrival
         mbarrier.arrive(w_ready.index(slot), count=1)
         q, s, zw, q1, s1, zw1, q2, s2, zw2 = q1, s1, zw1, q2, s2, zw2, q3, s3, zw3
 
 
 @gluon.jit
-def _a_operand(w_smem, w_ready, i, live, a_free, STAGES: gl.constexpr, A_REGS: gl.constexpr):
-    """Step i's weights from their slot into A's registers once stored (a_free, untouched, when not live)."""
-    if live:
-        mbarrier.wait(w_ready.index(i % STAGES), i // STAGES & 1)
-        a = w_smem.index(i % STAGES).load(A_REGS)
-    else:
-        a = a_free
-    return a
-
-
-@gluon.jit
-def _register_step(i, steps, a, a_free, acc, x_smem, w_smem, x_ready, w_ready, free, STAGES: gl.constexpr,
-                   A_REGS: gl.constexpr):
-    """Start step i's MMA on operand a; once step i - 1's is done, free its slot and load step i + 1's operand
-    into a_free's registers. Returns (acc, next operand)."""
-    mbarrier.wait(x_ready.index(i % STAGES), i // STAGES & 1)
-    acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute([1, 0]), acc, is_async=True)
-    acc, a_free = warpgroup_mma_wait(1, deps=[acc, a_free])
-    gl.thread_barrier()  # both warpgroups are past step i - 1's MMA: its slot is free
-    mbarrier.arrive(free.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-    return acc, _a_operand(w_smem, w_ready, i + 1, i + 1 < steps, a_free, STAGES, A_REGS)
-
-
-@gluon.jit
 def _mma_partition(x_smem, w_smem, x_ready, w_ready, free, steps, sc_ptr, out_ptr, final_ptr, count_ptr, gate_ptr,
-                   M, N, pid_n, pid_k, pid_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                   STAGES: gl.constexpr, DTYPE: gl.constexpr, SERIAL: gl.constexpr, SWIGLU: gl.constexpr,
-                   A_FROM_SMEM: gl.constexpr):
-    """Run the MMAs as the ring fills, then store the tile (wgmma_prefill's epilogue). Steps run in pairs, the
-    operand registers alternating (one loop-carried operand serializes the MMAs: wgmma_prefill.py); an odd count
-    gets one more step, which the unpack partition fills with zero weights."""
+                   M, N, pid_n, pid_k, pid_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   SERIAL: gl.constexpr, SWIGLU: gl.constexpr):
+    """Run the MMAs as the ring fills, then store the tile (wgmma_prefill's epilogue)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_MMA_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
-    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    steps = (steps + 1) // 2 * 2
-    if A_FROM_SMEM:
-        for i in range(steps):
-            slot = i % STAGES
-            mbarrier.wait(x_ready.index(slot), i // STAGES & 1)
-            mbarrier.wait(w_ready.index(slot), i // STAGES & 1)
-            acc = warpgroup_mma(w_smem.index(slot), x_smem.index(slot).permute([1, 0]), acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=[acc])
-            gl.thread_barrier()  # both warpgroups are past step i - 1's MMA: its slot is free
-            mbarrier.arrive(free.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-    else:
-        a1 = gl.zeros([BLOCK_N, BLOCK_K], DTYPE, A_REGS)
-        a0 = _a_operand(w_smem, w_ready, 0, steps > 0, a1, STAGES, A_REGS)
-        for i in range(0, steps, 2):
-            acc, a1 = _register_step(i, steps, a0, a1, acc, x_smem, w_smem, x_ready, w_ready, free, STAGES, A_REGS)
-            acc, a0 = _register_step(i + 1, steps, a1, a0, acc, x_smem, w_smem, x_ready, w_ready, free, STAGES,
-                                     A_REGS)
-        acc = warpgroup_mma_wait(0, deps=[acc, a0, a1])[0]
+    for i in range(steps):
+        slot = i % STAGES
+        mbarrier.wait(x_ready.index(slot), i // STAGES & 1)
+        mbarrier.wait(w_ready.index(slot), i // STAGES & 1)
+        acc = warpgroup_mma(w_smem.index(slot), x_smem.index(slot).permute([1, 0]), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        gl.thread_barrier()  # both warpgroups are past step i - 1's MMA: its slot is free
+        mbarrier.arrive(free.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+    acc = warpgroup_mma_wait(0, deps=[acc])
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     acc = _pinned_below_wait(acc, sc_ptr, offs_n)
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
@@ -174,7 +134,6 @@ def _ws_prefill_kernel(
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py)
     WORDS: gl.constexpr,  # unpack_layout(BLOCK_N, BLOCK_K, TILED)
     W_SMEM: gl.constexpr,  # w_smem_layout(BLOCK_N, BLOCK_K, DTYPE)
-    A_FROM_SMEM: gl.constexpr,  # the MMAs read the weights from shared memory (else loaded into registers first)
 ):
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -192,11 +151,10 @@ def _ws_prefill_kernel(
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
     gl.warp_specialize([
         (_mma_partition, (x_smem, w_smem, x_ready, w_ready, free, seg_end - seg_start, sc_ptr, out_ptr, final_ptr,
-                          count_ptr, gate_ptr, M, N, pid_n, pid_k, pid_m, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE,
-                          SERIAL, SWIGLU, A_FROM_SMEM)),
+                          count_ptr, gate_ptr, M, N, pid_n, pid_k, pid_m, BLOCK_M, BLOCK_N, STAGES, SERIAL, SWIGLU)),
         (_unpack_partition, (x_desc, x_smem, w_smem, x_ready, w_ready, free, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q,
                              group_offset, zero_offset, base_bits, seg_start, seg_end, pid_n, pid_m, GROUP_SIZE,
-                             BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, TILED, WORDS, A_FROM_SMEM)),
+                             BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, TILED, WORDS)),
     ], [_UNPACK_WARPS], [_UNPACK_REGISTERS])
 
 
@@ -217,7 +175,6 @@ def launch_ws_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero
         px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, word_stride(qweight), group_offset,
         zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         STAGES=stages, DTYPE=dtype, SERIAL=counts is not None, SWIGLU=gate is not None, TILED=tiled,
-        WORDS=unpack_layout(bn, bk, tiled), W_SMEM=w_smem_layout(bn, bk, dtype),
-        A_FROM_SMEM=bool(cfg.get("WS_SMEM_A")), num_warps=MMA_WARPS,
+        WORDS=unpack_layout(bn, bk, tiled), W_SMEM=w_smem_layout(bn, bk, dtype), num_warps=MMA_WARPS,
         maxnreg=MAX_REGISTERS,
     )
