@@ -323,21 +323,11 @@ def sweep_configs():
 
 
 def _only(cfgs, only):
-    if only == "ws":
-        return ws_configs([c for c in cfgs if c.get("PREFILL")])
     if only == "parts":
         return parts_configs([c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")])
     if only == "decode":
         return [c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")]
     return [c for c in cfgs if c.get("PREFILL")] if only == "prefill" else cfgs
-
-
-def ws_configs(prefill):
-    """The warp-specialized prefill kernel (wgmma_ws.py, config WS) beside the prefill kernel's 256 x 128 configs
-    of 1-4 splits that it would replace: each of those, and the same tile with WS at 3 and 4 ring slots."""
-    return [dict(c, WS=True, STAGES=stages) if ws else c
-            for c in prefill if (c["BLOCK_M"], c["BLOCK_N"], c["STAGES"]) == (256, 128, 3) and c["SPLIT_K"] <= 4
-            and not c.get("SERIAL") for ws, stages in ((False, 3), (True, 3), (True, 4))]
 
 
 def parts_configs(decode):
@@ -424,10 +414,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "ws"), default=None,
-                    help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, its 16-token "
-                    "tiles beside two-part programs (parts), or the warp-specialized prefill kernel beside the "
-                    "prefill configs it would replace (ws)")
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts"), default=None,
+                    help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, or its 16-token "
+                    "tiles beside two-part programs (parts)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")

@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 gemv_prep = importlib.import_module("tpaware_compile.kernels.gemv_prep")
 wgmma = importlib.import_module("tpaware_compile.kernels.wgmma")
 prefill = importlib.import_module("tpaware_compile.kernels.wgmma_prefill")
-ws = importlib.import_module("tpaware_compile.kernels.wgmma_ws")
 from tpaware_compile.kernels.common import tl_dtype  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -99,26 +98,6 @@ def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", 
                if sig[a].startswith("*") or a in ("N", "K", "stride_q")}
     return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps))
-
-
-def compile_ws(block_m=256, block_n=128, block_k=64, stages=3, dtype="fp16", serial=False, swiglu=False,
-               group_size=128, out="fp32", tiled=True):
-    """The warp-specialized prefill kernel (wgmma_ws.py) compiled for sm_90a, as compile_prefill."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-    fn = ws._ws_prefill_kernel
-    tl_type = tl_dtype(DTYPES[dtype])
-    consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                  DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, TILED=tiled,
-                  WORDS=ws.unpack_layout(block_n, block_k, tiled), W_SMEM=ws.w_smem_layout(block_n, block_k, tl_type))
-    layout = prefill.x_smem_layout(block_m, block_k, tl_type)
-    sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",
-           "sc_ptr": f"*{dtype}", "out_ptr": f"*{out}", "final_ptr": f"*{dtype}", "count_ptr": "*i32",
-           "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_q": "i32", "group_offset": "i32",
-           "zero_offset": "i32", "segs_per_split": "i32", "base_bits": "i32", **{k: "constexpr" for k in consts}}
-    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
-               if sig[a].startswith("*") or a in ("N", "K", "stride_q")}
-    return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=ws.MMA_WARPS, maxnreg=ws.MAX_REGISTERS))
 
 
 def ptxas_usage(kernel):

@@ -1,10 +1,9 @@
 """Three calls per prefill config on one shape, for a profiler (the kernels alone, nothing timed here):
 
     ncu -k regex:_prefill_kernel -s 1 -c 1 --section WarpStateStats --section SourceCounters \
-        python bench/ncu_prefill.py 3584 8192 256          # K N M [BLOCK_N or ws ...], default 128
+        python bench/ncu_prefill.py 3584 8192 256          # K N M [BLOCK_N ...], default 128
 
-Tiled words, group 128, 256-token tiles, one split (the profile is of one launch's steps, not of a dispatch);
-"ws": the warp-specialized kernel (wgmma_ws.py, 128 columns, 4 ring slots).
+Tiled words, group 128, 256-token tiles, one split (the profile is of one launch's steps, not of a dispatch).
 """
 import sys
 
@@ -21,10 +20,9 @@ def main():
     qz = torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda")
     sc = (torch.rand(k // 128, n, device="cuda") * 0.01 + 1e-3).half()
     x = torch.randn(m, k, device="cuda", dtype=torch.half)
-    for arg in sys.argv[4:] or ["128"]:
-        ws = arg == "ws"
-        cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=256, BLOCK_N=128 if ws else int(arg), BLOCK_K=64,
-                   STAGES=4 if ws else 3, num_warps=8, SPLIT_K=1, WS=ws)
+    for bn in [int(a) for a in sys.argv[4:]] or [128]:
+        cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=256, BLOCK_N=bn, BLOCK_K=64, STAGES=3, num_warps=8,
+                   SPLIT_K=1)
         for _ in range(3):
             gptq_mm_sorted(x, qw, qz, sc, 128, 0, 0, config=cfg)
     torch.cuda.synchronize()

@@ -860,24 +860,15 @@ GPU_CONFIGS = [
                       SPLIT_K=1)),
     ("dot", 520, dict(WGMMA=True, PREFILL=True, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8,
                       SPLIT_K=1)),
-    # the warp-specialized prefill kernel (wgmma_ws.py)
-    ("dot", 300, dict(WGMMA=True, PREFILL=True, WS=True, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3,
-                      num_warps=8, SPLIT_K=2)),
-    ("dot", 520, dict(WGMMA=True, PREFILL=True, WS=True, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4,
-                      num_warps=8, SPLIT_K=1)),
-    ("dot", 130, dict(WGMMA=True, PREFILL=True, WS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3,
-                      num_warps=8, SPLIT_K=3, SERIAL=True)),
-    ("dot", 70, dict(WGMMA=True, PREFILL=True, WS=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, STAGES=2,
-                     num_warps=8, SPLIT_K=1)),
 ]
 
 
 def config_id(value):
     """Test ids of forced configs name the Hopper kernel's (``-k wgmma`` selects them; ``-k parts`` its two-part
-    programs, ``-k ws`` the warp-specialized prefill kernel)."""
+    programs)."""
     if not isinstance(value, dict) or not value.get("WGMMA"):
         return None
-    return "wgmma_parts" if value.get("PARTS") else "wgmma_ws" if value.get("WS") else "wgmma"
+    return "wgmma_parts" if value.get("PARTS") else "wgmma"
 
 
 @pytest.mark.gpu

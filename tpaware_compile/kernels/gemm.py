@@ -18,7 +18,6 @@ from .common import (group_affine, is_interpreted, load_group, mantissa_args, ni
                      split_k_matmul, splits_of, store_split, tl_dtype, word_offsets)
 from .wgmma import X_DTYPES as WGMMA_DTYPES, launch_wgmma
 from .wgmma_prefill import launch_prefill
-from .wgmma_ws import launch_ws_prefill
 
 
 @triton.jit
@@ -140,11 +139,11 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
                counts=None, gate=None):
     """One tensor-core launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output; with counts
     (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials. Config WGMMA
-    runs the Hopper kernels of wgmma.py (wgmma_prefill.py with PREFILL, wgmma_ws.py with WS) for fp16 / bf16 x."""
+    runs the Hopper kernels of wgmma.py (wgmma_prefill.py with PREFILL) for fp16 / bf16 x."""
     if runs_wgmma(cfg, x):
         if is_interpreted(_dot_kernel):
             raise ValueError("WGMMA configs run a Gluon kernel, which TRITON_INTERPRET cannot run")
-        launch = launch_ws_prefill if cfg.get("WS") else launch_prefill if cfg.get("PREFILL") else launch_wgmma
+        launch = launch_prefill if cfg.get("PREFILL") else launch_wgmma
         return launch(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out, counts,
                       gate)
     m, k = x.shape

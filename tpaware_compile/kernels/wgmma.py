@@ -143,7 +143,7 @@ def _as_column(v):
 
 @gluon.jit
 def unpack_pairs(q, z, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, TILED: gl.constexpr = False, WORD_ORDER: gl.constexpr = False):
+                 BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     """Words [BN, BW] -> (q - z) / 16 [BN, BK] in x's dtype (exact), or with SCALED_A (q - z) * s (one rounding),
     in MMA K order (module doc); z (int32) and s16 = 16 s (fp32) are [BN]. Nibbles j and j + 4 sit 16 bits
     apart, so a shift (pair_fields; none for half the pairs in fp16) and one AND-OR with base_pair (R in both
@@ -151,9 +151,7 @@ def unpack_pairs(q, z, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.constex
     times 1 / (16 u_j) plus -(R / (16 u_j) + z/16), leaves (q - z)/16: the two K-adjacent values a thread's MMA
     fragment register holds. R / (16 u_j) + z/16 is exact (fp16: 64 or 4 + z/16; bf16: 1 + z/16; z in 0..16:
     a v1 checkpoint's stored 15 plus zero_offset 1), and so is the multiply-add's result; its bits come from z by
-    integer arithmetic (pair_fields). SCALED_A then multiplies by 16 s in the same paired way. WORD_ORDER: K in
-    word order instead (position 8w + 2j + e holds nibble j + 4e of word w: each word's 8 values side by side, as
-    wgmma_ws.py stores them to shared memory)."""
+    integer arithmetic (pair_fields). SCALED_A then multiplies by 16 s in the same paired way."""
     w = gl.expand_dims(q, 2).to(gl.uint32, bitcast=True)
     lshift, rshift, mask, unit, zero_bits, zero_step = pair_fields(gl.constexpr(w.type.layout), DTYPE)
     zero_pairs = (_as_column(z) * zero_step + zero_bits) * 0x10001  # [BN, 1, 4]: -(R / (16 u_j) + z/16), paired
@@ -163,9 +161,7 @@ def unpack_pairs(q, z, s16, base_pair, DTYPE: gl.constexpr, SCALED_A: gl.constex
         pairs = _pairs_mul(pairs, _both_halves(_as_column(s16), DTYPE), DTYPE)
     lo = pairs.to(gl.int16).to(DTYPE, bitcast=True)
     hi = (pairs >> 16).to(gl.int16).to(DTYPE, bitcast=True)
-    if WORD_ORDER:
-        f = gl.join(lo, hi)  # [n, w, j, e]
-    elif TILED:
+    if TILED:
         f = gl.reshape(gl.join(lo, hi), [BLOCK_N, 4, BLOCK_K // 32, 2, 2, 2])  # [n, t, b, h, c, e]
         f = gl.permute(f, [0, 2, 3, 4, 1, 5])  # [n, b, h, c, t, e]
     else:

@@ -55,15 +55,6 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int, block_k: int = 32, tiled:
     return out
 
 
-def x_in_word_order(x: torch.Tensor, group_offset: int, block_k: int) -> torch.Tensor:
-    """x [M, K] -> [M, Kp] padded as x_in_mma_order pads it, each 8 rows (one packed word's) in the order
-    wgmma_ws.py unpacks a word: position 2j + e holds row j + 4e (unpack_pairs' WORD_ORDER)."""
-    m, k = x.shape
-    kp = -(-(k + group_offset) // block_k) * block_k
-    x = F.pad(x, (group_offset, kp - k - group_offset))
-    return x.view(m, kp // 8, 2, 4).transpose(2, 3).contiguous().view(m, kp)
-
-
 class PrefillX(NamedTuple):
     """x prepared for prefill launches: the TMA descriptor of x_in_mma_order(x, group_offset, BLOCK_K, tiled) for
     one (BLOCK_M, BLOCK_K) tile, which gate's and up's launches of a SwiGLU share (one reorder launch and one
@@ -72,31 +63,17 @@ class PrefillX(NamedTuple):
     desc: TensorDescriptor
     group_offset: int
     tiled: bool
-    word_order: bool  # x_in_word_order (for wgmma_ws.py) rather than x_in_mma_order
     shape: torch.Size
     dtype: torch.dtype
 
 
 def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict, tiled: bool) -> PrefillX:
     """x [M, K] reordered (and padded) for the TMA, with its descriptor for cfg's tiles, for a qweight in the
-    tiled layout or not (layout.is_tiled), in the K order of cfg's kernel (WS: wgmma_ws.py's)."""
-    bm, bk, word_order = cfg["BLOCK_M"], cfg["BLOCK_K"], bool(cfg.get("WS"))
+    tiled layout or not (layout.is_tiled)."""
+    bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
-    xr = x_in_word_order(x, group_offset, bk) if word_order else x_in_mma_order(x, group_offset, bk, tiled)
-    return PrefillX(TensorDescriptor.from_tensor(xr, [bm, bk], layout), group_offset, tiled, word_order, x.shape,
-                    x.dtype)
-
-
-def checked_prefill_x(x, group_offset: int, cfg: dict, tiled: bool) -> PrefillX:
-    """x as prefill_x prepares it for cfg, or x itself if it is a PrefillX prepared for the same tiles, group
-    offset, weight layout and kernel (ValueError if not)."""
-    if not isinstance(x, PrefillX):
-        return prefill_x(x, group_offset, cfg, tiled)
-    want = ([cfg["BLOCK_M"], cfg["BLOCK_K"]], group_offset, tiled, bool(cfg.get("WS")))
-    have = (list(x.desc.block_shape), x.group_offset, x.tiled, x.word_order)
-    if have != want:
-        raise ValueError(f"x was prepared for (tiles, group offset, tiled weights, word order) {have}, not {want}")
-    return x
+    xr = x_in_mma_order(x, group_offset, bk, tiled)
+    return PrefillX(TensorDescriptor.from_tensor(xr, [bm, bk], layout), group_offset, tiled, x.shape, x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,7 +203,10 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
         raise ValueError(f"prefill wgmma tiles need BLOCK_K a multiple of 32, BLOCK_M in {TOKEN_TILES}, 4 or 8 "
                          f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2: {cfg}")
     tiled = is_tiled(qweight)
-    px = checked_prefill_x(x, group_offset, cfg, tiled)
+    px = x if isinstance(x, PrefillX) else prefill_x(x, group_offset, cfg, tiled)
+    if list(px.desc.block_shape) != [bm, bk] or px.group_offset != group_offset or px.tiled != tiled:
+        raise ValueError(f"x was prepared for {px.desc.block_shape} tiles at group offset {px.group_offset} "
+                         f"(tiled weights: {px.tiled}), not {[bm, bk]} at {group_offset} ({tiled})")
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     _prefill_kernel[grid](
         px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, word_stride(qweight),
