@@ -254,6 +254,7 @@ def _worker():
         except Exception as e:
             results["swiglu-" + case_id(c)] = f"{type(e).__name__}: {e}"
     results["dequant_exact"] = _dequant_exact("cpu")
+    results["x_order"] = _x_order_exact("cpu")
     results["rows_not_pow2"] = _rows_must_be_power_of_two()
     results["wgmma_refused"] = _wgmma_refused_when_interpreted()
     from tpaware_compile.kernels.common import _TILE_COUNTS
@@ -696,30 +697,55 @@ def test_prefill_epilogue_after_mma_wait(bm, bn, bk, dtype):
     assert not early, early
 
 
-@pytest.mark.parametrize("off", [0, 8, 24])
-def test_prefill_x_order(off):
-    """x_in_mma_order: off zero columns in front, zeros to a multiple of 32 behind, and within each 32-column
-    block position 32b + 16h + 8c + 2t + e holds column 32b + 8t + 4e + 2h + c (the decode kernel's register
-    relabelling, x_in_mma_order in wgmma.py), written out here by index."""
-    from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
-    x = torch.randn(3, 72)
-    padded = torch.cat([torch.zeros(3, off), x, torch.zeros(3, (-(72 + off)) % 32)], dim=1)
-    src = [32 * b + 8 * t + 4 * e + 2 * h + c for b in range(padded.shape[1] // 32)
-           for h in range(2) for c in range(2) for t in range(4) for e in range(2)]
-    assert torch.equal(x_in_mma_order(x, off), padded[:, src])
-
-
-@pytest.mark.parametrize("off,bk", [(0, 64), (8, 128), (24, 32)])
-def test_prefill_x_order_tiled(off, bk):
-    """For tiled weights (a thread's words (bk / 32) t + b of each step): zeros to a whole step behind, and within
-    each bk-column step position 32b + 16h + 8c + 2t + e holds column 8 ((bk / 32) t + b) + 4e + 2h + c."""
-    from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
-    x = torch.randn(3, 200)
-    padded = torch.cat([torch.zeros(3, off), x, torch.zeros(3, (-(200 + off)) % bk)], dim=1)
-    blocks = bk // 32
-    src = [s * bk + 8 * (blocks * t + b) + 4 * e + 2 * h + c for s in range(padded.shape[1] // bk)
+def _mma_order_reference(x, off, bk, tiled):
+    """x_in_mma_order written out by index: off zero columns in front, zeros to a whole step behind (32 columns, or
+    bk for tiled weights), and within each step position 32b + 16h + 8c + 2t + e holds column 32b + 8t + 4e + 2h
+    + c (N-major) or 8 ((bk / 32) t + b) + 4e + 2h + c (tiled: a thread's words (bk / 32) t + b of each step)."""
+    step = bk if tiled else 32
+    m, k = x.shape
+    padded = torch.cat([x.new_zeros(m, off), x, x.new_zeros(m, (-(k + off)) % step)], dim=1)
+    blocks = step // 32
+    word = (lambda t, b: blocks * t + b) if tiled else (lambda t, b: 4 * b + t)
+    src = [s * step + 8 * word(t, b) + 4 * e + 2 * h + c for s in range(padded.shape[1] // step)
            for b in range(blocks) for h in range(2) for c in range(2) for t in range(4) for e in range(2)]
-    assert torch.equal(x_in_mma_order(x, off, bk, tiled=True), padded[:, src])
+    return padded[:, src]
+
+
+X_ORDER_CASES = [(3, 72, 0, 32, False), (3, 72, 8, 32, False), (3, 72, 24, 32, False), (3, 200, 0, 64, True),
+                 (3, 200, 8, 128, True), (3, 200, 24, 32, True), (17, 1000, 16, 64, True), (40, 300, 8, 32, False)]
+
+
+@pytest.mark.parametrize("m,k,off,bk,tiled", X_ORDER_CASES)
+def test_prefill_x_order(m, k, off, bk, tiled):
+    """x_in_mma_order on CPU (views and a copy) against its definition by index, on a column-strided x too."""
+    from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
+    x = torch.randn(k, m).t()
+    assert torch.equal(x_in_mma_order(x, off, bk, tiled), _mma_order_reference(x, off, bk, tiled))
+
+
+def _x_order_exact(device) -> dict:
+    """x_in_mma_order's gather kernel (the GPU path; the interpreter's) against its definition by index, fp16 and
+    bf16, row-strided and column-strided x."""
+    from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
+    out = {}
+    for m, k, off, bk, tiled in X_ORDER_CASES:
+        for dtype in (torch.float16, torch.bfloat16):
+            for x in (torch.randn(m + 1, k, device=device)[1:], torch.randn(k, m, device=device).t()):
+                x = x.to(dtype)
+                key = f"{m}x{k}+{off}/{bk}{'t' if tiled else 'n'}-{dtype}-{x.stride()}"
+                out[key] = torch.equal(x_in_mma_order(x, off, bk, tiled), _mma_order_reference(x, off, bk, tiled))
+    return out
+
+
+@pytest.mark.interpreter
+def test_prefill_x_order_kernel_interpreter(interp_results):
+    assert interp_results["x_order"] and all(interp_results["x_order"].values()), interp_results["x_order"]
+
+
+@pytest.mark.gpu
+def test_prefill_x_order_kernel_gpu():
+    res = _x_order_exact("cuda")
+    assert all(res.values()), res
 
 
 def test_prefill_x_must_match_launch():
