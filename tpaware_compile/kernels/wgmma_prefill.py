@@ -47,9 +47,11 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int, block_k: int = 32, tiled:
     kp = -(-(k + group_offset) // step) * step
     out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
     if x.is_cuda or is_interpreted(_x_order_kernel):
-        # a strided copy of the views below took 9 us for 256 x 8192 fp16 on an H100, a fifth of that prefill
+        # the strided copy of the views below was a fifth of a 256-token prefill on Llama-70B's TP 8 up shard
+        # (9 of 42 us on an H100; bench/README.md)
+        x = x if x.stride(1) == 1 else x.contiguous()
         grid = (triton.cdiv(m, X_ORDER_ROWS), triton.cdiv(kp, X_ORDER_COLUMNS))
-        _x_order_kernel[grid](x, out, m, k, kp, x.stride(0), x.stride(1), group_offset, STEP=step, TILED=tiled,
+        _x_order_kernel[grid](x, out, m, k, kp, x.stride(0), group_offset, STEP=step, TILED=tiled,
                               BLOCK_R=X_ORDER_ROWS, BLOCK_C=X_ORDER_COLUMNS)
         return out
     if group_offset or kp != k:
@@ -67,24 +69,25 @@ X_ORDER_COLUMNS = 256
 
 
 @triton.jit
-def _x_order_kernel(x_ptr, out_ptr, M, K, KP, stride_xm, stride_xk, group_offset, STEP: tl.constexpr,
-                    TILED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out [M, KP] <- x [M, K] in the MMA's K order (x_in_mma_order), zeros outside x: each output position
-    gathers its column from the same step of x, so a program's loads stay inside its window of x's rows and its
-    stores are whole contiguous rows."""
+def _x_order_kernel(x_ptr, out_ptr, M, K, KP, stride_xm, group_offset, STEP: tl.constexpr, TILED: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out [M, KP] <- x [M, K] (columns contiguous) in the MMA's K order (x_in_mma_order), zeros outside x: a tile
+    of whole steps is loaded as it lies, its columns permuted on chip and stored as it lies."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     pos = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    q = pos % STEP  # position 32b + 16h + 8c + 2t + e of its step
-    b, h, c, t, e = q // 32, q // 16 % 2, q // 8 % 2, q // 2 % 4, q % 2
-    if TILED:
-        col = 8 * ((STEP // 32) * t + b) + 4 * e + 2 * h + c
-    else:
-        col = 32 * b + 8 * t + 4 * e + 2 * h + c
-    src = pos - q + col - group_offset
+    src = pos - group_offset
     row_ok = rows < M
-    v = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :] * stride_xk,
+    v = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :],
                 mask=row_ok[:, None] & ((src >= 0) & (src < K))[None, :], other=0.0)
-    tl.store(out_ptr + rows[:, None] * KP + pos[None, :], v, mask=row_ok[:, None] & (pos < KP)[None, :])
+    B: tl.constexpr = STEP // 32
+    if TILED:  # column 8 (B t + b) + 4e + 2h + c of each step
+        v = tl.reshape(v, [BLOCK_R, BLOCK_C // STEP, 4, B, 2, 2, 2])  # [r, step, t, b, e, h, c]
+        v = tl.permute(v, (0, 1, 3, 5, 6, 2, 4))  # [r, step, b, h, c, t, e]
+    else:  # column 32b + 8t + 4e + 2h + c
+        v = tl.reshape(v, [BLOCK_R, BLOCK_C // STEP, B, 4, 2, 2, 2])  # [r, step, b, t, e, h, c]
+        v = tl.permute(v, (0, 1, 2, 5, 6, 3, 4))
+    tl.store(out_ptr + rows[:, None] * KP + pos[None, :], tl.reshape(v, [BLOCK_R, BLOCK_C]),
+             mask=row_ok[:, None] & (pos < KP)[None, :])
 
 
 class PrefillX(NamedTuple):
