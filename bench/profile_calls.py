@@ -5,13 +5,13 @@ microseconds per call of each kernel over 10 calls after 3 warm-up calls), per s
 """
 
 import json
+import os
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, ".")
-sys.path.insert(0, "bench")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the package itself comes from PYTHONPATH or pip
 from timing import header  # noqa: E402
 
 from tpaware_compile.kernels import gptq_mm_sorted, pick_config  # noqa: E402
