@@ -32,18 +32,21 @@ def cells(ranks):
 
 @pytest.mark.parametrize("cell", CELLS, ids=_id)
 def test_numerics(cells, cell):
-    """Form N: exactly eager (torch.equal); L and U: 1e-5 relative (down sums its rows in another order).
+    """Form N: 1e-6 relative, in practice exactly eager; L and U: 1e-5 (down sums its rows in another order).
 
     Form N's exactness survives the folded act-order of gate/up (x[P1] @ W[P1]: the same products summed in
     another order) because the reference op accumulates in fp64: the products of an fp32/fp16 x and a
     dequantized weight are exact in fp64, the reordered fp64 sums differ by at most ~K * 2**-53 of the sum of
     |terms|, and the final rounding to x's dtype absorbs that unless the sum sits that close to a rounding
     boundary (odds ~K * 2**-29 per output at fp32; 0 of 270k outputs differed over K = 64..2048, fp32/fp16/bf16).
-    Bit-exact in practice, as for the column permutation the rewrite already relied on, not guaranteed."""
+    What can differ is silu: ATen's vectorized fp32 silu rounds the values of a partial last block (its scalar
+    tail) unlike those of its vector body, and the rewrite moves h's columns, so which values land in the tail
+    changes. On an AVX-512 CPU (blocks of 32 floats) a TP 4 rank's 5 x 48 values leave a tail of 16: 28 of 320
+    logits differed (4.4e-8 relative); under AVX2, or at TP 1 / 2, none."""
     family, form, world = cell
     for r in cells(*cell):
         if form == "N":
-            assert r["equal"] == [True, True] and r["eager_after_equal"], r["err"]
+            assert max(r["err"]) < 1e-6 and r["eager_after_err"] < 1e-6, r["err"]
         else:
             assert max(r["err"]) < 1e-5 and r["eager_after_err"] < 1e-5, r["err"]
 
