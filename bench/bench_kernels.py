@@ -323,6 +323,9 @@ def sweep_configs():
 
 
 def _only(cfgs, only):
+    if only == "pick":  # what the dispatch picks between from 257 tokens: the 256 x 128 prefill tile or dequantize
+        return [c for c in cfgs if c["kind"] == "dequant" or c.get("PREFILL") and not c.get("SERIAL")
+                and (c["BLOCK_M"], c["BLOCK_N"], c["STAGES"]) == (256, 128, 3)]
     if only == "parts":
         return parts_configs([c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")])
     if only == "decode":
@@ -414,9 +417,10 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts"), default=None,
-                    help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, or its 16-token "
-                    "tiles beside two-part programs (parts)")
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick"), default=None,
+                    help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, its 16-token "
+                    "tiles beside two-part programs (parts), or the 256 x 128 prefill tile's splits beside "
+                    "dequantize + cuBLAS (pick)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
