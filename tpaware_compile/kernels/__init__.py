@@ -51,13 +51,14 @@ WGMMA_MAX_M = 32
 TILED_WGMMA_MAX_M = 64
 PREFILL_ALWAYS_MAX_M = 256
 PREFILL_MAX_M = 1024
-# the time models of prefill_seconds and dequant_seconds, fitted to H100 sweeps: one SM's multiply-add rate (x 2)
-# on a 256 x 128 tile of the prefill kernel; the rate at which the fp32 split-K partials are written and read
-# back, and at which the dequantize pass moves its 2.5 bytes per weight; cuBLAS's fp16 rate at M = 512..1024;
-# the most splits the sweep tried
-PREFILL_TILE_RATE = 4.4e12
-PARTIALS_RATE = 3.0e12
-DEQUANT_RATE = 3.0e12
+# the time models of prefill_seconds and dequant_seconds, least-squares fits (relative error) to an H100 sweep of 20
+# shard-M pairs at M = 512 / 1024 (sweep_pick_1676d68: the 256 x 128 tile at splits 1-5 and dequantize + cuBLAS;
+# after x's reorder became one launch): one SM's multiply-add rate (x 2) on a 256 x 128 tile of the prefill kernel
+# (the call's other launches folded in); the rate at which the fp32 split-K partials are written and read back,
+# and at which the dequantize pass moves its 2.5 bytes per weight; cuBLAS's fp16 rate; the most splits swept
+PREFILL_TILE_RATE = 5.0e12
+PARTIALS_RATE = 2.7e12
+DEQUANT_RATE = 2.6e12
 CUBLAS_RATE = 7.0e14
 PREFILL_MAX_SPLIT = 5
 DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 128 threads (bench/kernel_regs.py)
@@ -305,9 +306,10 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device) -> dict:
 def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) -> int:
     """The split-K (1..PREFILL_MAX_SPLIT) of the least prefill_seconds. With few tiles a wave's worth of SMs idles
     (Llama-2-13B down at M = 256: 40 tiles on 132 SMs, 3 splits fill 120); with many the partials cost more than
-    they save. It picks the fastest of 1..5 on all 8 shape-M pairs of an H100 sweep of the Llama-2-13B and
-    Granite-20B TP 1 shapes at M = 256 / 512, and of 1, 2, 4 on the 12 Llama-70B TP 1 and 8 pairs at M = 256..1024
-    of an earlier sweep (bench/README.md)."""
+    they save. It picks the fastest of 1..5 on all 20 Llama-70B TP 2-8 and Granite-20B shard-M pairs at M = 512 /
+    1024 of the sweep its rates are fitted to, on all 8 pairs of an earlier sweep of the Llama-2-13B and Granite-20B
+    TP 1 shapes at M = 256 / 512, and the fastest of 1, 2, 4 on the 12 Llama-70B TP 1 and 8 pairs at M = 256..1024 of
+    an earlier one (H100, bench/README.md)."""
     return min(range(1, PREFILL_MAX_SPLIT + 1),
                key=lambda split: prefill_seconds(m, k, n, block_m, block_n, split, sms))
 
@@ -322,10 +324,10 @@ def prefill_seconds(m: int, k: int, n: int, block_m: int, block_n: int, split: i
 
 def dequant_seconds(m: int, k: int, n: int) -> float:
     """Predicted time of dequantize + cuBLAS (H100 rates): the dequantize pass (int4 read, fp16 written) and the
-    fp16 matmul. Against prefill_seconds it picks the faster of the two on 20 of the 22 shape-M pairs measured
-    at M = 512 / 1024 (Llama-70B TP 1-8, Llama-2-7B and 13B, Granite-20B TP 1 / 2; H100 sweeps and runs,
-    bench/README.md); on the other two, Llama-70B TP 4 and TP 8 down at 1024, the prefill kernel lost by 2.5% and
-    4% (TP 8: it won by 3% in an earlier sweep)."""
+    fp16 matmul. Against prefill_seconds it picks the faster of the two on all 16 of the 20 shard-M pairs of the
+    sweep its rates are fitted to (Llama-70B TP 2-8, Granite-20B, M = 512 / 1024) where one was faster by 4% or more
+    (the other 4 were within 4%), and on the 11 such pairs of earlier sweeps and runs that test_kernels keeps (H100,
+    bench/README.md)."""
     return k * n * 2.5 / DEQUANT_RATE + 2 * m * k * n / CUBLAS_RATE
 
 
