@@ -729,8 +729,8 @@ def test_prefill_x_order(m, k, off, bk, tiled):
 
 
 def _x_order_exact(device) -> dict:
-    """x_in_mma_order's gather kernel (the GPU path; the interpreter's) against its definition by index, fp16 and
-    bf16, row-strided and column-strided x."""
+    """x_in_mma_order's kernel (the GPU path; the interpreter's) against its definition by index, fp16 and bf16,
+    row-strided and column-strided x."""
     from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
     out = {}
     for m, k, off, bk, tiled in X_ORDER_CASES:

@@ -4,10 +4,9 @@ streamed by TMA and the MMAs running while the next operand is unpacked.
 
 At 128-256 tokens per tile, x's tile no longer fits in registers beside the accumulator (the decode kernel
 spills there), so x goes from global to shared memory by the tensor memory accelerator into a ring of STAGES
-slots, each with an mbarrier, issued STAGES - 1 steps ahead. The TMA copies rows as they are, so the host
-writes x once in the MMA's K order (``x_in_mma_order``: a permutation within each 32-row block, or each K-step
-for tiled weights, relative to the shard's group offset, which it also pads in); that costs one pass over x,
-small against a prefill matmul.
+slots, each with an mbarrier, issued STAGES - 1 steps ahead. The TMA copies rows as they are, so x is written
+once in the MMA's K order first (``x_in_mma_order``: a permutation within each 32-row block, or each K-step for
+tiled weights, relative to the shard's group offset, which it also pads in): one launch, one pass over x.
 
 The scale goes into the operand ((q - z) * s, one rounding in x's dtype, as the weights of a dequantize-then-
 matmul in that dtype are rounded) so that the MMAs accumulate over all of K in place: no second accumulator,
@@ -41,7 +40,7 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int, block_k: int = 32, tiled:
     row), zeros up to a multiple of 32 (tiled weights: of block_k) behind, and each K-step in the MMA's K order
     (wgmma.py's module doc: position 32b + 16h + 8c + 2t + e of a step holds its column 32b + 8t + 4e + 2h + c;
     with tiled weights, whose thread t holds words (block_k / 32) t + b: column 8 ((block_k / 32) t + b) + 4e +
-    2h + c). On the GPU (and under the interpreter) one gather launch (_x_order_kernel), else views and a copy."""
+    2h + c). On the GPU (and under the interpreter) one launch (_x_order_kernel), else views and a copy."""
     m, k = x.shape
     step = block_k if tiled else 32
     kp = -(-(k + group_offset) // step) * step
@@ -50,9 +49,10 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int, block_k: int = 32, tiled:
         # the strided copy of the views below was a fifth of a 256-token prefill on Llama-70B's TP 8 up shard
         # (9 of 42 us on an H100; bench/README.md)
         x = x if x.stride(1) == 1 else x.contiguous()
-        grid = (triton.cdiv(m, X_ORDER_ROWS), triton.cdiv(kp, X_ORDER_COLUMNS))
+        columns = max(X_ORDER_COLUMNS, step)  # whole steps per program
+        grid = (triton.cdiv(m, X_ORDER_ROWS), triton.cdiv(kp, columns))
         _x_order_kernel[grid](x, out, m, k, kp, x.stride(0), group_offset, STEP=step, TILED=tiled,
-                              BLOCK_R=X_ORDER_ROWS, BLOCK_C=X_ORDER_COLUMNS)
+                              BLOCK_R=X_ORDER_ROWS, BLOCK_C=columns)
         return out
     if group_offset or kp != k:
         x = F.pad(x, (group_offset, kp - k - group_offset))
@@ -64,7 +64,7 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int, block_k: int = 32, tiled:
     return out
 
 
-X_ORDER_ROWS = 16  # a program's tile of x_in_mma_order's output: whole steps (<= 128 columns) of these rows
+X_ORDER_ROWS = 16  # a program's tile of x_in_mma_order's output: these rows of this many columns (whole steps)
 X_ORDER_COLUMNS = 256
 
 
