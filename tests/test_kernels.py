@@ -724,10 +724,10 @@ X_ORDER_CASES = [(3, 72, 0, 32, False), (3, 72, 8, 32, False), (3, 72, 24, 32, F
 
 @pytest.mark.parametrize("m,k,off,bk,tiled", X_ORDER_CASES)
 def test_prefill_x_order(m, k, off, bk, tiled):
-    """x_in_mma_order on CPU (views and a copy) against its definition by index, on a column-strided x too."""
+    """x_in_mma_order on CPU (views and a copy) against its definition by index, row- and column-strided x."""
     from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
-    x = torch.randn(k, m).t()
-    assert torch.equal(x_in_mma_order(x, off, bk, tiled), _mma_order_reference(x, off, bk, tiled))
+    for x in (torch.randn(m + 1, k)[1:], torch.randn(k, m).t()):
+        assert torch.equal(x_in_mma_order(x, off, bk, tiled), _mma_order_reference(x, off, bk, tiled))
 
 
 def _x_order_exact(device) -> dict:
