@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, ".")
+sys.path.append(".")  # after PYTHONPATH, so that an A/B's PYTHONPATH=before:. reaches the package
 from tpaware_compile.kernels import gptq_mm_sorted  # noqa: E402
 from tpaware_compile.layout import tile  # noqa: E402
 
