@@ -88,9 +88,9 @@ def _interp_cases():
 
 
 CASES = _interp_cases()
-# qweight in the tiled layout (layout.py): the first case of every sorted-group kind, ragged M, group offsets and
-# split-K included
-TILED_CASES = [dict(c, tiled=True, seed=c["seed"] + 500) for c in
+# qweight in the tiled layout (layout.py): the first case of every sorted-group kind, ragged M and split-K
+# included, at group offset 0 (tiled words have none)
+TILED_CASES = [dict(c, tiled=True, off=0, seed=c["seed"] + 500) for c in
                {c["kind"]: c for c in reversed(CASES) if c["kind"] != "gidx"}.values()]
 
 
@@ -190,7 +190,7 @@ def run_swiglu_case(c, device="cpu", config=None):
 
 
 SWIGLU_PERM_CASES = [dict(c, perm=pd, seed=c["seed"] + 400) for c, pd in zip(SWIGLU_CASES, ("i64", "i32") * 4)]
-SWIGLU_TILED_CASES = [dict(c, tiled=True, seed=c["seed"] + 500) for c in SWIGLU_CASES[::3]]
+SWIGLU_TILED_CASES = [dict(c, tiled=True, off=0, seed=c["seed"] + 500) for c in SWIGLU_CASES[::3]]
 
 
 def _op_checks() -> dict:
@@ -704,30 +704,26 @@ def test_prefill_epilogue_after_mma_wait(bm, bn, bk, dtype):
     assert not early, early
 
 
-def _mma_order_reference(x, off, bk, tiled):
-    """x_in_mma_order written out by index: off zero columns in front, zeros to a whole step behind (32 columns, or
-    bk for tiled weights), and within each step position 32b + 16h + 8c + 2t + e holds column 32b + 8t + 4e + 2h
-    + c (N-major) or 8 ((bk / 32) t + b) + 4e + 2h + c (tiled: a thread's words (bk / 32) t + b of each step)."""
-    step = bk if tiled else 32
+def _mma_order_reference(x, off):
+    """x_in_mma_order written out by index: off zero columns in front, zeros to a whole 32-column block behind, and
+    within each block position 32b + 16h + 8c + 2t + e holds column 32b + 8t + 4e + 2h + c."""
     m, k = x.shape
-    padded = torch.cat([x.new_zeros(m, off), x, x.new_zeros(m, (-(k + off)) % step)], dim=1)
-    blocks = step // 32
-    word = (lambda t, b: blocks * t + b) if tiled else (lambda t, b: 4 * b + t)
-    src = [s * step + 8 * word(t, b) + 4 * e + 2 * h + c for s in range(padded.shape[1] // step)
-           for b in range(blocks) for h in range(2) for c in range(2) for t in range(4) for e in range(2)]
+    padded = torch.cat([x.new_zeros(m, off), x, x.new_zeros(m, (-(k + off)) % 32)], dim=1)
+    src = [32 * b + 8 * t + 4 * e + 2 * h + c for b in range(padded.shape[1] // 32)
+           for h in range(2) for c in range(2) for t in range(4) for e in range(2)]
     return padded[:, src]
 
 
-X_ORDER_CASES = [(3, 72, 0, 32, False), (3, 72, 8, 32, False), (3, 72, 24, 32, False), (3, 200, 0, 64, True),
-                 (3, 200, 8, 128, True), (3, 200, 24, 32, True), (17, 1000, 16, 64, True), (40, 300, 8, 32, False)]
+X_ORDER_CASES = [(3, 72, 0), (3, 72, 8), (3, 72, 24), (3, 200, 0), (3, 200, 8), (17, 1000, 16), (40, 300, 8),
+                 (20, 512, 0)]
 
 
-@pytest.mark.parametrize("m,k,off,bk,tiled", X_ORDER_CASES)
-def test_prefill_x_order(m, k, off, bk, tiled):
+@pytest.mark.parametrize("m,k,off", X_ORDER_CASES)
+def test_prefill_x_order(m, k, off):
     """x_in_mma_order on CPU (views and a copy) against its definition by index, row- and column-strided x."""
     from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
     for x in (torch.randn(m + 1, k)[1:], torch.randn(k, m).t()):
-        assert torch.equal(x_in_mma_order(x, off, bk, tiled), _mma_order_reference(x, off, bk, tiled))
+        assert torch.equal(x_in_mma_order(x, off), _mma_order_reference(x, off))
 
 
 def _x_order_exact(device) -> dict:
@@ -735,12 +731,12 @@ def _x_order_exact(device) -> dict:
     row-strided and column-strided x."""
     from tpaware_compile.kernels.wgmma_prefill import x_in_mma_order
     out = {}
-    for m, k, off, bk, tiled in X_ORDER_CASES:
+    for m, k, off in X_ORDER_CASES:
         for dtype in (torch.float16, torch.bfloat16):
             for x in (torch.randn(m + 1, k, device=device)[1:], torch.randn(k, m, device=device).t()):
                 x = x.to(dtype)
-                key = f"{m}x{k}+{off}/{bk}{'t' if tiled else 'n'}-{dtype}-{x.stride()}"
-                out[key] = torch.equal(x_in_mma_order(x, off, bk, tiled), _mma_order_reference(x, off, bk, tiled))
+                key = f"{m}x{k}+{off}-{dtype}-{x.stride()}"
+                out[key] = torch.equal(x_in_mma_order(x, off), _mma_order_reference(x, off))
     return out
 
 
@@ -770,12 +766,25 @@ def test_prefill_x_must_match_launch():
             launch_prefill(px, bad_w, None, None, 64, bad_off, 0, None, 1, bad_cfg)
 
 
+def test_prefill_x_on_tiled_words_is_x():
+    """For tiled words (nibbles in the MMA's K order, layout.py) the prefill kernel's TMA reads x as it lies: no
+    reorder, no copy; a copy only where the TMA cannot take x's strides or start (one copy, the same values)."""
+    from tpaware_compile.kernels.wgmma_prefill import prefill_x
+    cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8)
+    x = torch.randn(40, 256).half()
+    assert prefill_x(x, 0, cfg, tiled=True).desc.base is x
+    for odd in (torch.randn(256, 40).half().t(), torch.randn(40, 257).half()[:, 1:]):  # column-strided; misaligned
+        base = prefill_x(odd, 0, cfg, tiled=True).desc.base
+        assert base is not odd and base.is_contiguous() and torch.equal(base, odd)
+
+
 def _dequant_exact(device) -> dict:
     """dequantize_sorted (the large-M path and the benchmark's reference) against gptq.dequantize, bit for bit."""
     from tpaware_compile.kernels import INTERPRET, dequantize_sorted
     out = {}
     for dtype in (torch.float16, torch.float32) if INTERPRET else tuple(DTYPES.values()):
-        for gs, off, zo, tiled in ((64, 8, 1, False), (32, 0, 0, True), (-1, 0, 1, False), (128, 120, 0, True)):
+        for gs, off, zo, tiled in ((64, 8, 1, False), (32, 0, 0, True), (-1, 0, 1, False), (128, 120, 0, False),
+                                   (128, 0, 1, True), (-1, 0, 0, True)):
             w = make_weight(256, 64, gs, off, zo, False, dtype, device)
             qweight = tile(w.qweight) if tiled else w.qweight
             got = dequantize_sorted(qweight, w.qzeros, w.scales, w.group_size, off, zo, dtype)
@@ -822,6 +831,16 @@ def test_rejects_bad_perm(bad):
 
 
 # ---------------------------------------------------------------- GPU: the same checks, for real, and more
+
+# qweight as stored and tiled; tiled words have no group offset (layout.py), so the tiled runs take offset 0
+LAYOUTS = ["nmajor", "tiled_off0"]
+
+
+def layout_args(layout, off):
+    """(tiled, group offset) of a case parametrized by LAYOUTS and an offset."""
+    tiled = layout != "nmajor"
+    return tiled, 0 if tiled else off
+
 
 def _poison():
     """Fill the caching allocator's free blocks with NaN, so outputs the kernels leave unwritten fail."""
@@ -908,12 +927,13 @@ def config_id(value):
 @pytest.mark.parametrize("kind,m,cfg", GPU_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("gs,off", [(32, 16), (128, 64), (-1, 0)])
-@pytest.mark.parametrize("layout", ["nmajor", "tiled"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_kernel_gpu_configs(kind, m, cfg, dtype, gs, off, layout):
     gs_rows = 1024 if gs == -1 else gs
     bk = min(cfg.get("BLOCK_K", 8), gs_rows)
+    tiled, off = layout_args(layout, off)
     case = dict(kind=kind, m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
-                tiled=layout == "tiled")
+                tiled=tiled)
     _poison()
     err = run_case(case, "cuda", config=dict(cfg, kind=kind, BLOCK_K=bk))
     assert err < TOL[DTYPES[dtype]], f"rel err {err}"
@@ -982,7 +1002,7 @@ def test_swiglu_serial_gpu(kind, cfg, m, dtype, perm):
                                                  (40, "fp16", -1, 0, 4), (300, "bf16", 128, 64, 2),
                                                  (300, "fp16", 32, 0, 2), (300, "fp16", 128, 0, 1),
                                                  (300, "bf16", 128, 64, 1), (100, "fp16", 32, 8, 1)])
-@pytest.mark.parametrize("layout", ["nmajor", "tiled"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_swiglu_wgmma_gpu(m, dtype, gs, off, split, layout):
     """The SwiGLU through the Hopper kernels (forced configs): up's launch applies silu(gate) * up in its last
     program per tile (one-launch split-K); from M = 100 the prefill kernel (one reordered x for both launches),
@@ -993,8 +1013,9 @@ def test_swiglu_wgmma_gpu(m, dtype, gs, off, split, layout):
                 SPLIT_K=split, SERIAL=True) if m <= 64 else
            dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, STAGES=3, num_warps=8,
                 SPLIT_K=split))
+    tiled, off = layout_args(layout, off)
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=90 + m,
-             tiled=layout == "tiled")
+             tiled=tiled)
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
 
@@ -1011,21 +1032,22 @@ def test_swiglu_perm_gpu(case, m, k, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,dtype,gs,off,split", [(2, "fp16", 128, 64, 4), (16, "bf16", 32, 8, 3),
                                                  (9, "fp16", -1, 0, 2), (16, "fp16", 128, 0, 1)])
-@pytest.mark.parametrize("layout", ["nmajor", "tiled"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_swiglu_two_parts_gpu(m, dtype, gs, off, split, layout):
     """The SwiGLU through two-part programs (PARTS 2, forced): one store of both parts' gate and up partials."""
     _poison()
     cfg = dict(kind="dot", WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32 if gs == 32 else 128, SPLIT_K=split,
                SERIAL=True, PARTS=2)
+    tiled, off = layout_args(layout, off)
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=50 + m,
-             tiled=layout == "tiled")
+             tiled=tiled)
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(24576, 6144), (6144, 3072), (8192, 3584), (8192, 28672)])
 @pytest.mark.parametrize("m", [33, 48, 64])
-@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 16), ("fp16", 128, 64)])
+@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 0), ("bf16", 64, 0)])
 def test_tiled_decode_to_64_tokens_gpu(k, n, m, dtype, gs, off):
     """On tiled words the dispatch runs the decode kernel's 64-token tile up to M = 64 (TILED_WGMMA_MAX_M): rows
     past M masked, every group setting, and its SwiGLU (one-launch split-K, up's launch applying silu(gate))."""
@@ -1043,7 +1065,7 @@ def test_tiled_decode_to_64_tokens_gpu(k, n, m, dtype, gs, off):
 @pytest.mark.parametrize("k,n", [(6144, 24576), (24576, 6144), (6144, 12288), (12288, 6144), (8192, 28672),
                                  (28672, 8192), (8192, 14336)])
 @pytest.mark.parametrize("m", [2, 9, 16])
-@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 16)])
+@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 0)])
 def test_wide_tiled_configs_gpu(k, n, m, dtype, gs, off):
     """The two-part programs that the dispatch takes on tiled words (Granite-20B TP 1 / 2, Llama-70B TP 1 and TP 2
     up shards, 2..16 tokens)."""
@@ -1074,11 +1096,12 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 @pytest.mark.parametrize("k,n", [(8192, 28672), (28672, 8192), (3584, 8192), (8192, 3584)])
 @pytest.mark.parametrize("m", [1, 16, 20, 33, 64, 128, 256, 1000])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 32, 16), ("bf16", 128, 0)])
-@pytest.mark.parametrize("layout", ["nmajor", "tiled"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_production_configs_gpu(k, n, m, dtype, gs, off, layout):
     """The dispatch table's own configs (split-K, block shapes) on the real per-rank shapes, qweight as stored
     (N-major) and tiled."""
-    assert _production_err(k, n, m, dtype, gs, off, tiled=layout == "tiled") < TOL[DTYPES[dtype]]
+    tiled, off = layout_args(layout, off)
+    assert _production_err(k, n, m, dtype, gs, off, tiled=tiled) < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu

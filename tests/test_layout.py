@@ -3,17 +3,21 @@
 import pytest
 import torch
 
+from tpaware_compile.gptq import unpack_rows
 from tpaware_compile.layout import (TILE_COLS, TILE_WORDS, can_tile, is_tiled, packed_shape, tile, untile, word_stride,
                                     words_of)
 
 
-def test_tile_places_each_word_and_untile_restores_it():
-    """tiled[c, s, j, i] == qweight[16 s + i, 64 c + j], and untile gives qweight back bit for bit."""
+def test_tile_places_each_nibble_and_untile_restores_it():
+    """Nibble 4e + 2h + c of tiled[p, s, j, 4t + b] is the weight in row 128s + 32b + 16h + 8c + 2t + e, column
+    64p + j (the wgmma kernels' K order), for every index; untile gives qweight back bit for bit."""
     q = torch.randint(-2**31, 2**31 - 1, (48, 192), dtype=torch.int32)  # K = 384, N = 192
     t = tile(q)
     assert tuple(t.shape) == (3, 3, 64, 16) and is_tiled(t) and not is_tiled(q) and t.is_contiguous()
-    for c, s, j, i in ((0, 0, 0, 0), (2, 1, 63, 15), (1, 2, 5, 9), (2, 2, 17, 3)):
-        assert t[c, s, j, i] == q[16 * s + i, 64 * c + j]
+    rows = unpack_rows(q)  # [K, N]
+    p, s, j, tt, b, e, h, c = torch.meshgrid(*(torch.arange(n) for n in (3, 3, 64, 4, 4, 2, 2, 2)), indexing="ij")
+    nibbles = (t[p, s, j, 4 * tt + b] >> 4 * (4 * e + 2 * h + c)) & 0xF
+    assert torch.equal(nibbles, rows[128 * s + 32 * b + 16 * h + 8 * c + 2 * tt + e, 64 * p + j])
     assert torch.equal(untile(t), q) and untile(q) is q
     assert packed_shape(t) == packed_shape(q) == (48, 192)
     assert word_stride(t) == 3 * 64 * 16 and word_stride(q) == 192  # words per 64-column tile / per row
@@ -28,19 +32,24 @@ def test_tile_refuses_shapes_it_cannot_hold(shape):
 
 
 def test_kernel_offsets_match_the_layout(monkeypatch):
-    """common.word_offsets (the kernels' address of word w of column n) lands on the word tile() put there."""
+    """The Triton kernels' view of tiled words (common.word_offsets: the address of word w of column n;
+    common.word_rows: the row that nibble i of it holds) lands on what tile() put there; N-major is the identity."""
     from tpaware_compile.kernels import common
-    from tpaware_compile.kernels.common import word_offsets
+    from tpaware_compile.kernels.common import word_offsets, word_rows
     # called as plain Python: the tile's sizes as ints (in a kernel they are constexprs of the same values)
     monkeypatch.setattr(common, "_TILE_COLS", TILE_COLS)
     monkeypatch.setattr(common, "_TILE_WORDS", TILE_WORDS)
-    q = torch.randint(-2**31, 2**31 - 1, (32, 128), dtype=torch.int32)
+    monkeypatch.setattr(common, "tiled_offsets", common.tiled_offsets.fn)  # as word_offsets calls it
+    q = torch.randint(-2**31, 2**31 - 1, (32, 128), dtype=torch.int32)  # K = 256
     t = tile(q).reshape(-1)
-    words = torch.arange(32)[:, None]
-    cols = torch.arange(128)[None, :]
-    off = word_offsets.fn(words, cols, word_stride(tile(q)), True)  # the jit function's Python body
-    assert torch.equal(t[off], q)
-    assert torch.equal(q.reshape(-1)[word_offsets.fn(words, cols, 128, False)], q)
+    words = torch.arange(32)[:, None, None]
+    cols = torch.arange(128)[None, :, None]
+    nibble = torch.arange(8)[None, None, :]
+    got = (t[word_offsets.fn(words, cols, word_stride(tile(q)), True)] >> 4 * nibble) & 0xF  # the jit bodies
+    assert torch.equal(got, unpack_rows(q)[word_rows.fn(8 * words + nibble, True), cols])
+    assert torch.equal(word_rows.fn(torch.arange(256), True).sort().values, torch.arange(256))  # a permutation
+    assert torch.equal(q.reshape(-1)[word_offsets.fn(words[..., 0], cols[..., 0], 128, False)], q)
+    assert torch.equal(word_rows.fn(torch.arange(256), False), torch.arange(256))
 
 
 def _sorted_weight(k=256, n=128, group_size=64):
@@ -74,6 +83,21 @@ def test_tiled_words_need_sorted_groups_and_whole_tiles():
     strided = tile(w.qweight).transpose(0, 1).contiguous().transpose(0, 1)  # same shape, not contiguous
     with pytest.raises(ValueError, match="tiled words must be contiguous"):
         w.replace(qweight=strided)
+
+
+def test_tiled_words_need_group_offset_zero():
+    """A shard cut inside a group (group offset 64) keeps N-major words: the kernels' 32-row blocks start at the
+    group's start, tile()'s at row 0. Refused by the weight and by the kernels' argument check alike."""
+    from tpaware_compile.gptq import GPTQWeight
+    from tpaware_compile.kernels import check_sorted_args
+
+    w = _sorted_weight(group_size=128)
+    cut = GPTQWeight(w.qweight, w.qzeros[:1].repeat(3, 1), w.scales[:1].repeat(3, 1), None, 128, 0, 64)
+    assert w.can_tile and not cut.can_tile
+    with pytest.raises(ValueError, match="tiled words need group_offset 0"):
+        cut.with_layout(tiled=True)
+    with pytest.raises(ValueError, match="tiled words need group_offset 0"):
+        check_sorted_args(torch.zeros(1, 256), tile(w.qweight), cut.qzeros, cut.scales, 128, 64, 0)
 
 
 @pytest.mark.parametrize("transform", ["permute_rows", "permute_cols", "narrow_cols", "narrow_rows", "cat_cols"])

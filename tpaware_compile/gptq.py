@@ -103,7 +103,7 @@ class GPTQWeight:
 
     @property
     def can_tile(self) -> bool:
-        return self.g_idx is None and can_tile(self.in_features, self.out_features)
+        return self.g_idx is None and self.group_offset == 0 and can_tile(self.in_features, self.out_features)
 
     @property
     def num_groups(self) -> int:
@@ -119,7 +119,7 @@ class GPTQWeight:
         return replace(self, **changes)
 
     def with_layout(self, tiled: bool) -> "GPTQWeight":
-        """The same weight with its words tiled or N-major (a repack of whole words: the matrix is unchanged)."""
+        """The same weight with its words tiled or N-major (a repack of its nibbles: the matrix is unchanged)."""
         if tiled == self.tiled:
             return self
         return self.replace(qweight=tile(self.qweight) if tiled else untile(self.qweight).contiguous())
@@ -157,6 +157,9 @@ def _validate_tiled(w: GPTQWeight) -> None:
     _expect(w.qweight, "qweight", 4, torch.int32)
     if w.g_idx is not None:
         raise ValueError("qweight: tiled words need contiguous groups (g_idx None); sort the rows first")
+    if w.group_offset:
+        raise ValueError(f"qweight: tiled words need group_offset 0 (their 32-row blocks start at row 0), "
+                         f"got {w.group_offset}")
     if not w.qweight.is_contiguous():
         raise ValueError("qweight: tiled words must be contiguous (the kernels read whole tiles)")
 

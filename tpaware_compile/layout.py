@@ -1,22 +1,28 @@
 """The tiled layout of GPTQ's packed words: what the Hopper kernels read fastest. The one place that knows it.
 
-GPTQ stores ``qweight [K/8, N]`` int32 N-major: row w holds packed word w (K rows 8w..8w+7) of every output
-column. The tiled layout holds the same words in tiles of 64 columns by 16 words (128 rows of K), each column's
-16 words contiguous::
+GPTQ stores ``qweight [K/8, N]`` int32 N-major: row w holds packed word w (nibble i: K row 8w + i) of every
+output column. The tiled layout holds the same nibbles in tiles of 64 columns by 16 words (128 rows of K), each
+column's 16 words of a step contiguous, and the nibbles of each 32-row block in the wgmma kernels' K order::
 
-    tiled [N/64, K/128, 64, 16]:    tiled[c, s, j, i] == qweight[16 s + i, 64 c + j]
+    tiled [N/64, K/128, 64, 16]:  nibble 4e + 2h + c of tiled[p, s, j, 4t + b] is the weight in row
+                                  128 s + 32 b + 16 h + 8 c + 2 t + e, column 64 p + j        (t, b < 4; e, h, c < 2)
 
-One 128-row step of a 64-column tile is then 4 KB in one piece, and a thread of the wgmma kernels, which holds
-words (BLOCK_K / 32) t + b of its columns (wgmma.word_layout), loads a column's words of a step as one 16-byte
-vector. Measured on an H100 (bench/README.md, "The tiled layout"): the one-token kernel 0.91-0.99x the time on
-N-major words over 16 Llama-70B / Granite-20B shapes. Words read down each column instead (qweight.t()
-contiguous: 64 bytes of a column per step) took 1.11-1.27x on the larger shards, so a tile keeps 64 columns of
-a step together.
+Why that order: wgmma's A fragment gives thread t of a quad rows {2t, 2t + 1} + {0, 8, 16, 24} of each 32-row
+block, K-adjacent pairs in one register (wgmma.py). Here those 8 rows are the 8 nibbles of one word, nibbles j and
+j + 4 the adjacent pair, so the kernels unpack a word straight into the fragment and the MMA's K order is x's
+own: the prefill kernel's TMA reads x as it lies (with GPTQ's words x had to be rewritten in that order first,
+one launch per call: wgmma_prefill.x_in_mma_order). A thread's words of a 128-row step (b = 0..3) are
+contiguous: one 16-byte load per column (8 bytes for 64-row steps). Measured on an H100 (bench/README.md, "The
+tiled layout"): the one-token kernel 0.91-0.99x the time on N-major words over 16 Llama-70B / Granite-20B
+shapes. Words read down each column instead (qweight.t() contiguous: 64 bytes of a column per step) took
+1.11-1.27x on the larger shards, so a tile keeps 64 columns of a step together.
 
-The repack is a permutation of int32 words (``untile(tile(q))`` is q bit for bit). It needs K a multiple of 128
-and N of 64 (``can_tile``); every kernel of ``kernels`` reads both layouts, and so does the reference (it untiles).
-``GPTQWeight.with_layout`` repacks a weight; the backend's ``tpaware.tile_weights`` holds the rewritten MLPs'
-weights tiled, in place of their N-major words (by default where ``pays_on``).
+The repack is a permutation of nibbles (``untile(tile(q))`` is q bit for bit). It needs K a multiple of 128 and
+N of 64 (``can_tile``), and a weight whose first group starts at row 0 (group offset 0: the kernels' 32-row
+blocks are the layout's); every kernel of ``kernels`` reads both layouts (the Triton ones through word_rows /
+word_offsets), and so does the reference (it untiles). ``GPTQWeight.with_layout`` repacks a weight; the
+backend's ``tpaware.tile_weights`` holds the rewritten MLPs' weights tiled, in place of their N-major words (by
+default where ``pays_on``).
 """
 
 import torch
@@ -47,19 +53,45 @@ def can_tile(k: int, n: int) -> bool:
 
 
 def tile(qweight: torch.Tensor) -> torch.Tensor:
-    """N-major [K/8, N] -> tiled [N/64, K/128, 64, 16] (a new tensor; the words are not changed)."""
+    """N-major [K/8, N] -> tiled [N/64, K/128, 64, 16] (a new tensor; the same nibbles, moved)."""
     if qweight.dim() != 2 or not can_tile(qweight.shape[0] * 8, qweight.shape[1]):
         raise ValueError(f"tiling needs qweight [K/8, N] with K a multiple of {8 * TILE_WORDS} and N of {TILE_COLS}, "
                          f"got {tuple(qweight.shape)}")
-    steps, tiles = qweight.shape[0] // TILE_WORDS, qweight.shape[1] // TILE_COLS
-    return qweight.reshape(steps, TILE_WORDS, tiles, TILE_COLS).permute(2, 0, 3, 1).contiguous()
+    words, n = qweight.shape
+    mma = _to_mma_order(qweight.reshape(words // 4, 4, n))  # [K/32 blocks, 4 threads, N]
+    # [step, b, t, tile, column] -> [tile, step, column, 4 t + b]
+    mma = mma.reshape(words // TILE_WORDS, 4, 4, n // TILE_COLS, TILE_COLS).permute(3, 0, 4, 2, 1)
+    return mma.reshape(n // TILE_COLS, words // TILE_WORDS, TILE_COLS, TILE_WORDS).contiguous()
 
 
 def untile(qweight: torch.Tensor) -> torch.Tensor:
     """qweight in either layout -> N-major [K/8, N] (tiled: a new tensor; N-major: qweight itself)."""
     if not is_tiled(qweight):
         return qweight
-    return qweight.permute(1, 3, 0, 2).reshape(packed_shape(qweight))
+    words, n = packed_shape(qweight)
+    mma = qweight.reshape(n // TILE_COLS, words // TILE_WORDS, TILE_COLS, 4, 4).permute(1, 4, 3, 0, 2)
+    return _from_mma_order(mma.reshape(words // 4, 4, n)).reshape(words, n)
+
+
+def _to_mma_order(blocks: torch.Tensor) -> torch.Tensor:
+    """[B, 4, N] GPTQ words of 32-row blocks (word u, nibble i: row 8u + i) -> [B, 4, N] words in MMA order (word t,
+    nibble 4e + 2h + c: row 16h + 8c + 2t + e, i.e. word 2h + c's nibble 2t + e)."""
+    out = torch.zeros_like(blocks)
+    for t in range(4):
+        for e in range(2):
+            for u in range(4):  # u = 2h + c
+                out[:, t] |= ((blocks[:, u] >> 4 * (2 * t + e)) & 0xF) << 4 * (4 * e + u)
+    return out
+
+
+def _from_mma_order(blocks: torch.Tensor) -> torch.Tensor:
+    """The inverse of _to_mma_order."""
+    out = torch.zeros_like(blocks)
+    for t in range(4):
+        for e in range(2):
+            for u in range(4):
+                out[:, u] |= ((blocks[:, t] >> 4 * (4 * e + u)) & 0xF) << 4 * (2 * t + e)
+    return out
 
 
 def words_of(module: torch.nn.Module) -> str:

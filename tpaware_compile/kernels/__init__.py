@@ -67,7 +67,7 @@ DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 1
 # up to 10% slower; bench/README.md)
 ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 # ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): 96 registers (fp16)
-TILED_PROGRAMS_PER_SM = 5
+TILED_PROGRAMS_PER_SM = 6
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
 # wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
 # reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
@@ -99,6 +99,8 @@ def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero
     if n % 8 or tuple(scales.shape) != (g, n) or tuple(qzeros.shape) != (g, n // 8):
         raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit K={k}, N={n}, "
                          f"group_size={group_size}, group_offset={group_offset}")
+    if group_offset and is_tiled(qweight):
+        raise ValueError(f"tiled words need group_offset 0 (their 32-row blocks start at row 0), got {group_offset}")
     if group_size % 8 or group_offset % 8 or not 0 <= group_offset < group_size or zero_offset not in (0, 1):
         raise ValueError(f"unsupported group_size={group_size} / group_offset={group_offset} "
                          f"(multiples of 8 needed) / zero_offset={zero_offset}")

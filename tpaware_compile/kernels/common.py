@@ -78,15 +78,35 @@ _TILE_WORDS = tl.constexpr(TILE_WORDS)
 @triton.jit
 def word_offsets(words, cols, stride_q, TILED: tl.constexpr):
     """Offsets in qweight of packed words ``words`` of columns ``cols`` (broadcast together): N-major rows
-    (stride_q = N) or TILED (layout.py: [N/64, K/128, 64, 16], stride_q = words per 64-column tile). The words'
-    and the columns' parts are summed apart, each on its own (unbroadcast) shape, then added once. The Gluon
-    kernels call it too (wgmma.py)."""
+    (stride_q = N) or TILED (layout.py, stride_q = words per 64-column tile), where word w of the K order the
+    kernels step through (nibble i: row word_rows(8w + i)) is 32-row block w // 4's word for thread w % 4, which
+    tile() put in slot 4 (w % 4) + (w % 16) // 4 of its 128-row step."""
     if TILED:
-        off = (((words // _TILE_WORDS) * (_TILE_COLS * _TILE_WORDS) + words % _TILE_WORDS)
-               + ((cols // _TILE_COLS) * stride_q + (cols % _TILE_COLS) * _TILE_WORDS))
+        off = tiled_offsets((words // _TILE_WORDS) * _TILE_WORDS + (words % 4) * 4 + (words % _TILE_WORDS) // 4, cols,
+                            stride_q)
     else:
         off = words * stride_q + cols
     return off
+
+
+@triton.jit
+def tiled_offsets(slots, cols, stride_q):
+    """Offsets in tiled qweight (layout.py: [N/64, K/128, 64, 16]) of the words in slots 16 s + i (step s, slot i)
+    of columns ``cols``. The slots' and the columns' parts are summed apart, each on its own (unbroadcast) shape,
+    then added once. The Gluon kernels call it too (wgmma.py)."""
+    return (((slots // _TILE_WORDS) * (_TILE_COLS * _TILE_WORDS) + slots % _TILE_WORDS)
+            + ((cols // _TILE_COLS) * stride_q + (cols % _TILE_COLS) * _TILE_WORDS))
+
+
+@triton.jit
+def word_rows(pos, TILED: tl.constexpr):
+    """The K row that position pos = 8w + i (nibble i of word w, as word_offsets counts words) holds: pos itself in
+    N-major words; in tiled ones (layout.py) pos = 32b + 8t + 4e + 2h + c holds row 32b + 16h + 8c + 2t + e."""
+    if TILED:
+        rows = (pos // 32) * 32 + (pos // 8 % 4) * 2 + (pos // 2 % 2) * 16 + (pos % 2) * 8 + pos // 4 % 2
+    else:
+        rows = pos
+    return rows
 
 
 @triton.jit

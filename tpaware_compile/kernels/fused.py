@@ -62,9 +62,10 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
     counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or runs_wgmma(cfg, x) else None
     out = torch.empty((m, n), dtype=out_dtype, device=x.device) if counts is not None else None
-    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm) if cfg["kind"] == "gemv" else None
-    if cfg.get("PREFILL") and runs_wgmma(cfg, x):  # x reordered for TMA once, for both launches
-        x = prefill_x(x, group_offset, cfg, is_tiled(gate[0]))
+    tiled = is_tiled(gate[0])  # so is up: gptq_swiglu_sorted checked their shapes
+    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm, tiled) if cfg["kind"] == "gemv" else None
+    if cfg.get("PREFILL") and runs_wgmma(cfg, x):  # x's TMA descriptor (and reorder) once, for both launches
+        x = prefill_x(x, group_offset, cfg, tiled)
     for i, w in enumerate((gate, up)):
         args = (*w, group_size, group_offset, zero_offset, part[i], per, cfg)
         # serial: up's launch ends with silu(gate) * up, gate's partials complete before it (stream order)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import (group_affine, is_interpreted, load_group, mantissa_args, nibble_floats, segment_rows,
-                     split_k_matmul, splits_of, store_split, tl_dtype, word_offsets)
+                     split_k_matmul, splits_of, store_split, tl_dtype, word_offsets, word_rows)
 from .wgmma import X_DTYPES as WGMMA_DTYPES, launch_wgmma
 from .wgmma_prefill import launch_prefill
 
@@ -58,11 +58,11 @@ def _dot_kernel(
         w_ok = (words >= 0) & (words < K // 8)
         q = tl.load(qw_ptr + word_offsets(words[None, :], offs_n[:, None], stride_q, TILED),
                     mask=w_ok[None, :] & n_mask[:, None], other=0)
-        rows = k0 + offs_r  # [BK]
+        rows = word_rows(k0 + offs_r, TILED)  # [BK]: the row each position of the unpacked words holds
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + rows[:, None],
                      mask=(rows >= 0)[:, None] & (rows < K)[:, None] & m_mask[None, :], other=0.0)  # [BK, BM]
         f = nibble_floats(q[:, :, None], one_bits, shifts, MANTISSA_SHIFT, DTYPE)  # [BN, BW, 8]
-        f = tl.reshape(f, [BLOCK_N, BLOCK_K])  # row k = 8 * word + nibble
+        f = tl.reshape(f, [BLOCK_N, BLOCK_K])  # position 8 * word + nibble
         d = tl.dot(f, xt.to(DTYPE), input_precision="ieee")  # [BN, BM]
         xs = tl.sum(xt.to(tl.float32), axis=0)  # [BM]
         s16, sz = group_affine(qz_ptr, sc_ptr, (seg * BLOCK_K) // GROUP_SIZE, offs_n, n_mask, N, zero_offset)
@@ -111,11 +111,11 @@ def _dot_kernel_plain(
         w_ok = (words >= 0) & (words < K // 8)
         q = tl.load(qw_ptr + word_offsets(words[:, None], offs_n[None, :], stride_q, TILED),
                     mask=w_ok[:, None] & n_mask[None, :], other=0)
-        rows = k0 + offs_r  # [BK]
+        rows = word_rows(k0 + offs_r, TILED)  # [BK]: the row each position of the unpacked words holds
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :],
                      mask=m_mask[:, None] & (rows.to(tl.uint32) < K)[None, :], other=0.0)  # [BM, BK]
         f = nibble_floats(q[:, None, :], one_bits, shifts, MANTISSA_SHIFT, DTYPE)  # [BW, 8, BN]
-        f = tl.reshape(f, [BLOCK_K, BLOCK_N])  # row k = 8 * word + nibble
+        f = tl.reshape(f, [BLOCK_K, BLOCK_N])  # position 8 * word + nibble
         d = tl.dot(xv.to(DTYPE), f, input_precision="ieee")  # [BM, BN]
         xs = tl.sum(xv.to(tl.float32), axis=1)  # [BM]
         s16, sz = group_affine(qz_ptr, sc_ptr, (seg * BLOCK_K) // GROUP_SIZE, offs_n, n_mask, N, zero_offset)
@@ -184,7 +184,7 @@ def _dequant_kernel(
     for j in tl.static_range(8):
         # (q - z) * s in fp32, rounded once: bit-identical to gptq.dequantize
         w = (((q >> (4 * j)) & 0xF) - z[None, :]).to(tl.float32) * s.to(tl.float32)[None, :]
-        dst = w_ptr + (words * 8 + j)[:, None] * N + offs_n[None, :]
+        dst = w_ptr + word_rows(words * 8 + j, TILED)[:, None] * N + offs_n[None, :]
         tl.store(dst, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 

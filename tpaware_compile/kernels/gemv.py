@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import (affine_factors, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of, step_words,
-                     store_split)
+                     store_split, word_rows)
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -55,13 +55,14 @@ def _gemv_kernel(
                            group_offset, BLOCK_K, live, TILED)
         s_nxt, zw_nxt = load_group(qz_ptr, sc_ptr, ((seg + 1) * BLOCK_K) // GROUP_SIZE, offs_n, n_mask & live, N)
         s16, sz = affine_factors(s, zw, offs_n, zero_offset)
-        rows = seg * BLOCK_K - group_offset + offs_w * 8  # [BW] row of nibble 0 of each word
+        rows = seg * BLOCK_K - group_offset + offs_w * 8  # [BW] position of nibble 0 of each word
         d = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         xs = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
         # 2-D tiles in the load's layout, one nibble at a time: no 3-D broadcast to re-layout the words.
         for j in tl.static_range(8):
             # one unsigned compare is 0 <= row < K
-            xj = tl.load(x_row + rows + j, mask=(rows + j).to(tl.uint32) < K, other=0.0).to(tl.float32)
+            r = word_rows(rows + j, TILED)
+            xj = tl.load(x_row + r, mask=r.to(tl.uint32) < K, other=0.0).to(tl.float32)
             d += nibble_floats(q, one_bits, 4 * j, FP32_SHIFT, tl.float32) * xj[:, None]  # (1 + q/16) x
             xs += xj
         acc += s16[None, :] * d - sz[None, :] * xs[:, None]

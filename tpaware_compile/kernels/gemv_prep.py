@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import load_group, split_k_matmul, splits_of, step_words, store_split, x_columns
+from .common import load_group, split_k_matmul, splits_of, step_words, store_split, word_rows, x_columns
 
 
 @triton.jit
@@ -37,11 +37,13 @@ def _xprep_kernel(
     K, KPAD, stride_xm, group_offset,
     BLOCK_W: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    TILED: tl.constexpr,  # prepared for tiled words: position 8w + j holds x's row word_rows(8w + j)
 ):
     m = tl.program_id(1)
     w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW] padded word index
     j = tl.arange(0, 8)
-    rows = w[:, None] * 8 + j[None, :] - group_offset  # [BW, 8] real row (padding: the shard's group offset)
+    rows = word_rows(w[:, None] * 8 + j[None, :] - group_offset, TILED)  # [BW, 8] real row (padding: the shard's
+    # group offset; 0 on tiled words)
     w_ok = w < KPAD // 8
     # x[..., perm] costs nothing extra here: this kernel rewrites x once per call anyway (one gathered load)
     cols = x_columns(perm_ptr, rows, K, HAS_PERM)
@@ -201,9 +203,9 @@ def _rows_word_dot(q, xrows, r_ok, one_bits):
     return d
 
 
-def prepare_x(x, block_k, group_offset, perm=None):
+def prepare_x(x, block_k, group_offset, perm=None, tiled=False):
     """(xp [M, KPAD], c [M, KPAD/8], xs [M, KPAD/8]) fp32, KPAD = whole K-steps of the padded row index; of
-    x[:, perm] when perm [K] is given."""
+    x[:, perm] when perm [K] is given; in the K order of tiled words (layout.py) with ``tiled``."""
     m, k = x.shape
     kpad = triton.cdiv(k + group_offset, block_k) * block_k
     xp = torch.empty((m, kpad), dtype=torch.float32, device=x.device)
@@ -211,7 +213,7 @@ def prepare_x(x, block_k, group_offset, perm=None):
     xs = torch.empty_like(c)
     bw = 128
     _xprep_kernel[(triton.cdiv(kpad // 8, bw), m)](x, perm, xp, c, xs, k, kpad, x.stride(0), group_offset, BLOCK_W=bw,
-                                                   HAS_PERM=perm is not None)
+                                                   HAS_PERM=perm is not None, TILED=tiled)
     return xp, c, xs
 
 
@@ -219,7 +221,8 @@ def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
     """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
     SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1), SERIAL (split-K reduced inside
     the launch; default False: a reduction launch after it)."""
-    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm)  # its K-steps are the ones split_k_matmul plans
+    # its K-steps are the ones split_k_matmul plans
+    prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm, is_tiled(qweight))
 
     def launch(x, *args, **serial):
         launch_gemv_prep(prep, x.shape[1], *args, **serial)

@@ -7,17 +7,18 @@ shared memory into the MMA operand layout (on an H100 that stalled every variant
 roof). Here the kernel is written in Gluon (explicit layouts) and computes ``out^T [BN, BM] = W^T @ x^T`` with
 the weight tile as A in registers and x^T [BK, BM] as B in shared memory. A thread's A fragment holds, per 16
 rows of K, rows {2t, 2t+1, 2t+8, 2t+9} (t = lane % 4) of two output columns, K-adjacent pairs sharing a 32-bit
-register. No repack of the checkpoint's words is needed for that: the sum over K does not care about K's order,
-so the MMA's K order is chosen so that a thread's fragment rows of each 32-row block are exactly the 8 nibbles
-of one packed word (word 4b + t of the step holds weight rows 32b + 8t + 0..7), the nibbles j and j + 4 of a
-word sharing a register, and x's rows are read in the same order:
+register. The checkpoint's words need no repack for that: the sum over K does not care about K's order, so the
+MMA's K order is chosen so that a thread's fragment rows of each 32-row block are exactly the 8 nibbles of one
+packed word (word 4b + t of the step holds weight rows 32b + 8t + 0..7), the nibbles j and j + 4 of a word
+sharing a register, and x's rows are read in the same order:
 
     MMA row 32b + 16h + 8c + 2t + e  <-  weight row 32b + 8t + 4e + 2h + c     (unpack_pairs, x_in_mma_order)
 
 The words are loaded in a layout where lane t of each quad holds words t, t+4, ..., so after unpacking
-``convert_layout(..., assert_trivial=True)`` into the MMA operand layout is free: the compiler checks it. On
-tiled words (layout.py) lane t holds words (BK/32) t + b instead, which lie side by side in memory (one vector
-load per column and step), and the 32-row block b of the MMA's K order takes word (BK/32) t + b (TILED). The
+``convert_layout(..., assert_trivial=True)`` into the MMA operand layout is free: the compiler checks it. Tiled
+words (layout.py, TILED) were repacked so that the word of thread t and block b holds rows 32b + 16h + 8c + 2t +
+e at nibble 4e + 2h + c: MMA row r is weight row r, x is read as it lies, and a thread's words of a step lie side
+by side in memory (one vector load per column and step; _tiled_slots). The
 operand is (q - z)/16, exact in fp16 and bf16 (unpack_pairs: an AND-OR puts two nibbles into the mantissas of
 a float pair, one paired multiply-add takes the zero point off), so the scale is the only per-group factor on
 the fp32 accumulator; the split-K is reduced inside the launch as in the other kernels (common.store_split).
@@ -36,7 +37,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import splits_of, store_split, tl_dtype, word_offsets
+from .common import splits_of, store_split, tiled_offsets, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
@@ -180,21 +181,37 @@ def _both_halves(v, DTYPE: gl.constexpr):
 @gluon.jit
 def x_in_mma_order(x, BLOCK_K: gl.constexpr, TILED: gl.constexpr = False):
     """x [BM, BK] (row 32b + 8t + 4e + 2h + c of the step) -> MMA K order 32b + 16h + 8c + 2t + e: a relabelling
-    of registers, no data moves."""
+    of registers, no data moves. Tiled words hold their nibbles in that order already (layout.py): x as it is."""
     rows: gl.constexpr = x.shape[0]
-    if TILED:
-        x = gl.reshape(x, [rows, 4, BLOCK_K // 32, 2, 2, 2])  # [r, t, b, e, h, c]
-        x = gl.permute(x, [0, 2, 4, 5, 1, 3])  # [r, b, h, c, t, e]
-    else:
+    if not TILED:
         x = gl.reshape(x, [rows, BLOCK_K // 32, 4, 2, 2, 2])  # [r, b, t, e, h, c]
-        x = gl.permute(x, [0, 1, 4, 5, 2, 3])  # [r, b, h, c, t, e]
-    return gl.reshape(x, [rows, BLOCK_K])
+        x = gl.reshape(gl.permute(x, [0, 1, 4, 5, 2, 3]), [rows, BLOCK_K])  # [r, b, h, c, t, e]
+    return x
 
 
 @gluon.jit
 def _word_offsets(words, cols, stride_q, TILED: gl.constexpr):
-    """[BN, BW] offsets of words [BW] of columns [BN] in qweight (common.word_offsets)."""
-    return word_offsets(gl.expand_dims(words, 0), gl.expand_dims(cols, 1), stride_q, TILED)
+    """[BN, BW] offsets in qweight of words [BW] (N-major word indices, or tiled slots: _tiled_slots) of columns
+    [BN]."""
+    if TILED:
+        off = tiled_offsets(gl.expand_dims(words, 0), gl.expand_dims(cols, 1), stride_q)
+    else:
+        off = gl.expand_dims(words, 0) * stride_q + gl.expand_dims(cols, 1)
+    return off
+
+
+@gluon.jit
+def _tiled_slots(seg, offs_w, BLOCK_K: gl.constexpr):
+    """The slots of K-step seg's words in tiled qweight (layout.py: word 4t + b of a 128-row step is thread t's word
+    of 32-row block b), offs_w = (BK/32) t + b' as word_layout places them, b' counted from the step's first block
+    (so a thread's words of a step are contiguous: one vector)."""
+    B: gl.constexpr = BLOCK_K // 32
+    first = seg * B  # the step's first 32-row block
+    if B == 4:
+        slots = first * 4 + offs_w
+    else:
+        slots = gl.multiple_of((first // 4) * 16 + first % 4, B) + offs_w + (offs_w // B) * (4 - B)
+    return slots
 
 
 @gluon.jit
@@ -203,15 +220,20 @@ def weight_loads(seg, live, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
                  TILED: gl.constexpr = False):
     """K-step seg's packed words [BN, BW], scales (at offs_s) and zero words [BN] (zeros outside the matrix or
     when not live: the prefetch past the last step). EVEN: the caller's promise that step seg lies inside the
-    matrix (no group offset, K and N whole steps and tiles; live is then not looked at), so no masks."""
+    matrix (no group offset, K and N whole steps and tiles; live is then not looked at), so no masks. Tiled words
+    have no group offset (kernels.check_sorted_args)."""
     g = (seg * BLOCK_K) // GROUP_SIZE
-    if EVEN:  # group_offset is 0: the words' index without the signed division below (fewer instructions)
+    if TILED:
+        words = _tiled_slots(seg, offs_w, BLOCK_K)
+    elif EVEN:  # group_offset is 0: the words' index without the signed division below (fewer instructions)
         words = seg * (BLOCK_K // 8) + offs_w
+    else:
+        words = (seg * BLOCK_K - group_offset) // 8 + offs_w  # < 0 in the first step of a shard cut in a group
+    if EVEN:
         q = gl.load(qw_ptr + _word_offsets(words, offs_nq, stride_q, TILED))
         s = gl.load(sc_ptr + g * N + offs_s)
         zw = gl.load(qz_ptr + g * (N // 8) + offs_nq // 8)
     else:
-        words = (seg * BLOCK_K - group_offset) // 8 + offs_w  # < 0 in the first step of a shard cut in a group
         w_ok = (words >= 0) & (words < K // 8) & live
         q = gl.load(qw_ptr + _word_offsets(words, offs_nq, stride_q, TILED),
                     mask=gl.expand_dims(w_ok, 0) & gl.expand_dims(offs_nq < N, 1), other=0)

@@ -4,9 +4,10 @@ streamed by TMA and the MMAs running while the next operand is unpacked.
 
 At 128-256 tokens per tile, x's tile no longer fits in registers beside the accumulator (the decode kernel
 spills there), so x goes from global to shared memory by the tensor memory accelerator into a ring of STAGES
-slots, each with an mbarrier, issued STAGES - 1 steps ahead. The TMA copies rows as they are, so x is written
-once in the MMA's K order first (``x_in_mma_order``: a permutation within each 32-row block, or each K-step for
-tiled weights, relative to the shard's group offset, which it also pads in): one launch, one pass over x.
+slots, each with an mbarrier, issued STAGES - 1 steps ahead. The TMA copies rows as they are: tiled words
+(layout.py) hold their nibbles in the MMA's K order, so it reads x as it lies; for N-major words x is written
+once in that order first (``x_in_mma_order``: a permutation within each 32-row block, relative to the shard's
+group offset, which it also pads in): one more launch and pass over x per call.
 
 The scale goes into the operand ((q - z) * s, one rounding in x's dtype, as the weights of a dequantize-then-
 matmul in that dtype are rounded) so that the MMAs accumulate over all of K in place: no second accumulator,
@@ -35,66 +36,62 @@ from .wgmma import PAIR_BASE_BITS, a_operand, weight_loads, word_layout
 TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
 
 
-def x_in_mma_order(x: torch.Tensor, group_offset: int, block_k: int = 32, tiled: bool = False) -> torch.Tensor:
-    """x [M, K] -> [M, Kp]: group_offset zero columns in front (the shard's first group starts before its first
-    row), zeros up to a multiple of 32 (tiled weights: of block_k) behind, and each K-step in the MMA's K order
-    (wgmma.py's module doc: position 32b + 16h + 8c + 2t + e of a step holds its column 32b + 8t + 4e + 2h + c;
-    with tiled weights, whose thread t holds words (block_k / 32) t + b: column 8 ((block_k / 32) t + b) + 4e +
-    2h + c). On the GPU (and under the interpreter) one launch (_x_order_kernel), else views and a copy."""
+def x_in_mma_order(x: torch.Tensor, group_offset: int) -> torch.Tensor:
+    """x [M, K] -> [M, Kp] for N-major words: group_offset zero columns in front (the shard's first group starts
+    before its first row), zeros up to a multiple of 32 behind, and each 32 columns in the MMA's K order
+    (wgmma.py's module doc: position 32b + 16h + 8c + 2t + e of a block holds its column 32b + 8t + 4e + 2h + c).
+    On the GPU (and under the interpreter) one launch (_x_order_kernel), else views and a copy. Tiled words need
+    none of this (their nibbles are in that order: layout.py)."""
     m, k = x.shape
-    step = block_k if tiled else 32
-    kp = -(-(k + group_offset) // step) * step
+    kp = -(-(k + group_offset) // 32) * 32
     out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
     if x.is_cuda or is_interpreted(_x_order_kernel):
         # the strided copy of the views below was a fifth of a 256-token prefill on Llama-70B's TP 8 up shard
         # (9 of 42 us on an H100; bench/README.md)
         x = x if x.stride(1) == 1 else x.contiguous()
-        columns = max(X_ORDER_COLUMNS, step)  # whole steps per program
-        grid = (triton.cdiv(m, X_ORDER_ROWS), triton.cdiv(kp, columns))
-        _x_order_kernel[grid](x, out, m, k, kp, x.stride(0), group_offset, STEP=step, TILED=tiled,
-                              BLOCK_R=X_ORDER_ROWS, BLOCK_C=columns)
+        grid = (triton.cdiv(m, X_ORDER_ROWS), triton.cdiv(kp, X_ORDER_COLUMNS))
+        _x_order_kernel[grid](x, out, m, k, kp, x.stride(0), group_offset, BLOCK_R=X_ORDER_ROWS,
+                              BLOCK_C=X_ORDER_COLUMNS)
         return out
     if group_offset or kp != k:
         x = F.pad(x, (group_offset, kp - k - group_offset))
-    blocks = step // 32
-    # out [m, step s, b, h, c, t, e] <- x [m, s, t, b, e, h, c] (N-major: b, t the other way round in x)
-    x_dims = (m, kp // step, 4, blocks, 2, 2, 2) if tiled else (m, kp // step, blocks, 4, 2, 2, 2)
-    to_x = (0, 1, 5, 2, 6, 3, 4) if tiled else (0, 1, 2, 5, 6, 3, 4)
-    out.view(m, kp // step, blocks, 2, 2, 4, 2).permute(*to_x).copy_(x.contiguous().view(*x_dims))
+    # out [m, block, h, c, t, e] <- x [m, block, t, e, h, c]
+    out.view(m, kp // 32, 2, 2, 4, 2).permute(0, 1, 4, 5, 2, 3).copy_(x.contiguous().view(m, kp // 32, 4, 2, 2, 2))
     return out
 
 
-X_ORDER_ROWS = 16  # a program's tile of x_in_mma_order's output: these rows of this many columns (whole steps)
+X_ORDER_ROWS = 16  # a program's tile of x_in_mma_order's output: these rows of this many columns (whole blocks)
 X_ORDER_COLUMNS = 256
 
 
 @triton.jit
-def _x_order_kernel(x_ptr, out_ptr, M, K, KP, stride_xm, group_offset, STEP: tl.constexpr, TILED: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _x_order_kernel(x_ptr, out_ptr, M, K, KP, stride_xm, group_offset, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     """out [M, KP] <- x [M, K] (columns contiguous) in the MMA's K order (x_in_mma_order), zeros outside x: a tile
-    of whole steps is loaded as it lies, its columns permuted on chip and stored as it lies."""
+    of whole 32-column blocks is loaded as it lies, its columns permuted on chip and stored as it lies."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     pos = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     src = pos - group_offset
     row_ok = rows < M
     v = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :],
                 mask=row_ok[:, None] & ((src >= 0) & (src < K))[None, :], other=0.0)
-    B: tl.constexpr = STEP // 32
-    if TILED:  # column 8 (B t + b) + 4e + 2h + c of each step
-        v = tl.reshape(v, [BLOCK_R, BLOCK_C // STEP, 4, B, 2, 2, 2])  # [r, step, t, b, e, h, c]
-        v = tl.permute(v, (0, 1, 3, 5, 6, 2, 4))  # [r, step, b, h, c, t, e]
-    else:  # column 32b + 8t + 4e + 2h + c
-        v = tl.reshape(v, [BLOCK_R, BLOCK_C // STEP, B, 4, 2, 2, 2])  # [r, step, b, t, e, h, c]
-        v = tl.permute(v, (0, 1, 2, 5, 6, 3, 4))
+    v = tl.reshape(v, [BLOCK_R, BLOCK_C // 32, 4, 2, 2, 2])  # [r, block, t, e, h, c]
+    v = tl.permute(v, (0, 1, 4, 5, 2, 3))  # [r, block, h, c, t, e]
     tl.store(out_ptr + rows[:, None] * KP + pos[None, :], tl.reshape(v, [BLOCK_R, BLOCK_C]),
              mask=row_ok[:, None] & (pos < KP)[None, :])
 
 
+def tma_ready(x: torch.Tensor) -> torch.Tensor:
+    """x as a TMA descriptor can take it: unit column stride, rows and start 16-byte aligned (a copy where not)."""
+    aligned = x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0
+    return x if x.stride(1) == 1 and aligned else x.clone(memory_format=torch.contiguous_format)
+
+
 class PrefillX(NamedTuple):
-    """x prepared for prefill launches: the TMA descriptor of x_in_mma_order(x, group_offset, BLOCK_K, tiled) for
-    one (BLOCK_M, BLOCK_K) tile, which gate's and up's launches of a SwiGLU share (one reorder launch and one
-    descriptor where there were two: plain-call prefill is host-bound, bench/README.md). shape and dtype are x's,
-    so that the launch path reads it as it reads x."""
+    """x prepared for prefill launches: the TMA descriptor of x itself (tiled words: layout.py) or of
+    x_in_mma_order(x, group_offset) (N-major words) for one (BLOCK_M, BLOCK_K) tile, which gate's and up's launches
+    of a SwiGLU share (one descriptor where there were two: plain-call prefill is host-bound, bench/README.md).
+    shape and dtype are x's, so that the launch path reads it as it reads x."""
     desc: TensorDescriptor
     group_offset: int
     tiled: bool
@@ -103,11 +100,12 @@ class PrefillX(NamedTuple):
 
 
 def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict, tiled: bool) -> PrefillX:
-    """x [M, K] reordered (and padded) for the TMA, with its descriptor for cfg's tiles, for a qweight in the
-    tiled layout or not (layout.is_tiled)."""
+    """x [M, K] for the TMA, with its descriptor for cfg's tiles, for a qweight in the tiled layout or not
+    (layout.is_tiled): as it lies for tiled words (whose group offset is 0: kernels.check_sorted_args), else
+    reordered and padded (x_in_mma_order)."""
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
-    xr = x_in_mma_order(x, group_offset, bk, tiled)
+    xr = tma_ready(x) if tiled else x_in_mma_order(x, group_offset)
     return PrefillX(TensorDescriptor.from_tensor(xr, [bm, bk], layout), group_offset, tiled, x.shape, x.dtype)
 
 
@@ -158,7 +156,7 @@ def _pinned_below_wait(acc, sc_ptr, offs_n):
 
 @gluon.jit
 def _prefill_kernel(
-    x_desc,  # TMA descriptor of x_in_mma_order(x, ..., BLOCK_K, TILED) [M, Kp], block [BM, BK]
+    x_desc,  # TMA descriptor of x (TILED) or x_in_mma_order(x, group_offset) [M, Kp], block [BM, BK]
     qw_ptr,  # [K/8, N] int32 packed along K, N-major or TILED (layout.py)
     qz_ptr,  # [G, N/8] int32, packed along N
     sc_ptr,  # [G, N]
