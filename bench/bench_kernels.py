@@ -326,6 +326,8 @@ def _only(cfgs, only):
     if only == "pick":  # what the dispatch picks between from 257 tokens: the 256 x 128 prefill tile or dequantize
         return [c for c in cfgs if c["kind"] == "dequant" or c.get("PREFILL") and not c.get("SERIAL")
                 and (c["BLOCK_M"], c["BLOCK_N"], c["STAGES"]) == (256, 128, 3)]
+    if only == "steps":  # the prefill tiles of up to 3 x slots, a second launch reducing their split-K
+        return [c for c in cfgs if c.get("PREFILL") and not c.get("SERIAL") and c["STAGES"] <= 3]
     if only == "parts":
         return parts_configs([c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")])
     if only == "decode":
@@ -363,9 +365,10 @@ def prefill_configs(m, n):
     if m < 64:
         bm = max(16, 1 << (m - 1).bit_length())
         tiles = [(bm, 128, 128, 8, 3), (bm, 64, 128, 4, 3), (bm, 128, 64, 8, 4)]
-    elif m >= 256:  # 256 x 128 with 4 and 5 x slots too (TMA issued further ahead; 131 / 164 KB, no spills)
+    elif m >= 256:  # 256 x 128 with 4 and 5 x slots too (TMA issued further ahead; 131 / 164 KB, no spills), and
+        # with 128-row steps (253 registers, no spills; 2 or 3 slots of 64 KB)
         tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
-                 (256, 128, 64, 8, 5)]
+                 (256, 128, 64, 8, 5), (256, 128, 128, 8, 3), (256, 128, 128, 8, 2)]
     else:
         tiles = [(64, 128, 128, 8, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                  (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
@@ -417,10 +420,11 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick"), default=None,
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick", "steps"), default=None,
                     help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, its 16-token "
-                    "tiles beside two-part programs (parts), or the 256 x 128 prefill tile's splits beside "
-                    "dequantize + cuBLAS (pick)")
+                    "tiles beside two-part programs (parts), the 256 x 128 prefill tile's splits beside "
+                    "dequantize + cuBLAS (pick), or the prefill tiles of up to 3 x slots at every split, 64- and "
+                    "128-row steps (steps)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
