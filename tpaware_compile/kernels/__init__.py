@@ -66,8 +66,11 @@ DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 1
 # fastest on 11 of 13 Llama-70B / Granite-20B shapes of an H100 sweep, within 4% on the other two (4 or 8 alone:
 # up to 10% slower; bench/README.md)
 ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
-# ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): 96 registers (fp16)
-TILED_PROGRAMS_PER_SM = 6
+# ... on tiled words from 2 tokens (no register cap: wgmma.ONE_TOKEN_TILED_REGISTERS): the split that fills the
+# last wave of 5 programs per SM. Registers (80 since the layout holds the nibbles in MMA order) would fit 6, but
+# at 6 the split was up to 1.18x the fastest on the 26 shape-M pairs of the H100 sweep at M = 4 / 16
+# (sweep_parts_9155e9b), at 5 within 1.05x on all of them (bench/README.md)
+TILED_PROGRAMS_PER_SM = 5
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
 # wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
 # reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
@@ -145,7 +148,7 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
     if wgmma and m <= PREFILL_MAX_M and segment_rows(group_size, 128) % 32 == 0:
         if m <= (TILED_WGMMA_MAX_M if tiled else WGMMA_MAX_M):
             return wgmma_config(m, k, n, group_size, device, tiled)
-        cfg = prefill_config(m, k, n, group_size, device)
+        cfg = prefill_config(m, k, n, group_size, device, tiled)
         if m <= PREFILL_ALWAYS_MAX_M or dequant_seconds(m, k, n) > prefill_seconds(
                 m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device)):
             return cfg
@@ -281,14 +284,21 @@ def decode_split(tiles: int, sms: int, per_sm: int = DECODE_PROGRAMS_PER_SM, spl
     return max(splits, key=last_wave_fill)
 
 
-def prefill_config(m: int, k: int, n: int, group_size: int, device) -> dict:
+def prefill_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = False) -> dict:
     """The Hopper prefill kernel (wgmma_prefill.py, two warpgroups) from 33 tokens: 64-token tiles up to M = 64,
     128 up to 128, 256 above; 128 output columns (256 at M = 65..128 where that still leaves 32 tiles); split-K
     where the output tiles are few (for 256-token tiles: prefill_split). From the H100 sweeps on the Llama-70B
-    TP 1 and 8, Llama-2-13B and Granite-20B shapes at M = 64..1024 (bench/README.md)."""
+    TP 1 and 8, Llama-2-13B and Granite-20B shapes at M = 64..1024 (bench/README.md). On tiled words (whose
+    64-row steps read half of each of two 32-byte sectors, layout.py) 128 x 128 tiles up to 128 tokens and
+    256 x 128 above, both in 128-row steps (253 registers at 256 tokens, no spills) and split by prefill_split:
+    on 8 Llama-70B / Granite-20B shards at M = 128 / 256 / 1024 (sweep_steps_3c26359) that split was the fastest
+    of 1-5 on all 24, and the 128-row steps 0.77-0.90x the time of the dispatched 128 x 256 x 64 tile at 128
+    tokens, 0.95-1.05x (median 0.99) of 64-row steps at 256 and 0.82-1.03x (median 0.96) at 1024."""
     if m <= 64:  # memory-bound: short steps and 4 x slots on large shards, long steps on small ones
         block_m, block_n = 64, 128
         block_k, stages = (64, 4) if -(-n // 128) >= 50 else (128, 3)
+    elif tiled:
+        block_m, block_n, block_k, stages = (128 if m <= 128 else 256), 128, 128, 3
     elif m <= 128:
         block_m, block_n = 128, (256 if -(-n // 256) * -(-m // 128) >= 32 else 128)
         block_k, stages = (64 if block_n == 256 else 128), 3
@@ -297,7 +307,7 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     tiles = -(-n // block_n) * -(-m // block_m)
     if block_m == 64:  # memory-bound: keep every SM streaming (Llama TP 2 up: 112 tiles unsplit took 97 us)
         split_k = 1 if tiles >= 200 else 4
-    elif block_m == 128:  # compute-bound: split only short of a wave of tiles
+    elif block_m == 128 and not tiled:  # compute-bound: split only short of a wave of tiles
         split_k = 1 if tiles >= 100 else 4
     else:
         split_k = prefill_split(m, k, n, block_m, block_n, _num_sms(device))
@@ -306,7 +316,8 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device) -> dict:
 
 
 def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) -> int:
-    """The split-K (1..PREFILL_MAX_SPLIT) of the least prefill_seconds. With few tiles a wave's worth of SMs idles
+    """The split-K (1..PREFILL_MAX_SPLIT) of the least prefill_seconds (256-token tiles; on tiled words 128-token
+    ones too, prefill_config). With few tiles a wave's worth of SMs idles
     (Llama-2-13B down at M = 256: 40 tiles on 132 SMs, 3 splits fill 120); with many the partials cost more than
     they save. It picks the fastest of 1..5 on all 20 Llama-70B TP 2-8 and Granite-20B shard-M pairs at M = 512 /
     1024 of the sweep its rates are fitted to, on all 8 pairs of an earlier sweep of the Llama-2-13B and Granite-20B
