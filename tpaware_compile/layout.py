@@ -12,9 +12,11 @@ block, K-adjacent pairs in one register (wgmma.py). Here those 8 rows are the 8 
 j + 4 the adjacent pair, so the kernels unpack a word straight into the fragment and the MMA's K order is x's
 own: the prefill kernel's TMA reads x as it lies (with GPTQ's words x had to be rewritten in that order first,
 one launch per call: wgmma_prefill.x_in_mma_order). A thread's words of a 128-row step (b = 0..3) are
-contiguous: one 16-byte load per column (8 bytes for 64-row steps). Measured on an H100 (bench/README.md, "The
-tiled layout"): the one-token kernel 0.91-0.99x the time on N-major words over 16 Llama-70B / Granite-20B
-shapes. Words read down each column instead (qweight.t() contiguous: 64 bytes of a column per step) took
+contiguous: one 16-byte load per column. A 64-row step reads half of each of two 32-byte sectors (8 bytes per
+thread, 16 apart), so the prefill kernel runs 128-row steps on tiled words (kernels.prefill_config; slots
+8r + 2t + a for 64-row halves r cost the decode kernel 257 loop instructions per step instead of 229, not
+kept). Measured on an H100 (bench/README.md, "The tiled layout"): the one-token kernel 0.91-0.99x the time on
+N-major words over 16 Llama-70B / Granite-20B shapes. Words read down each column instead (qweight.t() contiguous: 64 bytes of a column per step) took
 1.11-1.27x on the larger shards, so a tile keeps 64 columns of a step together.
 
 The repack is a permutation of nibbles (``untile(tile(q))`` is q bit for bit). It needs K a multiple of 128 and

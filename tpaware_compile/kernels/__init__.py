@@ -329,9 +329,8 @@ def tile_rate(block_k: int) -> float:
 def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int,
                   rate: float = PREFILL_TILE_RATE) -> int:
     """The split-K (1..PREFILL_MAX_SPLIT) of the least prefill_seconds (256-token tiles; on tiled words 128-token
-    ones too, prefill_config). With few tiles a wave's worth of SMs idles
-    (Llama-2-13B down at M = 256: 40 tiles on 132 SMs, 3 splits fill 120); with many the partials cost more than
-    they save. It picks the fastest of 1..5 on all 20 Llama-70B TP 2-8 and Granite-20B shard-M pairs at M = 512 /
+    ones too, prefill_config). With few tiles a wave's worth of SMs idles (Llama-2-13B down at M = 256: 40 tiles
+    on 132 SMs, 3 splits fill 120); with many the partials cost more than they save. It picks the fastest of 1..5 on all 20 Llama-70B TP 2-8 and Granite-20B shard-M pairs at M = 512 /
     1024 of the sweep its rates are fitted to, on all 8 pairs of an earlier sweep of the Llama-2-13B and Granite-20B
     TP 1 shapes at M = 256 / 512, and the fastest of 1, 2, 4 on the 12 Llama-70B TP 1 and 8 pairs at M = 256..1024 of
     an earlier one (H100, bench/README.md)."""
@@ -341,7 +340,7 @@ def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int,
 
 def prefill_seconds(m: int, k: int, n: int, block_m: int, block_n: int, split: int, sms: int,
                     rate: float = PREFILL_TILE_RATE) -> float:
-    """Predicted time of the prefill kernel with 256-token tiles: the waves of programs (an SM runs one) times one
+    """Predicted time of the prefill kernel (block_m-token tiles): the waves of programs (an SM runs one) times one
     program's MMAs over K / split rows at ``rate`` (tile_rate), plus the fp32 partials' round trip through memory
     (H100 rates)."""
     waves = -(-(-(-n // block_n) * -(-m // block_m) * split) // sms)
