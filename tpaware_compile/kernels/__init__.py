@@ -57,10 +57,6 @@ PREFILL_MAX_M = 1024
 # (the call's other launches folded in); the rate at which the fp32 split-K partials are written and read back,
 # and at which the dequantize pass moves its 2.5 bytes per weight; cuBLAS's fp16 rate; the most splits swept
 PREFILL_TILE_RATE = 5.0e12
-# ... the multiply-add rate of the tile in 128-row steps (prefill_config on tiled words), fitted with the partials'
-# rate above to its 172 configs at M = 256 / 512 / 1024 in two H100 sweeps on tiled words (sweep_steps_3c26359,
-# sweep_pick_a81d8d4)
-PREFILL_TILE_RATE_128 = 5.55e12
 PARTIALS_RATE = 2.7e12
 DEQUANT_RATE = 2.6e12
 CUBLAS_RATE = 7.0e14
@@ -90,8 +86,7 @@ _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
            "gemv_rows_config", "wgmma_config", "tiled_wide_split", "sixty_four_token_split", "decode_split",
-           "prefill_config", "prefill_split", "prefill_seconds", "tile_rate", "dequant_seconds", "has_wgmma",
-           "INTERPRET"]
+           "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -155,7 +150,7 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
             return wgmma_config(m, k, n, group_size, device, tiled)
         cfg = prefill_config(m, k, n, group_size, device, tiled)
         if m <= PREFILL_ALWAYS_MAX_M or dequant_seconds(m, k, n) > prefill_seconds(
-                m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device), tile_rate(cfg["BLOCK_K"])):
+                m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device)):
             return cfg
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)
@@ -316,18 +311,12 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device, tiled: bool 
     elif block_m == 128 and not tiled:  # compute-bound: split only short of a wave of tiles
         split_k = 1 if tiles >= 100 else 4
     else:
-        split_k = prefill_split(m, k, n, block_m, block_n, _num_sms(device), tile_rate(block_k))
+        split_k = prefill_split(m, k, n, block_m, block_n, _num_sms(device))
     return dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 STAGES=stages, num_warps=8, SPLIT_K=split_k)
 
 
-def tile_rate(block_k: int) -> float:
-    """prefill_seconds' multiply-add rate for the prefill kernel in steps of block_k rows (the fit of each)."""
-    return PREFILL_TILE_RATE_128 if block_k == 128 else PREFILL_TILE_RATE
-
-
-def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int,
-                  rate: float = PREFILL_TILE_RATE) -> int:
+def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) -> int:
     """The split-K (1..PREFILL_MAX_SPLIT) of the least prefill_seconds (256-token tiles; on tiled words 128-token
     ones too, prefill_config). With few tiles a wave's worth of SMs idles (Llama-2-13B down at M = 256: 40 tiles
     on 132 SMs, 3 splits fill 120); with many the partials cost more than they save. It picks the fastest of 1..5 on all 20 Llama-70B TP 2-8 and Granite-20B shard-M pairs at M = 512 /
@@ -335,16 +324,16 @@ def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int,
     TP 1 shapes at M = 256 / 512, and the fastest of 1, 2, 4 on the 12 Llama-70B TP 1 and 8 pairs at M = 256..1024 of
     an earlier one (H100, bench/README.md)."""
     return min(range(1, PREFILL_MAX_SPLIT + 1),
-               key=lambda split: prefill_seconds(m, k, n, block_m, block_n, split, sms, rate))
+               key=lambda split: prefill_seconds(m, k, n, block_m, block_n, split, sms))
 
 
-def prefill_seconds(m: int, k: int, n: int, block_m: int, block_n: int, split: int, sms: int,
-                    rate: float = PREFILL_TILE_RATE) -> float:
+def prefill_seconds(m: int, k: int, n: int, block_m: int, block_n: int, split: int, sms: int) -> float:
     """Predicted time of the prefill kernel (block_m-token tiles): the waves of programs (an SM runs one) times one
-    program's MMAs over K / split rows at ``rate`` (tile_rate), plus the fp32 partials' round trip through memory
-    (H100 rates)."""
+    program's MMAs over K / split rows, plus the fp32 partials' round trip through memory (H100 rates). One rate for
+    64- and 128-row steps: a refit to the 128-row steps alone (5.55e12 against 5.0e12) moved 17 shard-M pairs, which
+    then took median 1.02x the time (0.86-1.20x, ab_tilerate_465a8ae), so it was not kept."""
     waves = -(-(-(-n // block_n) * -(-m // block_m) * split) // sms)
-    mma = waves * 2 * block_m * block_n * k / split / rate
+    mma = waves * 2 * block_m * block_n * k / split / PREFILL_TILE_RATE
     return mma + (split > 1) * split * m * n * 8 / PARTIALS_RATE
 
 
