@@ -328,6 +328,9 @@ def _only(cfgs, only):
                 and (c["BLOCK_M"], c["BLOCK_N"], c["STAGES"]) == (256, 128, 3)]
     if only == "steps":  # the prefill tiles of up to 3 x slots, a second launch reducing their split-K
         return [c for c in cfgs if c.get("PREFILL") and not c.get("SERIAL") and c["STAGES"] <= 3]
+    if only == "splits":  # the wgmma kernel's 64-column tile of 128-row steps at every split
+        return [c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL") and c["BLOCK_N"] == 64
+                and c["BLOCK_K"] == 128]
     if only == "parts":
         return parts_configs([c for c in cfgs if c.get("WGMMA") and not c.get("PREFILL")])
     if only == "decode":
@@ -351,7 +354,7 @@ def wgmma_configs(m):
     if not 1 <= m <= 64:
         return []
     bm = max(16, 1 << (m - 1).bit_length())
-    tiles = [(64, 128, sk) for sk in (2, 4, 5, 6, 8, 16)] + [(64, 64, sk) for sk in (4, 8, 16)]
+    tiles = [(64, 128, sk) for sk in (2, 4, 5, 6, 7, 8, 10, 12, 16)] + [(64, 64, sk) for sk in (4, 8, 16)]
     tiles += [(128, 64, sk) for sk in (4, 8)] if bm <= 32 else []  # larger tiles: 255 registers (kernel_regs.py)
     tiles += [(128, 128, sk) for sk in (2, 4, 8)] if bm <= 16 else []
     return [dict(kind="dot", WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk in tiles]
@@ -420,11 +423,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick", "steps"), default=None,
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick", "steps", "splits"),
+                    default=None,
                     help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, its 16-token "
                     "tiles beside two-part programs (parts), the 256 x 128 prefill tile's splits beside "
-                    "dequantize + cuBLAS (pick), or the prefill tiles of up to 3 x slots at every split, 64- and "
-                    "128-row steps (steps)")
+                    "dequantize + cuBLAS (pick), the prefill tiles of up to 3 x slots at every split, 64- and "
+                    "128-row steps (steps), or the wgmma kernel's 64 x 128-row tile at every split (splits)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
