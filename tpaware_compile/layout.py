@@ -16,8 +16,9 @@ contiguous: one 16-byte load per column. A 64-row step reads half of each of two
 thread, 16 apart), so the prefill kernel runs 128-row steps on tiled words (kernels.prefill_config; slots
 8r + 2t + a for 64-row halves r cost the decode kernel 257 loop instructions per step instead of 229, not
 kept). Measured on an H100 (bench/README.md, "The tiled layout"): the one-token kernel 0.91-0.99x the time on
-N-major words over 16 Llama-70B / Granite-20B shapes. Words read down each column instead (qweight.t() contiguous: 64 bytes of a column per step) took
-1.11-1.27x on the larger shards, so a tile keeps 64 columns of a step together.
+N-major words over 16 Llama-70B / Granite-20B shapes. Words read down each column instead (qweight.t()
+contiguous: 64 bytes of a column per step) took 1.11-1.27x on the larger shards, so a tile keeps 64 columns of a
+step together.
 
 The repack is a permutation of nibbles (``untile(tile(q))`` is q bit for bit). It needs K a multiple of 128 and
 N of 64 (``can_tile``), and a weight whose first group starts at row 0 (group offset 0: the kernels' 32-row

@@ -319,10 +319,11 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device, tiled: bool 
 def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) -> int:
     """The split-K (1..PREFILL_MAX_SPLIT) of the least prefill_seconds (256-token tiles; on tiled words 128-token
     ones too, prefill_config). With few tiles a wave's worth of SMs idles (Llama-2-13B down at M = 256: 40 tiles
-    on 132 SMs, 3 splits fill 120); with many the partials cost more than they save. It picks the fastest of 1..5 on all 20 Llama-70B TP 2-8 and Granite-20B shard-M pairs at M = 512 /
-    1024 of the sweep its rates are fitted to, on all 8 pairs of an earlier sweep of the Llama-2-13B and Granite-20B
-    TP 1 shapes at M = 256 / 512, and the fastest of 1, 2, 4 on the 12 Llama-70B TP 1 and 8 pairs at M = 256..1024 of
-    an earlier one (H100, bench/README.md)."""
+    on 132 SMs, 3 splits fill 120); with many the partials cost more than they save. It picks the fastest of 1..5
+    on all 20 Llama-70B TP 2-8 and Granite-20B shard-M pairs at M = 512 / 1024 of the sweep its rates are fitted
+    to, on all 8 pairs of an earlier sweep of the Llama-2-13B and Granite-20B TP 1 shapes at M = 256 / 512, and the
+    fastest of 1, 2, 4 on the 12 Llama-70B TP 1 and 8 pairs at M = 256..1024 of an earlier one (H100,
+    bench/README.md)."""
     return min(range(1, PREFILL_MAX_SPLIT + 1),
                key=lambda split: prefill_seconds(m, k, n, block_m, block_n, split, sms))
 
