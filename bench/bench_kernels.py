@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from tpaware_compile.kernels import (PREFILL_MAX_M, common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx,
-                                    gptq_mm_sorted, pick_config)
+                                    gptq_mm_sorted, pick_config, prefill_config)
 from tpaware_compile.layout import tile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,8 @@ GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
 PROVIDERS = ("tpaware", "tpaware_tiled", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded",
-             "tpaware_perm_gather", "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch")
+             "tpaware_perm_gather", "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch", "tpaware_tiled_stream",
+             "tpaware_tiled_split", "tpaware_tiled_dequant")
 # tpaware_tiled: tpaware's dispatch on the same weights with qweight in the tiled layout (layout.py)
 # tpaware_tldot: where tpaware runs the wgmma kernels (sm_90, M = 1..256 or 1024), the config it ran before them
 # (the GEMVs at M = 1, the two-row GEMV at M = 2, tl.dot kernels up to 128, dequantize + cuBLAS above)
@@ -45,6 +46,9 @@ PERM_PROVIDERS = ("tpaware_perm_folded", "tpaware_perm_gather")
 PERM_SHAPES = {("llama70b", 1, "up"), ("llama70b", 8, "up")}
 PERM_MS = (1, 16)
 ROWS_MS = (2, 4, 8)  # tpaware_rows: the multi-row GEMV (gemv_rows_config) beside tpaware's dispatch at these M
+# from 256 tokens on the tiled words, the dispatch's picks forced: tpaware_tiled_stream, the prefill kernel's config
+# (prefill_config) with stream-K (STREAM), tpaware_tiled_split the same without (its split-K), and
+# tpaware_tiled_dequant, dequantize + cuBLAS
 # tpaware_reduce_launch: tpaware's config with the split-K reduced by a second launch (SERIAL off: at M = 1 as up
 # to 53b9390, at M >= 2 as up to 582eb33), its floor with one launch more; at M <= 16, only when asked for
 
@@ -147,6 +151,8 @@ def launch_count(cfg, k) -> int:
     """Kernels per tpaware call: dequant + cuBLAS; or [x prep +] matmul [+ split-K reduction, unless SERIAL]."""
     if cfg["kind"] == "dequant":
         return 2
+    if cfg.get("STREAM"):  # tiled words: x as it lies; the kernel, then the sum of the tiles it cut
+        return 2
     split = common.split_plan(k // cfg["BLOCK_K"], cfg["SPLIT_K"])[1] > 1
     return 1 + int(split and not cfg.get("SERIAL")) + int(cfg["kind"] == "gemv")
 
@@ -203,6 +209,10 @@ def own_config(provider, k, n, m, device):
         return dict(cfg, SERIAL=False)
     if provider == "tpaware_tiled":
         return pick_config(m, k, n, GROUP, device, tiled=True)
+    if provider in ("tpaware_tiled_stream", "tpaware_tiled_split"):
+        return dict(prefill_config(m, k, n, GROUP, device, tiled=True), STREAM=provider == "tpaware_tiled_stream")
+    if provider == "tpaware_tiled_dequant":
+        return dict(kind="dequant")
     return cfg if provider == "tpaware" or provider in PERM_PROVIDERS else None
 
 
@@ -211,6 +221,8 @@ def provider_fns(provider, copies, x, k, n, m, perm):
         return tpaware_fns(copies, x)
     if provider == "tpaware_tiled":
         return tpaware_fns(tiled_copies(copies), x)
+    if provider in ("tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant"):
+        return tpaware_fns(tiled_copies(copies), x, own_config(provider, k, n, m, x.device))
     if provider in ("tpaware_rows", "tpaware_reduce_launch", "tpaware_tldot"):
         return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
     if provider in PERM_PROVIDERS:
@@ -239,13 +251,15 @@ def ms_for(model, tp, quick):
     return ms
 
 
-def skip(provider, model, tp, layer, m):
+def skip(provider, model, tp, layer, k, n, m):
     """Baselines too slow to be worth graph time at large M; the perm rows only where the rewrite leaves x[P1];
     the multi-row GEMV only at its M, where tpaware's dispatch, torch int4 and cuBLAS run beside it."""
     if provider in PERM_PROVIDERS:
         return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
     if provider == "tpaware_reduce_launch":
         return m > 16
+    if provider in ("tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant"):
+        return m < 256
     if provider == "tpaware_tldot":
         return m > PREFILL_MAX_M
     if m in ROWS_MS:
@@ -273,7 +287,7 @@ def run_shape(model, tp, layer, k, n, ms, bw, providers, rows):
         tp_floor = floor_of(pick_config(m, k, n, GROUP, x.device))
         roof = roof_bytes(k, n, m) / bw * 1e6
         for p in providers:
-            if skip(p, model, tp, layer, m):
+            if skip(p, model, tp, layer, k, n, m):
                 continue
             own = own_config(p, k, n, m, x.device)
             floor = tp_floor if own is None else floor_of(own)
@@ -434,7 +448,8 @@ def main():
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
     ap.add_argument("--tps", default="", help="comma-separated TP degrees to run (default: all)")
     ap.add_argument("--ms", default="", help="comma-separated M to run (default: per --quick)")
-    ap.add_argument("--providers", default=",".join(p for p in PROVIDERS if p != "tpaware_reduce_launch"))
+    ap.add_argument("--providers", default=",".join(p for p in PROVIDERS if p not in (
+        "tpaware_reduce_launch", "tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant")))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     head = header()

@@ -101,6 +101,25 @@ def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", 
                           options=dict(num_warps=warps))
 
 
+def compile_stream(block_m=256, block_n=128, block_k=128, stages=3, warps=8, dtype="fp16", group_size=128,
+                   out="fp16", tiled=True):
+    """The prefill kernel's stream-K form (wgmma_prefill._stream_kernel) compiled for sm_90a."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    fn = prefill._stream_kernel
+    tl_type = tl_dtype(DTYPES[dtype])
+    consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+                  DTYPE=tl_type, WARPS=warps, TILED=tiled, WORDS=wgmma.word_layout(block_n, block_k, warps, tiled))
+    layout = prefill.x_smem_layout(block_m, block_k, tl_type)
+    sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",
+           "sc_ptr": f"*{dtype}", "ws_ptr": "*fp32", "out_ptr": f"*{out}", "M": "i32", "N": "i32", "K": "i32",
+           "stride_q": "i32", "group_offset": "i32", "zero_offset": "i32", "base_bits": "i32", "tiles_m": "i32",
+           "whole": "i32", "pairs": "i32", "units": "i32", **{k: "constexpr" for k in consts}}
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
+               if sig[a].startswith("*") or a in ("N", "K", "stride_q")}
+    return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps))
+
+
 def ptxas_usage(kernel):
     """(registers per thread, spill store bytes, spill load bytes) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:

@@ -438,6 +438,67 @@ def test_dispatch_wgmma(monkeypatch):
                                                                                 65: (True, 128)}
 
 
+def _stream_pieces(plan):
+    """{tile: [(program, first pair, end pair)]}: the pieces _stream_kernel's loop gives each program of a
+    StreamPlan (its integer arithmetic, as the kernel writes it: program p runs tiles p, p + P, ... of the first
+    ``whole``, then units [p U / P, (p + 1) U / P) of the other tiles' pairs, tile by tile)."""
+    pieces = {}
+    for p in range(plan.programs):
+        for tile in range(p, plan.whole, plan.programs):
+            pieces.setdefault(tile, []).append((p, 0, plan.pairs))
+        start, end = p * plan.units // plan.programs, (p + 1) * plan.units // plan.programs
+        for t in range(start // plan.pairs, -(-end // plan.pairs)):
+            first, last = max(start, t * plan.pairs) - t * plan.pairs, min(end, t * plan.pairs + plan.pairs) - t * plan.pairs
+            pieces.setdefault(plan.whole + t, []).append((p, first, last))
+    return pieces
+
+
+@pytest.mark.parametrize("m,n,k,programs", [(300, 512, 1024, 7), (520, 512, 1024, 132), (257, 512, 2048, 3),
+                                            (512, 28672, 8192, 132), (256, 3072, 6144, 132), (1024, 28672, 8192, 132),
+                                            (768, 8192, 28672, 132), (300, 128, 256, 5), (256, 128 * 264, 256, 132)])
+def test_stream_schedule_covers_every_unit_once(m, n, k, programs):
+    """The stream-K plan: every pair of K-steps of every tile runs in exactly one program, each piece nonempty, the
+    data-parallel tiles whole; the kernel's _owner finds a streamed tile's first program and counts its pieces;
+    _ws_slot gives a cut tile's pieces distinct slots in [2 p, 2 p + 1] (a program cuts at most its first and its
+    last streamed tile), and no tile is cut in more than 3 pieces where there are as many tiles as programs."""
+    from tpaware_compile.kernels.wgmma_prefill import _owner, _ws_slot, stream_plan
+    owner, slot = _owner.fn, _ws_slot.fn  # the jit functions' Python bodies: integer arithmetic only
+    plan = stream_plan(m, n, k, 0, dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, PROGRAMS=programs))
+    assert plan.whole % plan.programs == 0 and 0 < plan.units
+    pieces = _stream_pieces(plan)
+    assert sorted(pieces) == list(range(plan.tiles))
+    for tile, got in pieces.items():
+        assert [a for _, a, _ in got] == [0] + [b for _, _, b in got[:-1]] and got[-1][2] == plan.pairs
+        assert all(a < b for _, a, b in got)
+        assert len(got) <= (3 if plan.tiles >= plan.programs else -(-plan.programs // plan.tiles) + 1)
+        if tile < plan.whole:
+            assert len(got) == 1
+            continue
+        t = tile - plan.whole
+        first_owner = owner(t * plan.pairs, plan.units, plan.programs)
+        assert [p for p, _, _ in got] == list(range(first_owner, first_owner + len(got)))
+        assert owner(t * plan.pairs + plan.pairs - 1, plan.units, plan.programs) == got[-1][0]
+        if len(got) > 1:
+            slots = [slot(p, t, plan.pairs, plan.units, plan.programs) for p, _, _ in got]
+            assert len(set(slots)) == len(slots) and all(2 * p <= s <= 2 * p + 1 for (p, _, _), s in zip(got, slots))
+    for p in range(plan.programs):
+        cut = [tile - plan.whole for tile, got in pieces.items() if len(got) > 1 and p in [q for q, _, _ in got]]
+        assert len({slot(p, t, plan.pairs, plan.units, plan.programs) for t in cut}) == len(cut) <= 2
+
+
+def test_stream_dispatch(monkeypatch):
+    """On tiled words the 256-token tiles run stream-K over one program per SM, their split-K kept for a launch
+    that cannot have tile counters; N-major words and 128-token tiles keep the split-K."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    for m in (129, 256, 300, 512):
+        cfg = K.pick_config(m, 8192, 28672, 128, cpu, wgmma=True, tiled=True)
+        assert (cfg["BLOCK_M"], cfg.get("STREAM"), cfg.get("PROGRAMS"), cfg["SPLIT_K"] >= 1) == (256, True, 132, True)
+        assert not K.pick_config(m, 8192, 28672, 128, cpu, wgmma=True).get("STREAM")
+    assert not K.pick_config(128, 8192, 28672, 128, cpu, wgmma=True, tiled=True).get("STREAM")
+
+
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
 PARTS_SWEEP = os.path.join(RESULTS, "sweep_parts_9155e9b_NVIDIA_H100_80GB_HBM3.json")  # tiled words in MMA order
 STEPS_SWEEP = os.path.join(RESULTS, "sweep_steps_3c26359_NVIDIA_H100_80GB_HBM3.json")
@@ -976,15 +1037,24 @@ GPU_CONFIGS = [
                       SPLIT_K=1)),
     ("dot", 300, dict(WGMMA=True, PREFILL=True, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, STAGES=3, num_warps=8,
                       SPLIT_K=3)),  # 128-row steps: the tiled words' 256-token tile
+    # ... stream-K (STREAM) over PROGRAMS programs: 8 output tiles cut in pieces of 1-11 pairs of K-steps
+    ("dot", 300, dict(WGMMA=True, PREFILL=True, STREAM=True, PROGRAMS=7, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128,
+                      STAGES=3, num_warps=8, SPLIT_K=1)),
+    ("dot", 520, dict(WGMMA=True, PREFILL=True, STREAM=True, PROGRAMS=132, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128,
+                      STAGES=3, num_warps=8, SPLIT_K=1)),
+    ("dot", 257, dict(WGMMA=True, PREFILL=True, STREAM=True, PROGRAMS=3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64,
+                      STAGES=3, num_warps=8, SPLIT_K=1)),
+    ("dot", 200, dict(WGMMA=True, PREFILL=True, STREAM=True, PROGRAMS=5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                      STAGES=3, num_warps=8, SPLIT_K=1)),
 ]
 
 
 def config_id(value):
     """Test ids of forced configs name the Hopper kernel's (``-k wgmma`` selects them; ``-k parts`` its two-part
-    programs)."""
+    programs, ``-k stream`` its prefill form's stream-K)."""
     if not isinstance(value, dict) or not value.get("WGMMA"):
         return None
-    return "wgmma_parts" if value.get("PARTS") else "wgmma"
+    return "wgmma_parts" if value.get("PARTS") else "wgmma_stream" if value.get("STREAM") else "wgmma"
 
 
 @pytest.mark.gpu
@@ -1224,6 +1294,51 @@ def _production_err(k, n, m, dtype, gs, off, perm_dtype=None, config=None, tiled
     y = gptq_mm_sorted(x, tile(qw) if tiled else qw, qz, sc, gs, off, 1, config=config, perm=perm)
     ref = gptq.reference_matmul(permuted(x, perm), w).float()
     return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+STREAM_CONFIG = dict(kind="dot", WGMMA=True, PREFILL=True, STREAM=True, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128,
+                     STAGES=3, num_warps=8, SPLIT_K=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,programs", [(300, 7), (520, 132), (257, 3)])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_swiglu_stream_gpu(m, programs, dtype, layout):
+    """The SwiGLU by stream-K (gate's and up's sums in fp32, then the activation's epilogue kernel), forced."""
+    tiled, off = layout_args(layout, 64)
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=128, off=off, zo=1, sym=False, dtype=dtype, seed=m,
+             tiled=tiled)
+    _poison()
+    assert run_swiglu_case(c, "cuda", config=dict(STREAM_CONFIG, PROGRAMS=programs)) < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(8192, 3584), (3584, 8192)])
+def test_stream_in_cuda_graph(k, n):
+    """Stream-K on the Llama-70B TP 8 shards (tiled words, 300 tokens: every tile cut between programs) captured
+    in a CUDA graph of back-to-back calls and replayed on new x: every call right."""
+    from tpaware_compile.kernels import gptq_mm_sorted
+    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+    qz = torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda")
+    sc = (torch.rand(k // 128, n, device="cuda") * 0.01 + 1e-3).half()
+    cfg = dict(STREAM_CONFIG, PROGRAMS=torch.cuda.get_device_properties(0).multi_processor_count)
+    x = torch.randn(4, 300, k, device="cuda").half()
+    tq = tile(qw)
+    call = lambda: [gptq_mm_sorted(x[i], tq, qz, sc, 128, 0, 1, config=cfg) for i in range(4)]  # noqa: E731
+    call()  # warm up (compiles) outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = call()
+    ref_w = gptq.dequantize(gptq.GPTQWeight(qw, qz, sc, None, 128, 1, 0), torch.float32)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        for y in ys:
+            y.fill_(float("nan"))
+        graph.replay()
+        errs = [((y.float() - x[i].float() @ ref_w).norm() / (x[i].float() @ ref_w).norm()).item()
+                for i, y in enumerate(ys)]
+        assert max(errs) < TOL[torch.float16], errs
 
 
 @pytest.mark.gpu

@@ -312,8 +312,11 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device, tiled: bool 
         split_k = 1 if tiles >= 100 else 4
     else:
         split_k = prefill_split(m, k, n, block_m, block_n, _num_sms(device))
-    return dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                STAGES=stages, num_warps=8, SPLIT_K=split_k)
+    cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+               STAGES=stages, num_warps=8, SPLIT_K=split_k)
+    if tiled and block_m == 256:  # stream-K: one program per SM (253 registers), SPLIT_K where it cannot run
+        cfg.update(STREAM=True, PROGRAMS=_num_sms(device))
+    return cfg
 
 
 def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) -> int:

@@ -20,7 +20,7 @@ from .common import serial_counters, split_plan
 from .gemm import dequantize_sorted, launch_dot, runs_wgmma
 from .gemv import launch_gemv
 from .gemv_prep import launch_gemv_prep, prepare_x
-from .wgmma_prefill import prefill_x
+from .wgmma_prefill import prefill_x, stream_mm
 
 
 @triton.jit
@@ -53,6 +53,12 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
         part = torch.empty((2, 1, m, n), dtype=x.dtype, device=x.device)
         for i, w in enumerate((gate, up)):
             torch.matmul(x, dequantize_sorted(*w, group_size, group_offset, zero_offset, x.dtype), out=part[i, 0])
+        return _silu_mul(part, out_dtype)
+    if cfg.get("STREAM") and runs_wgmma(cfg, x):  # gate and up summed in fp32, one prepared x for both
+        part = torch.empty((2, 1, m, n), dtype=torch.float32, device=x.device)
+        px = prefill_x(x, group_offset, cfg, is_tiled(gate[0]))
+        for i, w in enumerate((gate, up)):
+            stream_mm(px, *w, group_size, group_offset, zero_offset, part[i, 0], cfg)
         return _silu_mul(part, out_dtype)
     per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)

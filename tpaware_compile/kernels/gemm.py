@@ -17,7 +17,7 @@ from ..layout import is_tiled, packed_shape, word_stride
 from .common import (group_affine, is_interpreted, load_group, mantissa_args, nibble_floats, segment_rows,
                      split_k_matmul, splits_of, store_split, tl_dtype, word_offsets, word_rows)
 from .wgmma import X_DTYPES as WGMMA_DTYPES, launch_wgmma
-from .wgmma_prefill import launch_prefill
+from .wgmma_prefill import launch_prefill, stream_mm
 
 
 @triton.jit
@@ -125,7 +125,11 @@ def _dot_kernel_plain(
 
 
 def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
-    """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype."""
+    """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype. Config STREAM: the prefill
+    kernel's stream-K form (wgmma_prefill.stream_mm) for fp16 / bf16 x."""
+    if cfg.get("STREAM") and runs_wgmma(cfg, x):
+        out = torch.empty((x.shape[0], packed_shape(qweight)[1]), dtype=out_dtype, device=x.device)
+        return stream_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out, cfg)
     return split_k_matmul(launch_dot, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
                           cfg)
 
