@@ -487,16 +487,19 @@ def test_stream_schedule_covers_every_unit_once(m, n, k, programs):
 
 
 def test_stream_dispatch(monkeypatch):
-    """On tiled words the 256-token tiles run stream-K over one program per SM, their split-K kept for a launch
-    that cannot have tile counters; N-major words and 128-token tiles keep the split-K."""
+    """On tiled words the 256-token tiles run stream-K over one program per SM from two waves of tiles (Llama-70B
+    TP 1 up: 224 column blocks, so from 257 tokens, where its time model still loses to dequantize + cuBLAS's), the
+    split-K below and on N-major words."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
-    for m in (129, 256, 300, 512):
-        cfg = K.pick_config(m, 8192, 28672, 128, cpu, wgmma=True, tiled=True)
-        assert (cfg["BLOCK_M"], cfg.get("STREAM"), cfg.get("PROGRAMS"), cfg["SPLIT_K"] >= 1) == (256, True, 132, True)
-        assert not K.pick_config(m, 8192, 28672, 128, cpu, wgmma=True).get("STREAM")
-    assert not K.pick_config(128, 8192, 28672, 128, cpu, wgmma=True, tiled=True).get("STREAM")
+    got = {m: K.pick_config(m, 8192, 28672, 128, cpu, wgmma=True, tiled=True) for m in (256, 257, 300, 512, 1024)}
+    assert got[257] == dict(kind="dequant")
+    assert {m: (c["BLOCK_M"], c.get("STREAM"), c.get("PROGRAMS")) for m, c in got.items() if m != 257} == {
+        256: (256, None, None), 300: (256, True, 132), 512: (256, True, 132), 1024: (256, True, 132)}
+    assert not K.pick_config(512, 8192, 28672, 128, cpu, wgmma=True).get("STREAM")
+    assert not K.pick_config(1024, 28672, 8192, 128, cpu, wgmma=True, tiled=True).get("STREAM")  # 256 tiles
+    assert K.pick_config(1024, 8192, 14336, 128, cpu, wgmma=True, tiled=True).get("STREAM")  # 448 tiles
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")

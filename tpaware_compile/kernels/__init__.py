@@ -61,6 +61,14 @@ PARTIALS_RATE = 2.7e12
 DEQUANT_RATE = 2.6e12
 CUBLAS_RATE = 7.0e14
 PREFILL_MAX_SPLIT = 5
+# the prefill kernel's stream-K form (wgmma_prefill._stream_kernel: whole tiles in waves, the last full wave and the
+# rest shared out by pairs of K-steps) on tiled words from this many waves of 256-token tiles: on the 12 such
+# Llama-70B / Granite-20B shard-M pairs of an H100 run at M = 256..1024 it took 0.88-1.07x the split-K kernel's time
+# (median 0.97; Llama TP 1 up at 768 tokens 582 against 658 us), on the 68 others with fewer tiles median 1.06x (up
+# to 1.59x: their every tile is cut, stream_4_802a994, bench/README.md)
+STREAM_MIN_WAVES = 2
+# ... whose time on those 12 was 1.06-1.32x (median 1.15) the tiles' MMAs at PREFILL_TILE_RATE shared evenly
+STREAM_SLOWDOWN = 1.15
 DECODE_PROGRAMS_PER_SM = 6  # the wgmma kernel's 16-token tile: 80 registers x 128 threads (bench/kernel_regs.py)
 # one token on tiled words (capped at 80 registers too): the split of these that fills the last wave most was the
 # fastest on 11 of 13 Llama-70B / Granite-20B shapes of an H100 sweep, within 4% on the other two (4 or 8 alone:
@@ -150,7 +158,7 @@ def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional
             return wgmma_config(m, k, n, group_size, device, tiled)
         cfg = prefill_config(m, k, n, group_size, device, tiled)
         if m <= PREFILL_ALWAYS_MAX_M or dequant_seconds(m, k, n) > prefill_seconds(
-                m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device)):
+                m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device), cfg.get("STREAM", False)):
             return cfg
     if m <= GEMV_MAX_M:
         return _gemv_config(k, n, group_size, device)
@@ -314,8 +322,8 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device, tiled: bool 
         split_k = prefill_split(m, k, n, block_m, block_n, _num_sms(device))
     cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                STAGES=stages, num_warps=8, SPLIT_K=split_k)
-    if tiled and block_m == 256:  # stream-K: one program per SM (253 registers), SPLIT_K where it cannot run
-        cfg.update(STREAM=True, PROGRAMS=_num_sms(device))
+    if tiled and block_m == 256 and tiles >= STREAM_MIN_WAVES * _num_sms(device):
+        cfg.update(STREAM=True, PROGRAMS=_num_sms(device))  # one program per SM: 255 registers
     return cfg
 
 
@@ -331,12 +339,17 @@ def prefill_split(m: int, k: int, n: int, block_m: int, block_n: int, sms: int) 
                key=lambda split: prefill_seconds(m, k, n, block_m, block_n, split, sms))
 
 
-def prefill_seconds(m: int, k: int, n: int, block_m: int, block_n: int, split: int, sms: int) -> float:
+def prefill_seconds(m: int, k: int, n: int, block_m: int, block_n: int, split: int, sms: int,
+                    stream: bool = False) -> float:
     """Predicted time of the prefill kernel (block_m-token tiles): the waves of programs (an SM runs one) times one
     program's MMAs over K / split rows, plus the fp32 partials' round trip through memory (H100 rates). One rate for
     64- and 128-row steps: a refit to the 128-row steps alone (5.55e12 against 5.0e12) moved 17 shard-M pairs, which
-    then took median 1.02x the time (0.86-1.20x, ab_tilerate_465a8ae), so it was not kept."""
-    waves = -(-(-(-n // block_n) * -(-m // block_m) * split) // sms)
+    then took median 1.02x the time (0.86-1.20x, ab_tilerate_465a8ae), so it was not kept. With ``stream`` (its
+    stream-K form) the tiles' MMAs shared evenly between the SMs, times STREAM_SLOWDOWN."""
+    tiles = -(-n // block_n) * -(-m // block_m)
+    if stream:
+        return tiles / sms * 2 * block_m * block_n * k / PREFILL_TILE_RATE * STREAM_SLOWDOWN
+    waves = -(-tiles * split // sms)
     mma = waves * 2 * block_m * block_n * k / split / PREFILL_TILE_RATE
     return mma + (split > 1) * split * m * n * 8 / PARTIALS_RATE
 

@@ -238,7 +238,8 @@ def _prefill_kernel(
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
 
 
-@gluon.jit
+# tiles_m == 1 compiled as a constant spilled 512 bytes of registers (ptxas, sm_90a): one variant for every shape
+@gluon.jit(do_not_specialize=["tiles_m", "whole", "pairs", "units"])
 def _stream_kernel(
     x_desc, qw_ptr, qz_ptr, sc_ptr,  # as _prefill_kernel's
     ws_ptr,  # [programs, 2, BM * BN] fp32: each program's sums over its part of its first and of its last cut tile
