@@ -258,8 +258,8 @@ def _stream_kernel(
     so every SM gets the same work whatever the tile count. A tile it runs whole goes to out; its part of a tile
     cut between programs goes to its workspace slot (_ws_slot), which _stream_reduce_kernel sums after the launch.
     (Summing them here, in the last program of each tile to finish, took up to 2.7x the time of the split-K kernel
-    on an H100: its loads of the other programs' partial sums ran one at a time below the accumulator's
-    registers.)"""
+    on an H100, bench/README.md: presumably few of its loads of the other programs' sums were in flight beside
+    the accumulator's 128 registers.)"""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
