@@ -813,6 +813,20 @@ def test_prefill_weights_reach_mma_in_registers(bm, bn, bk, stages, warps, dtype
     assert kernel_regs.ptxas_usage(kernel)[1:] == (0, 0)  # no spill stores or loads
 
 
+@pytest.mark.parametrize("dtype,out,tiled,bk", [("fp16", "fp16", True, 128), ("bf16", "fp32", True, 128),
+                                               ("fp16", "fp16", False, 64)])
+def test_stream_weights_reach_mma_in_registers(dtype, out, tiled, bk):
+    """The stream-K form (256 x 128 tiles) compiled for sm_90a: A in registers, no spills, the tile counts compiled
+    as arguments (a count of 1 made a constant spilled: the kernel lists them as not to specialize)."""
+    from tpaware_compile.kernels.wgmma_prefill import _stream_kernel
+    kernel_regs = _sm90_compiler()
+    kernel = kernel_regs.compile_stream(block_k=bk, dtype=dtype, out=out, tiled=tiled)
+    mma = [line for line in kernel_regs.sass(kernel).splitlines() if "HGMMA" in line]
+    assert mma and all(re.search(r"HGMMA\.64x256x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
+    assert kernel_regs.ptxas_usage(kernel)[1:] == (0, 0)
+    assert {"tiles_m", "whole", "pairs", "units"} <= set(_stream_kernel.do_not_specialize)
+
+
 @pytest.mark.parametrize("bm,bn,bk,dtype", [(256, 128, 64, "fp16"), (128, 256, 64, "bf16"), (64, 128, 128, "fp16")])
 def test_prefill_epilogue_after_mma_wait(bm, bn, bk, dtype):
     """In the compiled prefill kernel (sm_90a, output in x's dtype: no split-K) nothing reads the accumulator

@@ -64,8 +64,8 @@ PREFILL_MAX_SPLIT = 5
 # the prefill kernel's stream-K form (wgmma_prefill._stream_kernel: whole tiles in waves, the last full wave and the
 # rest shared out by pairs of K-steps) on tiled words from this many waves of 256-token tiles: on the 12 such
 # Llama-70B / Granite-20B shard-M pairs of an H100 run at M = 256..1024 it took 0.88-1.07x the split-K kernel's time
-# (median 0.97; Llama TP 1 up at 768 tokens 582 against 658 us), on the 68 others with fewer tiles median 1.06x (up
-# to 1.59x: their every tile is cut, stream_4_802a994, bench/README.md)
+# (median 0.95; Llama TP 1 up at 768 tokens 582 against 658 us), on the 68 others with fewer tiles median 1.07x (0.79
+# to 1.59x: every tile streamed; stream_802a994, bench/README.md)
 STREAM_MIN_WAVES = 2
 # ... whose time on those 12 was 1.06-1.32x (median 1.15) the tiles' MMAs at PREFILL_TILE_RATE shared evenly
 STREAM_SLOWDOWN = 1.15

@@ -228,9 +228,10 @@ def _prefill_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
+    base_pair = base_bits * 0x10001  # R in both halves (wgmma.PAIR_BASE_BITS)
     acc = _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q,
-                    group_offset, zero_offset, base_bits * 0x10001, offs_nq, offs_w, GROUP_SIZE, BLOCK_M, BLOCK_N,
-                    BLOCK_K, STAGES, DTYPE, A_REGS, TILED, MMA)
+                    group_offset, zero_offset, base_pair, offs_nq, offs_w, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
+                    STAGES, DTYPE, A_REGS, TILED, MMA)
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
@@ -273,6 +274,7 @@ def _stream_kernel(
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     toks = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     local = gl.expand_dims(toks, 0) * BLOCK_N + gl.expand_dims(cols, 1)  # a slot holds [BM, BN], as out's rows
+    base_pair = base_bits * 0x10001  # R in both halves (wgmma.PAIR_BASE_BITS)
     start = pid * units // programs
     end = (pid + 1) * units // programs
     first_cut = whole // programs  # waves of whole tiles, then this program's part of the others (relative t)
@@ -285,8 +287,8 @@ def _stream_kernel(
         pid_m = tile % tiles_m
         offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
         acc = _tile_acc(pid_n, pid_m, 2 * first, gl.minimum(2 * last, steps), x_desc, x_smem, ready, qw_ptr,
-                        qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, base_bits * 0x10001, offs_nq,
-                        offs_w, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS, TILED, MMA)
+                        qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w,
+                        GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS, TILED, MMA)
         if last - first == pairs:
             offs_n = pid_n * BLOCK_N + cols
             offs_m = pid_m * BLOCK_M + toks
