@@ -76,24 +76,27 @@ def untile(qweight: torch.Tensor) -> torch.Tensor:
     return _from_mma_order(mma.reshape(words // 4, 4, n)).reshape(words, n)
 
 
+# nibble i of GPTQ word u of a 32-row block (row 8u + i) -> nibble j of word t in MMA order (nibble 4e + 2h + c of
+# word t: row 16h + 8c + 2t + e), with u = 2h + c, i = 2t + e, j = 4e + u
+_MMA_NIBBLES = [((u, 2 * t + e), (t, 4 * e + u)) for t in range(4) for e in range(2) for u in range(4)]
+
+
 def _to_mma_order(blocks: torch.Tensor) -> torch.Tensor:
-    """[B, 4, N] GPTQ words of 32-row blocks (word u, nibble i: row 8u + i) -> [B, 4, N] words in MMA order (word t,
-    nibble 4e + 2h + c: row 16h + 8c + 2t + e, i.e. word 2h + c's nibble 2t + e)."""
-    out = torch.zeros_like(blocks)
-    for t in range(4):
-        for e in range(2):
-            for u in range(4):  # u = 2h + c
-                out[:, t] |= ((blocks[:, u] >> 4 * (2 * t + e)) & 0xF) << 4 * (4 * e + u)
-    return out
+    """[B, 4, N] GPTQ words of 32-row blocks -> [B, 4, N] words in MMA order (_MMA_NIBBLES)."""
+    return _move_nibbles(blocks, _MMA_NIBBLES)
 
 
 def _from_mma_order(blocks: torch.Tensor) -> torch.Tensor:
     """The inverse of _to_mma_order."""
+    return _move_nibbles(blocks, [(dst, src) for src, dst in _MMA_NIBBLES])
+
+
+def _move_nibbles(blocks: torch.Tensor, moves) -> torch.Tensor:
+    """[B, 4, N] words -> new [B, 4, N] words: nibble i of word u goes to nibble j of word t for each ((u, i), (t, j))
+    of ``moves`` (all 32 nibbles of a block, once each)."""
     out = torch.zeros_like(blocks)
-    for t in range(4):
-        for e in range(2):
-            for u in range(4):
-                out[:, u] |= ((blocks[:, t] >> 4 * (4 * e + u)) & 0xF) << 4 * (2 * t + e)
+    for (u, i), (t, j) in moves:
+        out[:, t] |= ((blocks[:, u] >> 4 * i) & 0xF) << 4 * j
     return out
 
 

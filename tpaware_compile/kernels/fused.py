@@ -54,9 +54,10 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
         for i, w in enumerate((gate, up)):
             torch.matmul(x, dequantize_sorted(*w, group_size, group_offset, zero_offset, x.dtype), out=part[i, 0])
         return _silu_mul(part, out_dtype)
+    tiled = is_tiled(gate[0])  # so is up: gptq_swiglu_sorted checked their shapes
     if cfg.get("STREAM") and runs_wgmma(cfg, x):  # gate and up summed in fp32, one prepared x for both
         part = torch.empty((2, 1, m, n), dtype=torch.float32, device=x.device)
-        px = prefill_x(x, group_offset, cfg, is_tiled(gate[0]))
+        px = prefill_x(x, group_offset, cfg, tiled)
         for i, w in enumerate((gate, up)):
             stream_mm(px, *w, group_size, group_offset, zero_offset, part[i, 0], cfg)
         return _silu_mul(part, out_dtype)
@@ -68,7 +69,6 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
     counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or runs_wgmma(cfg, x) else None
     out = torch.empty((m, n), dtype=out_dtype, device=x.device) if counts is not None else None
-    tiled = is_tiled(gate[0])  # so is up: gptq_swiglu_sorted checked their shapes
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm, tiled) if cfg["kind"] == "gemv" else None
     if cfg.get("PREFILL") and runs_wgmma(cfg, x):  # x's TMA descriptor (and reorder) once, for both launches
         x = prefill_x(x, group_offset, cfg, tiled)
