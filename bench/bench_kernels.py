@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from tpaware_compile.kernels import (PREFILL_MAX_M, common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx,
-                                    gptq_mm_sorted, pick_config, prefill_config)
+                                    gptq_mm_sorted, launch_config, pick_config, prefill_config)
 from tpaware_compile.layout import tile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
 PROVIDERS = ("tpaware", "tpaware_tiled", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded",
              "tpaware_perm_gather", "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch", "tpaware_tiled_stream",
-             "tpaware_tiled_split", "tpaware_tiled_dequant")
+             "tpaware_tiled_split", "tpaware_tiled_dequant", "tpaware_tiled_one_launch")
 # tpaware_tiled: tpaware's dispatch on the same weights with qweight in the tiled layout (layout.py)
 # tpaware_tldot: where tpaware runs the wgmma kernels (sm_90, M = 1..256 or 1024), the config it ran before them
 # (the GEMVs at M = 1, the two-row GEMV at M = 2, tl.dot kernels up to 128, dequantize + cuBLAS above)
@@ -49,6 +49,8 @@ ROWS_MS = (2, 4, 8)  # tpaware_rows: the multi-row GEMV (gemv_rows_config) besid
 # from 256 tokens on the tiled words, the dispatch's picks forced: tpaware_tiled_stream, the prefill kernel's config
 # (prefill_config) with stream-K (STREAM), tpaware_tiled_split the same without (its split-K), and
 # tpaware_tiled_dequant, dequantize + cuBLAS
+# tpaware_tiled_one_launch: where tpaware_tiled runs whole 256-token tiles and the tokens past them as two launches
+# (pick_config's head_tail), the one launch over all tokens that ran before (launch_config)
 # tpaware_reduce_launch: tpaware's config with the split-K reduced by a second launch (SERIAL off: at M = 1 as up
 # to 53b9390, at M >= 2 as up to 582eb33), its floor with one launch more; at M <= 16, only when asked for
 
@@ -151,6 +153,8 @@ def launch_count(cfg, k) -> int:
     """Kernels per tpaware call: dequant + cuBLAS; or [x prep +] matmul [+ split-K reduction, unless SERIAL]."""
     if cfg["kind"] == "dequant":
         return 2
+    if cfg["kind"] == "head_tail":
+        return launch_count(cfg["HEAD"], k) + launch_count(cfg["TAIL"], k)
     if cfg.get("STREAM"):  # tiled words: x as it lies; the kernel, then the sum of the tiles it cut
         return 2
     split = common.split_plan(k // cfg["BLOCK_K"], cfg["SPLIT_K"])[1] > 1
@@ -213,6 +217,8 @@ def own_config(provider, k, n, m, device):
         return dict(prefill_config(m, k, n, GROUP, device, tiled=True), STREAM=provider == "tpaware_tiled_stream")
     if provider == "tpaware_tiled_dequant":
         return dict(kind="dequant")
+    if provider == "tpaware_tiled_one_launch":
+        return launch_config(m, k, n, GROUP, device, tiled=True)
     return cfg if provider == "tpaware" or provider in PERM_PROVIDERS else None
 
 
@@ -221,7 +227,8 @@ def provider_fns(provider, copies, x, k, n, m, perm):
         return tpaware_fns(copies, x)
     if provider == "tpaware_tiled":
         return tpaware_fns(tiled_copies(copies), x)
-    if provider in ("tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant"):
+    if provider in ("tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant",
+                    "tpaware_tiled_one_launch"):
         return tpaware_fns(tiled_copies(copies), x, own_config(provider, k, n, m, x.device))
     if provider in ("tpaware_rows", "tpaware_reduce_launch", "tpaware_tldot"):
         return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
@@ -260,6 +267,8 @@ def skip(provider, model, tp, layer, k, n, m):
         return m > 16
     if provider in ("tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant"):
         return m < 256
+    if provider == "tpaware_tiled_one_launch":
+        return pick_config(m, k, n, GROUP, torch.device("cuda"), tiled=True)["kind"] != "head_tail"
     if provider == "tpaware_tldot":
         return m > PREFILL_MAX_M
     if m in ROWS_MS:
@@ -449,7 +458,8 @@ def main():
     ap.add_argument("--tps", default="", help="comma-separated TP degrees to run (default: all)")
     ap.add_argument("--ms", default="", help="comma-separated M to run (default: per --quick)")
     ap.add_argument("--providers", default=",".join(p for p in PROVIDERS if p not in (
-        "tpaware_reduce_launch", "tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant")))
+        "tpaware_reduce_launch", "tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant",
+        "tpaware_tiled_one_launch")))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     head = header()

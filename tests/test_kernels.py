@@ -37,11 +37,17 @@ def make_weight(k, n, group_size, group_offset, zero_offset, sym, scale_dtype, d
     return w.replace(qweight=w.qweight.to(device), qzeros=w.qzeros.to(device), scales=w.scales.to(device))
 
 
+HEAD_TAIL_KINDS = {"head_tail": ("dot", "gemv_serial"), "head_tail_dequant": ("dequant", "dot_serial")}
+
+
 def interp_config(kind, n, group_size, k, split_k):
     gs = k if group_size == -1 else group_size
     from tpaware_compile.kernels.common import segment_rows
     if kind.endswith("_serial"):  # "gemv_serial", "gemv_plain_serial": split-K reduced inside the one launch
         return dict(interp_config(kind[:-len("_serial")], n, group_size, k, split_k), SERIAL=True)
+    if kind in HEAD_TAIL_KINDS:  # the first 2 rows on one kind, the rest on another, into one output
+        head, tail = (interp_config(part, n, group_size, k, split_k) for part in HEAD_TAIL_KINDS[kind])
+        return dict(kind="head_tail", HEAD_M=2, HEAD=head, TAIL=tail)
     if kind.startswith("gemv_rows"):  # "gemv_rows4": the multi-row GEMV, 4 activation rows per program
         return dict(kind="gemv", ROWS=int(kind[len("gemv_rows"):]), BLOCK_N=min(128, n), BLOCK_K=segment_rows(gs, 64),
                     SPLIT_K=split_k)
@@ -84,6 +90,11 @@ def _interp_cases():
                                                           ("gemv_rows2_serial", 3, 3, 64, 128, 64, "bf16")]):
         cases.append(dict(kind=kind, m=m, split_k=sk, k=256, n=n, gs=gs, off=off, zo=i % 2, sym=i == 3, dtype=dtype,
                           seed=950 + i))
+    # rows split between two configs (pick_config's head_tail): each writes its rows of one output
+    for i, (kind, m, sk, gs, off, dtype) in enumerate([("head_tail", 5, 2, 64, 8, "fp16"),
+                                                       ("head_tail_dequant", 19, 3, 128, 64, "bf16")]):
+        cases.append(dict(kind=kind, m=m, split_k=sk, k=256, n=192, gs=gs, off=off, zo=i % 2, sym=False, dtype=dtype,
+                          seed=980 + i))
     return cases
 
 
@@ -155,7 +166,8 @@ SWIGLU_CASES = [dict(kind=kind, m=m, split_k=sk, k=256, n=64, gs=gs, off=off, zo
                     ("gemv", 1, 2, 64, 8, 1, "fp16"), ("gemv_plain", 2, 1, 32, 0, 0, "bf16"),
                     ("dot", 5, 2, 128, 64, 1, "fp16"), ("dotplain", 20, 1, -1, 0, 0, "fp16"),
                     ("dequant", 3, 1, 64, 0, 1, "bf16"), ("gemv_rows4", 3, 2, 64, 8, 1, "fp16"),
-                    ("gemv_serial", 1, 3, 64, 8, 0, "bf16"), ("gemv_plain_serial", 2, 2, 32, 16, 1, "fp16")])]
+                    ("gemv_serial", 1, 3, 64, 8, 0, "bf16"), ("gemv_plain_serial", 2, 2, 32, 16, 1, "fp16"),
+                    ("head_tail", 5, 2, 64, 8, 1, "bf16"), ("head_tail_dequant", 4, 1, 32, 0, 0, "fp16")])]
 
 
 # x[..., perm] through the ops' perm (read by the x-prep kernel, gathered first for the other kinds): every kernel
@@ -418,7 +430,9 @@ def test_dispatch_wgmma(monkeypatch):
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
     got = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True) for m in (1, 2, 16, 17, 32, 33, 64, 65, 256, 257)}
-    assert got[257] == K.pick_config(257, 8192, 3584, 128, cpu, wgmma=False) == dict(kind="dequant")
+    assert K.launch_config(257, 8192, 3584, 128, cpu, wgmma=True) == dict(kind="dequant")  # one launch: padded
+    assert K.pick_config(257, 8192, 3584, 128, cpu, wgmma=False) == dict(kind="dequant")
+    assert got[257]["kind"] == "head_tail"  # 256 tokens on the prefill kernel, 1 on the decode kernel
     assert {m: (c.get("WGMMA"), c.get("PREFILL"), c["BLOCK_M"]) for m, c in got.items() if m <= 256} == {
         1: (True, None, 16), 2: (True, None, 16), 16: (True, None, 16), 17: (True, None, 32), 32: (True, None, 32),
         33: (True, True, 64), 64: (True, True, 64), 65: (True, True, 128), 256: (True, True, 256)}
@@ -494,13 +508,52 @@ def test_stream_dispatch(monkeypatch):
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
-    got = {m: K.pick_config(m, 8192, 28672, 128, cpu, wgmma=True, tiled=True) for m in (256, 257, 300, 512, 1024)}
+    got = {m: K.launch_config(m, 8192, 28672, 128, cpu, wgmma=True, tiled=True) for m in (256, 257, 300, 512, 1024)}
     assert got[257] == dict(kind="dequant")
     assert {m: (c["BLOCK_M"], c.get("STREAM"), c.get("PROGRAMS")) for m, c in got.items() if m != 257} == {
         256: (256, None, None), 300: (256, True, 132), 512: (256, True, 132), 1024: (256, True, 132)}
     assert not K.pick_config(512, 8192, 28672, 128, cpu, wgmma=True).get("STREAM")
     assert not K.pick_config(1024, 28672, 8192, 128, cpu, wgmma=True, tiled=True).get("STREAM")  # 256 tiles
     assert K.pick_config(1024, 8192, 14336, 128, cpu, wgmma=True, tiled=True).get("STREAM")  # 448 tiles
+
+
+def test_head_tail_dispatch(monkeypatch):
+    """Up to TAIL_MAX_M tokens after whole 256-token tiles run as their own launch where the whole tiles run the
+    prefill kernel (from 257 tokens, where one launch of padded tiles lost its time model to dequantize +
+    cuBLAS's, to 1024 + 128), each part on launch_config's config for its rows; not past 128 tokens, not where the
+    whole tiles would run dequantize + cuBLAS, nor without the prefill kernel."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    cpu = torch.device("cpu")
+
+    def parts(m, k=8192, n=28672, **kw):
+        c = K.pick_config(m, k, n, 128, cpu, **dict(dict(wgmma=True, tiled=True), **kw))
+        return (c["HEAD_M"], c["HEAD"], c["TAIL"]) if c["kind"] == "head_tail" else c["kind"]
+
+    for m in (257, 300, 384, 576, 800, 1030, 1100):
+        head = m - m % 256
+        assert parts(m) == (head, K.launch_config(head, 8192, 28672, 128, cpu, wgmma=True, tiled=True),
+                            K.launch_config(m - head, 8192, 28672, 128, cpu, wgmma=True, tiled=True)), m
+    assert parts(300)[2]["BLOCK_M"] == 64 and parts(384)[2]["BLOCK_M"] == 128 and parts(257)[2]["BLOCK_M"] == 16
+    assert [parts(m) for m in (200, 385, 1000, 1200)] == ["dot", "dot", "dot", "dequant"]  # 1000: 232 past 768
+    assert parts(300, n=3584, wgmma=False) == "dequant"  # no wgmma: dequantize + cuBLAS, one launch
+    assert parts(400, k=6144, n=3072) == "dequant" and parts(384, k=6144, n=3072)[0] == 256  # Granite TP 8 up
+    assert parts(300, tiled=False)[0] == 256  # N-major words too
+
+
+def test_head_tail_config_checked():
+    """A head_tail config whose HEAD_M leaves no rows to one part, or that nests another split, is refused before
+    any launch."""
+    from tpaware_compile.kernels import gptq_mm_sorted
+    w = make_weight(256, 64, 64, 0, 1, False, torch.float16)
+    x = torch.randn(4, 256).half()
+    part = dict(kind="dequant")
+    for cfg in (dict(kind="head_tail", HEAD_M=4, HEAD=part, TAIL=part), dict(kind="head_tail", HEAD_M=0, HEAD=part,
+                TAIL=part), dict(kind="head_tail", HEAD_M=2, HEAD=part, TAIL=dict(kind="head_tail"))):
+        with pytest.raises(ValueError, match="0 < HEAD_M < M"):
+            gptq_mm_sorted(x, w.qweight, w.qzeros, w.scales, 64, 0, 1, config=cfg)
+    with pytest.raises(ValueError, match="unknown kernel kind 'gemm'"):
+        gptq_mm_sorted(x, w.qweight, w.qzeros, w.scales, 64, 0, 1, config=dict(kind="gemm"))
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
@@ -1257,6 +1310,19 @@ def test_production_configs_gpu(k, n, m, dtype, gs, off, layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(8192, 28672), (28672, 8192), (8192, 3584), (6144, 3072)])
+@pytest.mark.parametrize("m", [257, 300, 384, 800])
+@pytest.mark.parametrize("dtype,gs,off,layout", [("fp16", 128, 0, "tiled"), ("bf16", 128, 64, "nmajor")])
+def test_head_tail_production_gpu(k, n, m, dtype, gs, off, layout):
+    """The dispatch's head_tail configs (whole 256-token tiles, then the rest as a second launch into the same
+    output) on Llama-70B / Granite-20B shards; the output poisoned, so rows neither part writes fail."""
+    from tpaware_compile.kernels import pick_config
+    tiled, off = layout_args(layout, off)
+    assert pick_config(m, k, n, gs, torch.device("cuda"), tiled=tiled)["kind"] in ("head_tail", "dequant")
+    assert _production_err(k, n, m, dtype, gs, off, tiled=tiled) < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("k,n,m", [(13824, 5120, 256), (13824, 5120, 512), (24576, 6144, 256), (6144, 24576, 256),
                                    (24576, 6144, 1000)])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 64), ("bf16", 128, 0)])
@@ -1267,9 +1333,10 @@ def test_prefill_split_configs_gpu(k, n, m, dtype, gs, off):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,dtype,off", [(300, "fp16", 64), (512, "bf16", 0)])
+@pytest.mark.parametrize("m,dtype,off", [(300, "fp16", 64), (512, "bf16", 0), (384, "bf16", 0)])
 def test_swiglu_prefill_dispatch_gpu(m, dtype, off):
-    """The dispatched SwiGLU on the Llama-2-13B gate / up shape: the prefill kernel, one reordered x for both."""
+    """The dispatched SwiGLU on the Llama-2-13B gate / up shape: the prefill kernel, one reordered x for both
+    (at 300 / 384 tokens its 256-token tiles, then the rest as the 64- / 128-token tile's launch)."""
     _poison()
     c = dict(kind="dot", m=m, split_k=0, k=5120, n=13824, gs=128, off=off, zo=1, sym=False, dtype=dtype, seed=m)
     assert run_swiglu_case(c, "cuda") < TOL[DTYPES[dtype]]

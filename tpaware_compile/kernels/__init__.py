@@ -89,12 +89,15 @@ WIDE_MIN_ROWS = 1536
 # cost (its start, its first loads, its 64 x 64 fp32 partial) as this many more rows of K, fitted to an H100 sweep
 SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM = 2
 SIXTY_FOUR_TOKEN_PROGRAM_ROWS = 1000
+# tokens past the last whole 256-token prefill tile: up to this many run as a second launch on the config of their
+# own M (the decode kernels, or a 128-token prefill tile) rather than padded to a 256-token tile (pick_config)
+TAIL_MAX_M = 128
 _SMS = {}
 _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "gemv_rows_config", "wgmma_config", "tiled_wide_split", "sixty_four_token_split", "decode_split",
-           "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
+           "launch_config", "gemv_rows_config", "wgmma_config", "tiled_wide_split", "sixty_four_token_split",
+           "decode_split", "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -146,9 +149,23 @@ def _num_sms(device) -> int:
 
 def pick_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional[bool] = None,
                 tiled: bool = False) -> dict:
-    """Kernel and block sizes per shape (a table from the H100 sweeps in bench/README.md). ``wgmma``: whether the
-    Hopper kernel may run (default: on sm_90 devices; gptq_mm_sorted passes False for fp32 x); ``tiled``: qweight
-    in the tiled layout (layout.py)."""
+    """Kernel and block sizes per shape (a table from the H100 sweeps in bench/README.md): launch_config's, or
+    where the prefill kernel would run whole 256-token tiles followed by up to TAIL_MAX_M tokens, a "head_tail"
+    config: HEAD_M rows (the whole tiles) on the HEAD config, the rest on the TAIL config (launch_config's for
+    their M), both into one output. ``wgmma``: whether the Hopper kernel may run (default: on sm_90 devices;
+    gptq_mm_sorted passes False for fp32 x); ``tiled``: qweight in the tiled layout (layout.py)."""
+    head = m - m % 256
+    if head and 0 < m - head <= TAIL_MAX_M:
+        head_cfg = launch_config(head, k, n, group_size, device, wgmma, tiled)
+        if head_cfg.get("PREFILL"):
+            return dict(kind="head_tail", HEAD_M=head, HEAD=head_cfg,
+                        TAIL=launch_config(m - head, k, n, group_size, device, wgmma, tiled))
+    return launch_config(m, k, n, group_size, device, wgmma, tiled)
+
+
+def launch_config(m: int, k: int, n: int, group_size: int, device, wgmma: Optional[bool] = None,
+                  tiled: bool = False) -> dict:
+    """The config of one launch over all M rows (pick_config's arguments)."""
     if INTERPRET:  # one config, large blocks: the interpreter costs ~ms per program and step
         kind = "gemv" if m <= GEMV_MAX_M else "dot"
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
@@ -398,14 +415,19 @@ def gptq_mm_sorted(
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
     args = (qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype)
-    if cfg["kind"] == "gemv":
-        y = gemv_prep(xc, *args, cfg, perm)
-    elif cfg["kind"] == "gemv_plain":
-        y = gemv(xc, *args, cfg)
-    elif cfg["kind"] == "dot":
-        y = dot_mm(xc, *args, cfg)
-    else:
-        y = dequant_mm(xc, *args)
+
+    def run(x, cfg, out=None):
+        if cfg["kind"] == "gemv":
+            return gemv_prep(x, *args, cfg, perm, out=out)
+        if cfg["kind"] == "gemv_plain":
+            return gemv(x, *args, cfg, out=out)
+        if cfg["kind"] == "dot":
+            return dot_mm(x, *args, cfg, out=out)
+        if cfg["kind"] == "dequant":
+            return dequant_mm(x, *args, out=out)
+        raise ValueError(f"unknown kernel kind {cfg['kind']!r}")
+
+    y = _head_and_tail(run, xc, n, out_dtype, cfg) if cfg["kind"] == "head_tail" else run(xc, cfg)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -434,8 +456,25 @@ def gptq_swiglu_sorted(
                                 tiled=is_tiled(gate[0]))
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
-    y = swiglu(xc, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm)
+
+    def run(x, cfg, out=None):
+        return swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm, out)
+
+    y = _head_and_tail(run, xc, n, out_dtype, cfg) if cfg["kind"] == "head_tail" else run(xc, cfg)
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def _head_and_tail(run, x, n, out_dtype, cfg) -> torch.Tensor:
+    """[M, N] from a "head_tail" config: ``run(rows of x, their config, their rows of the output)`` on the first
+    HEAD_M rows and on the rest (row slices of row-contiguous tensors: contiguous, so every kernel can write
+    them)."""
+    head = cfg["HEAD_M"]
+    if not 0 < head < x.shape[0] or "head_tail" in (cfg["HEAD"]["kind"], cfg["TAIL"]["kind"]):
+        raise ValueError(f"a head_tail config splits M = {x.shape[0]} rows once, at 0 < HEAD_M < M: got {cfg}")
+    out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
+    run(x[:head], cfg["HEAD"], out[:head])
+    run(x[head:], cfg["TAIL"], out[head:])
+    return out
 
 
 def _wgmma_for(x2) -> bool:

@@ -223,9 +223,9 @@ def serial_counters(cfg: dict, m: int, n: int, split_k: int, device):
     return tile_counters(triton.cdiv(n, cfg["BLOCK_N"]) * m, device)
 
 
-def splitk_buffers(m: int, n: int, split_k: int, dtype: torch.dtype, device):
-    """(buffer the kernel writes, final output). Without split-K they are one tensor."""
-    out = torch.empty((m, n), dtype=dtype, device=device)
+def splitk_buffers(m: int, n: int, split_k: int, dtype: torch.dtype, device, out=None):
+    """(buffer the kernel writes, final output: ``out`` where given). Without split-K they are one tensor."""
+    out = torch.empty((m, n), dtype=dtype, device=device) if out is None else out
     if split_k == 1:
         return out, out
     return torch.empty((split_k, m, n), dtype=torch.float32, device=device), out
@@ -236,12 +236,14 @@ def splits_of(part: torch.Tensor) -> int:
     return part.shape[0] if part.dim() == 3 else 1
 
 
-def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
+def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg,
+                   out=None):
     """Plan split-K over x's K (group offset included), run ``launch`` once into the partials, reduce them (inside
-    that launch with cfg SERIAL: ``launch`` then also takes out and counts)."""
+    that launch with cfg SERIAL: ``launch`` then also takes out and counts) into ``out`` (contiguous [M, N] in
+    out_dtype; a new tensor when None). Returns the output."""
     per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
     n = packed_shape(qweight)[1]
-    part, out = splitk_buffers(x.shape[0], n, split_k, out_dtype, x.device)
+    part, out = splitk_buffers(x.shape[0], n, split_k, out_dtype, x.device, out)
     counts = serial_counters(cfg, x.shape[0], n, split_k, x.device)
     serial = {} if counts is None else dict(out=out, counts=counts)
     launch(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, **serial)

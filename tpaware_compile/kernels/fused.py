@@ -42,9 +42,9 @@ def _silu_mul_reduce_kernel(
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
-    """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype; with perm [K]
-    (kind "gemv" only), of x[:, perm]."""
+def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None, out=None):
+    """x [M, K] (row-contiguous); gate / up = (qweight, qzeros, scales) -> [M, N] in out_dtype (into ``out``,
+    contiguous, where given); with perm [K] (kind "gemv" only), of x[:, perm]."""
     m, k = x.shape
     n = packed_shape(gate[0])[1]
     if perm is not None and cfg["kind"] != "gemv":
@@ -53,14 +53,14 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
         part = torch.empty((2, 1, m, n), dtype=x.dtype, device=x.device)
         for i, w in enumerate((gate, up)):
             torch.matmul(x, dequantize_sorted(*w, group_size, group_offset, zero_offset, x.dtype), out=part[i, 0])
-        return _silu_mul(part, out_dtype)
+        return _silu_mul(part, out_dtype, out)
     tiled = is_tiled(gate[0])  # so is up: gptq_swiglu_sorted checked their shapes
     if cfg.get("STREAM") and runs_wgmma(cfg, x):  # gate and up summed in fp32, one prepared x for both
         part = torch.empty((2, 1, m, n), dtype=torch.float32, device=x.device)
         px = prefill_x(x, group_offset, cfg, tiled)
         for i, w in enumerate((gate, up)):
             stream_mm(px, *w, group_size, group_offset, zero_offset, part[i, 0], cfg)
-        return _silu_mul(part, out_dtype)
+        return _silu_mul(part, out_dtype, out)
     per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
     # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma kernel (fp16 / bf16 x); the
@@ -68,7 +68,8 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     # of 76 configs in an H100 sweep, bench/README.md)
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
     counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or runs_wgmma(cfg, x) else None
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device) if counts is not None else None
+    if counts is not None and out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm, tiled) if cfg["kind"] == "gemv" else None
     if cfg.get("PREFILL") and runs_wgmma(cfg, x):  # x's TMA descriptor (and reorder) once, for both launches
         x = prefill_x(x, group_offset, cfg, tiled)
@@ -82,13 +83,14 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
             launch_gemv(x, *args, **serial)
         else:
             launch_dot(x, *args, **serial)
-    return out if counts is not None else _silu_mul(part, out_dtype)
+    return out if counts is not None else _silu_mul(part, out_dtype, out)
 
 
-def _silu_mul(part, out_dtype):
-    """silu(sum of gate partials) * (sum of up partials) from part [2, SPLIT_K, M, N] -> [M, N] in out_dtype."""
+def _silu_mul(part, out_dtype, out=None):
+    """silu(sum of gate partials) * (sum of up partials) from part [2, SPLIT_K, M, N] -> [M, N] in out_dtype (into
+    ``out`` where given)."""
     _, split_k, m, n = part.shape
-    out = torch.empty((m, n), dtype=out_dtype, device=part.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=part.device) if out is None else out
     block = 1024
     _silu_mul_reduce_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLIT_K=split_k, BLOCK=block)
     return out

@@ -124,14 +124,15 @@ def _dot_kernel_plain(
                 m_mask[:, None] & n_mask[None, :], SERIAL, SWIGLU)
 
 
-def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
-    """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype. Config STREAM: the prefill
-    kernel's stream-K form (wgmma_prefill.stream_mm) for fp16 / bf16 x."""
+def dot_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, out=None):
+    """x [M, K] (row-contiguous, dtype = dot operand dtype) -> [M, N] in out_dtype (into ``out`` where given).
+    Config STREAM: the prefill kernel's stream-K form (wgmma_prefill.stream_mm) for fp16 / bf16 x."""
     if cfg.get("STREAM") and runs_wgmma(cfg, x):
-        out = torch.empty((x.shape[0], packed_shape(qweight)[1]), dtype=out_dtype, device=x.device)
+        if out is None:
+            out = torch.empty((x.shape[0], packed_shape(qweight)[1]), dtype=out_dtype, device=x.device)
         return stream_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out, cfg)
     return split_k_matmul(launch_dot, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
-                          cfg)
+                          cfg, out)
 
 
 def runs_wgmma(cfg, x) -> bool:
@@ -204,7 +205,8 @@ def dequantize_sorted(qweight, qzeros, scales, group_size, group_offset, zero_of
     return w
 
 
-def dequant_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype):
-    """Large M: dequantize once into x's dtype, then cuBLAS (compute-bound there, so the extra pass is cheap)."""
+def dequant_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, out=None):
+    """Large M: dequantize once into x's dtype, then cuBLAS (compute-bound there, so the extra pass is cheap); into
+    ``out`` (in x's dtype) where given."""
     w = dequantize_sorted(qweight, qzeros, scales, group_size, group_offset, zero_offset, x.dtype)
-    return torch.matmul(x, w).to(out_dtype)
+    return torch.matmul(x, w).to(out_dtype) if out is None else torch.matmul(x, w, out=out)

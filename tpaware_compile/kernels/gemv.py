@@ -71,11 +71,12 @@ def _gemv_kernel(
     store_split(y, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, pid_m * N + offs_n, n_mask, SERIAL, SWIGLU)
 
 
-def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg):
-    """x [M, K] (row-contiguous) -> [M, N] in out_dtype. cfg: BLOCK_N, BLOCK_K, SPLIT_K (wanted), num_warps,
-    SERIAL (split-K reduced inside the one launch; default False: a second, reduction launch)."""
+def gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, out=None):
+    """x [M, K] (row-contiguous) -> [M, N] in out_dtype (into ``out`` where given). cfg: BLOCK_N, BLOCK_K, SPLIT_K
+    (wanted), num_warps, SERIAL (split-K reduced inside the one launch; default False: a second, reduction
+    launch)."""
     return split_k_matmul(launch_gemv, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype,
-                          cfg)
+                          cfg, out)
 
 
 def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,

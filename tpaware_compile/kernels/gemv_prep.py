@@ -217,17 +217,19 @@ def prepare_x(x, block_k, group_offset, perm=None, tiled=False):
     return xp, c, xs
 
 
-def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None):
-    """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm). cfg: BLOCK_N, BLOCK_K,
-    SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1), SERIAL (split-K reduced inside
-    the launch; default False: a reduction launch after it)."""
+def gemv_prep(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg, perm=None,
+              out=None):
+    """x [M, K] (row-contiguous) -> [M, N] in out_dtype (x[:, perm] @ W with perm; into ``out`` where given).
+    cfg: BLOCK_N, BLOCK_K, SPLIT_K (wanted), num_warps, ROWS (activation rows per program, default 1), SERIAL
+    (split-K reduced inside the launch; default False: a reduction launch after it)."""
     # its K-steps are the ones split_k_matmul plans
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm, is_tiled(qweight))
 
     def launch(x, *args, **serial):
         launch_gemv_prep(prep, x.shape[1], *args, **serial)
 
-    return split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg)
+    return split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg,
+                          out)
 
 
 def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg,
