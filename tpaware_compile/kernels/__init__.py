@@ -8,7 +8,8 @@ a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py)
 registers) for M = 1..32 (to 64 on tiled words) and its prefill form (wgmma_prefill.py: x through TMA) above, up
 to 256 (to 1024 where its time model beats dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2
 (gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS
-above.
+above. Where the prefill kernel runs whole 256-token tiles and at most TAIL_MAX_M tokens follow, those run as a
+second launch on their own M's config, into the same output (pick_config's "head_tail").
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
 gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
@@ -90,7 +91,10 @@ WIDE_MIN_ROWS = 1536
 SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM = 2
 SIXTY_FOUR_TOKEN_PROGRAM_ROWS = 1000
 # tokens past the last whole 256-token prefill tile: up to this many run as a second launch on the config of their
-# own M (the decode kernels, or a 128-token prefill tile) rather than padded to a 256-token tile (pick_config)
+# own M (the decode kernels, or a 128-token prefill tile) rather than padded to a 256-token tile (pick_config). On
+# the 99 Llama-70B / Granite-20B shard-M pairs of an H100 run at M = 257..1100 that took median 0.86x the time of the
+# one launch (0.56-1.21x: 10 small-shard pairs slower by over 2%, where the padded tiles shared a wave), and no
+# rule by tile count, shard size or tail size did clearly better (head_tail_ef32a74, bench/README.md)
 TAIL_MAX_M = 128
 _SMS = {}
 _CAPABILITY = {}
