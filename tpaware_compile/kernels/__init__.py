@@ -101,7 +101,8 @@ _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
            "launch_config", "gemv_rows_config", "wgmma_config", "tiled_wide_split", "sixty_four_token_split",
-           "decode_split", "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
+           "decode_split", "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma",
+           "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
