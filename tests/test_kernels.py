@@ -541,17 +541,6 @@ def test_head_tail_dispatch(monkeypatch):
     assert parts(300, tiled=False)[0] == 256  # N-major words too
 
 
-def test_whole_tiles():
-    """x for the prefill kernel's TMA: as it is within one tile or in whole tiles; else zero-padded to whole tiles,
-    its rows unchanged."""
-    from tpaware_compile.kernels.wgmma_prefill import whole_tiles
-    for m, rows in ((200, 200), (256, 256), (512, 512), (257, 512), (300, 512), (76, 76)):
-        x = torch.randn(m, 64).half()
-        got = whole_tiles(x, 256 if m > 128 else 128)
-        assert got.shape == (rows, 64) and torch.equal(got[:m], x) and not got[m:].any(), m
-        assert (got is x) == (rows == m)
-
-
 def test_head_tail_config_checked():
     """A head_tail config whose HEAD_M leaves no rows to one part, or that nests another split, is refused before
     any launch."""

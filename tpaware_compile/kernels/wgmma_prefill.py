@@ -87,14 +87,6 @@ def tma_ready(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 and aligned else x.clone(memory_format=torch.contiguous_format)
 
 
-def whole_tiles(x: torch.Tensor, block_m: int) -> torch.Tensor:
-    """x, or x in a zero-padded buffer of whole block_m-row tiles where it spans more than one tile and the last is
-    part-filled: the prefill kernel then took up to 1.4x the time with the TMA zero-filling that tile's rows past
-    M (H100, probe_tma_rows.py); its stores still stop at M."""
-    m = x.shape[0]
-    return x if m <= block_m or m % block_m == 0 else F.pad(x, (0, 0, 0, -m % block_m))
-
-
 class PrefillX(NamedTuple):
     """x prepared for prefill launches: the TMA descriptor of x itself (tiled words: layout.py) or of
     x_in_mma_order(x, group_offset) (N-major words) for one (BLOCK_M, BLOCK_K) tile, which gate's and up's launches
@@ -113,7 +105,7 @@ def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict, tiled: bool) -> Pre
     reordered and padded (x_in_mma_order)."""
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
-    xr = whole_tiles(tma_ready(x), bm) if tiled else x_in_mma_order(x, group_offset)
+    xr = tma_ready(x) if tiled else x_in_mma_order(x, group_offset)
     return PrefillX(TensorDescriptor.from_tensor(xr, [bm, bk], layout), group_offset, tiled, x.shape, x.dtype)
 
 
