@@ -93,8 +93,8 @@ SIXTY_FOUR_TOKEN_PROGRAM_ROWS = 1000
 # tokens past the last whole 256-token prefill tile: up to this many run as a second launch on the config of their
 # own M (the decode kernels, or a 128-token prefill tile) rather than padded to a 256-token tile (pick_config). On
 # the 99 Llama-70B / Granite-20B shard-M pairs of an H100 run at M = 257..1100 that took median 0.86x the time of the
-# one launch (0.56-1.21x: 10 small-shard pairs slower by over 2%, where the padded tiles shared a wave), and no
-# rule by tile count, shard size or tail size did clearly better (head_tail_ef32a74, bench/README.md)
+# one launch (0.56-1.21x; 10 pairs slower by over 2%, 8 of them on TP 4 / 8 shards, where padded tiles can share a
+# wave); no rule by tile count, shard size or tail size did clearly better (head_tail_ef32a74, bench/README.md)
 TAIL_MAX_M = 128
 _SMS = {}
 _CAPABILITY = {}
@@ -421,16 +421,17 @@ def gptq_mm_sorted(
     xc, out_dtype = _interpreter_upcast(x2)
     args = (qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype)
 
-    def run(x, cfg, out=None):
-        if cfg["kind"] == "gemv":
-            return gemv_prep(x, *args, cfg, perm, out=out)
-        if cfg["kind"] == "gemv_plain":
-            return gemv(x, *args, cfg, out=out)
-        if cfg["kind"] == "dot":
-            return dot_mm(x, *args, cfg, out=out)
-        if cfg["kind"] == "dequant":
-            return dequant_mm(x, *args, out=out)
-        raise ValueError(f"unknown kernel kind {cfg['kind']!r}")
+    def run(rows, rows_cfg, out=None):
+        kind = rows_cfg["kind"]
+        if kind == "gemv":
+            return gemv_prep(rows, *args, rows_cfg, perm, out=out)
+        if kind == "gemv_plain":
+            return gemv(rows, *args, rows_cfg, out=out)
+        if kind == "dot":
+            return dot_mm(rows, *args, rows_cfg, out=out)
+        if kind == "dequant":
+            return dequant_mm(rows, *args, out=out)
+        raise ValueError(f"unknown kernel kind {kind!r}")
 
     y = _head_and_tail(run, xc, n, out_dtype, cfg) if cfg["kind"] == "head_tail" else run(xc, cfg)
     return y.to(x.dtype).reshape(*lead, n)
@@ -462,8 +463,8 @@ def gptq_swiglu_sorted(
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
 
-    def run(x, cfg, out=None):
-        return swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, perm, out)
+    def run(rows, rows_cfg, out=None):
+        return swiglu(rows, gate, up, group_size, group_offset, zero_offset, out_dtype, rows_cfg, perm, out)
 
     y = _head_and_tail(run, xc, n, out_dtype, cfg) if cfg["kind"] == "head_tail" else run(xc, cfg)
     return y.to(x.dtype).reshape(*lead, n)
