@@ -246,17 +246,17 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
-    block_n, tiles = 64, -(-n // 64)
-    wide = tiled_wide_split(k, n, _num_sms(device)) if tiled and block_m == 16 and m > 1 else None
+    block_n, tiles, sms = 64, -(-n // 64), _num_sms(device)
+    wide = tiled_wide_split(k, n, sms) if tiled and block_m == 16 and m > 1 else None
     if m == 1:
         splits = ONE_TOKEN_TILED_SPLITS if tiled else (4, 8)
-        split_k = decode_split(tiles, _num_sms(device), DECODE_PROGRAMS_PER_SM, splits)
+        split_k = decode_split(tiles, sms, DECODE_PROGRAMS_PER_SM, splits)
     elif wide:
         block_n, split_k = 128, wide
     elif tiled and block_m == 16:
-        split_k = decode_split(tiles, _num_sms(device), TILED_PROGRAMS_PER_SM, (4, 5, 6, 8))
+        split_k = decode_split(tiles, sms, TILED_PROGRAMS_PER_SM, (4, 5, 6, 8))
     elif tiled and block_m == 64:
-        split_k = sixty_four_token_split(k, tiles, _num_sms(device))
+        split_k = sixty_four_token_split(k, tiles, sms)
     else:
         split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
     block_k = segment_rows(group_size, 128)
@@ -335,17 +335,17 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device, tiled: bool 
     else:
         block_m, block_n, block_k, stages = 256, 128, 64, 3
     block_k = segment_rows(group_size, block_k)
-    tiles = -(-n // block_n) * -(-m // block_m)
+    tiles, sms = -(-n // block_n) * -(-m // block_m), _num_sms(device)
     if block_m == 64:  # memory-bound: keep every SM streaming (Llama TP 2 up: 112 tiles unsplit took 97 us)
         split_k = 1 if tiles >= 200 else 4
     elif block_m == 128 and not tiled:  # compute-bound: split only short of a wave of tiles
         split_k = 1 if tiles >= 100 else 4
     else:
-        split_k = prefill_split(m, k, n, block_m, block_n, _num_sms(device))
+        split_k = prefill_split(m, k, n, block_m, block_n, sms)
     cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                STAGES=stages, num_warps=8, SPLIT_K=split_k)
-    if tiled and block_m == 256 and tiles >= STREAM_MIN_WAVES * _num_sms(device):
-        cfg.update(STREAM=True, PROGRAMS=_num_sms(device))  # one program per SM: 255 registers
+    if tiled and block_m == 256 and tiles >= STREAM_MIN_WAVES * sms:
+        cfg.update(STREAM=True, PROGRAMS=sms)  # one program per SM: 255 registers
     return cfg
 
 
