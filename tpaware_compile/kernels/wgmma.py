@@ -84,6 +84,20 @@ def x_layout(block_m: int, block_k: int) -> gl.BlockedLayout:
     return gl.BlockedLayout([1, 8], [32 // lanes_k, lanes_k], [NUM_WARPS, 1], [1, 0])
 
 
+@gluon.constexpr_function
+def mma_layout(block_m, warps):
+    """The accumulator out^T [BN, BM] of wgmma.mma_v3: a warpgroup's 64 output columns by block_m tokens per
+    instruction, ``warps`` warps stacked along the columns (every wgmma kernel here)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_m, 16])
+
+
+@gluon.constexpr_function
+def a_operand_layout(mma):
+    """The weight tile's layout as the MMA's A operand in registers (16-bit values, k_width 2) for accumulator
+    layout ``mma``."""
+    return gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+
+
 @gluon.jit
 def _pairs_fma(a, b, c, DTYPE: gl.constexpr):
     """a * b + c on the two 16-bit halves of int32 registers at once (fma.rn.{f16,bf16}x2: one rounding)."""
@@ -322,7 +336,7 @@ def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
                     GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                     DTYPE: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr):
     """The K-steps of a program of BLOCK_N columns; returns its accumulator."""
-    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    A_REGS: gl.constexpr = a_operand_layout(MMA)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     q, s, zw, xv = _step_loads(seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
@@ -349,7 +363,7 @@ def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
     """The K-steps of a program of two BLOCK_N-column parts side by side (offs_nq, offs_n: part 0's columns): one
     x tile per step serves both parts' MMAs, each part unpacked in turn, so x is read once per 2 BLOCK_N columns
     with the registers of one part's operand. Returns the two parts' accumulators."""
-    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    A_REGS: gl.constexpr = a_operand_layout(MMA)
     acc0 = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     acc1 = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -406,7 +420,7 @@ def _wgmma_kernel(
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
     PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
 ):
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    MMA: gl.constexpr = mma_layout(BLOCK_M, 4)  # one warpgroup (NUM_WARPS)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
     X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], DTYPE)
     pid_n = gl.program_id(0)

@@ -31,7 +31,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import is_interpreted, splits_of, store_split, tl_dtype
-from .wgmma import PAIR_BASE_BITS, a_operand, weight_loads, word_layout
+from .wgmma import PAIR_BASE_BITS, a_operand, a_operand_layout, mma_layout, weight_loads, word_layout
 
 TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
 
@@ -215,9 +215,8 @@ def _prefill_kernel(
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py)
     WORDS: gl.constexpr,  # wgmma.word_layout(BLOCK_N, BLOCK_K, WARPS, TILED)
 ):
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
-    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    MMA: gl.constexpr = mma_layout(BLOCK_M, WARPS)
+    A_REGS: gl.constexpr = a_operand_layout(MMA)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -261,9 +260,8 @@ def _stream_kernel(
     (Summing them here, in the last program of each tile to finish, took up to 2.7x the time of the split-K kernel
     on an H100, bench/README.md: presumably few of its loads of the other programs' sums were in flight beside
     the accumulator's 128 registers.)"""
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
-    A_REGS: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    MMA: gl.constexpr = mma_layout(BLOCK_M, WARPS)
+    A_REGS: gl.constexpr = a_operand_layout(MMA)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
