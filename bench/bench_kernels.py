@@ -409,17 +409,6 @@ def prefill_configs(m, n):
     return out
 
 
-def decode_stream_configs(m, k, n):
-    """The dispatched config on tiled words beside the wgmma decode kernel's stream-K (STREAM_PROGRAMS: 3-5
-    programs per SM under its 96-register cap, 6 under the one-token cap of 80, which spills)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    stream = dict(kind="dot", WGMMA=True, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=64, BLOCK_K=128,
-                  SPLIT_K=1, SERIAL=True)
-    return [launch_config(m, k, n, GROUP, torch.device("cuda"), tiled=True)] + [
-        dict(stream, STREAM_PROGRAMS=per_sm * sms) for per_sm in (3, 4, 5)] + [
-        dict(stream, STREAM_PROGRAMS=6 * sms, MAXNREG=80)]
-
-
 SWEEP_SHAPES = ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192))  # Llama-70B TP 1 and TP 8 up / down
 
 
@@ -437,9 +426,7 @@ def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES, only="", tiled=False):
             roof = roof_bytes(k, n, m) / bw * 1e6
             ref = graph_us(cublas_fns(k, n, m))
             print(f"sweep K={k} N={n} M={m} cublas_fp16 {ref:.1f} us", flush=True)
-            tried = decode_stream_configs(m, k, n) if only == "decode_stream" else _only(cfgs + prefill_configs(m, n),
-                                                                                         only)
-            for cfg in tried:
+            for cfg in _only(cfgs + prefill_configs(m, n), only):
                 try:
                     fns = tpaware_fns(timed, x, cfg)
                     us, err = graph_us(fns), check_tpaware(fns[0], copies[0], x)
@@ -459,13 +446,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick", "steps", "splits", "decode_stream"),
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick", "steps", "splits"),
                     default=None,
                     help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, its 16-token "
                     "tiles beside two-part programs (parts), the 256 x 128 prefill tile's splits beside "
                     "dequantize + cuBLAS (pick), the prefill tiles of up to 3 x slots at every split, 64- and "
-                    "128-row steps (steps), the wgmma kernel's 64 x 128-row tile at every split (splits), or its "
-                    "stream-K beside the dispatched config on tiled words (decode_stream)")
+                    "128-row steps (steps), or the wgmma kernel's 64 x 128-row tile at every split (splits)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")

@@ -14,13 +14,9 @@ import sys
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpaware_compile import gptq  # noqa: E402
-from tpaware_compile.kernels.common import (stream_max_parts, stream_parts, stream_span, stream_steps,  # noqa: E402
-                                            stream_tiles)
 from tpaware_compile.layout import tile  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-4}
@@ -271,7 +267,6 @@ def _worker():
             results["swiglu-" + case_id(c)] = f"{type(e).__name__}: {e}"
     results["dequant_exact"] = _dequant_exact("cpu")
     results["x_order"] = _x_order_exact("cpu")
-    results["stream_partition"] = _stream_partition("cpu")
     results["rows_not_pow2"] = _rows_must_be_power_of_two()
     results["wgmma_refused"] = _wgmma_refused_when_interpreted()
     from tpaware_compile.kernels.common import _TILE_COUNTS
@@ -828,23 +823,6 @@ def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu,
     assert len(mma) == bk // 16 * bn // 64, len(mma)  # one per 16 rows of K and 64 output columns
 
 
-@pytest.mark.parametrize("bm,dtype,serial,swiglu,even,tiled", [(16, "fp16", True, False, True, True),
-                                                                (16, "bf16", True, True, True, True),
-                                                                (32, "fp16", False, False, False, False)])
-def test_wgmma_stream_reaches_mma_in_registers(bm, dtype, serial, swiglu, even, tiled):
-    """The decode kernel's stream-K form (STREAM_PROGRAMS) compiled for sm_90a under the launch's register cap: A
-    in registers as in the split-K form, and no spills (at the one-token cap of 80 it reloaded spilled values every
-    K-step)."""
-    from tpaware_compile.kernels.wgmma import register_cap
-    kernel_regs = _sm90_compiler()
-    kernel = kernel_regs.compile_wgmma(bm, 64, 128, dtype, serial, swiglu, even=even, tiled=tiled, stream=True,
-                                       maxnreg=register_cap(1, (bm, 64, 128), tiled, stream=True))
-    mma = [line for line in kernel_regs.sass(kernel).splitlines() if "HGMMA" in line]
-    assert mma and all(re.search(rf"HGMMA\.64x{bm}x16\.F32(\.BF16)? R\d+, R\d+, gdesc", line) for line in mma), mma
-    regs, spill_st, spill_ld = kernel_regs.ptxas_usage(kernel)
-    assert spill_st == spill_ld == 0, (regs, spill_st, spill_ld)
-
-
 def test_wgmma_tiled_words_load_as_vectors():
     """With tiled words (layout.py) a thread's words of a column in a step are contiguous: the decode kernel's K-step
     loop loads them as 16-byte vectors (two per thread at 16 x 64 x 128, beside x's two) instead of eight 4-byte
@@ -965,68 +943,6 @@ def test_prefill_x_order_kernel_interpreter(interp_results):
 def test_prefill_x_order_kernel_gpu():
     res = _x_order_exact("cuda")
     assert all(res.values()), res
-
-
-STREAM_CASES = [(8, 8, 7), (8, 8, 64), (3, 5, 15), (48, 48, 660), (1, 10, 3), (5, 1, 5), (13, 7, 11), (2, 9, 17)]
-
-
-@triton.jit
-def _stream_cover_kernel(units_ptr, hits_ptr, parts_ptr, tiles, steps, SLOTS: tl.constexpr):
-    """Walks the decode kernel's stream-K share (common.stream_span / stream_tiles / stream_steps / stream_parts, as
-    wgmma._stream_steps calls them) and counts each unit and each (tile, part) it visits."""
-    program, programs = tl.program_id(0), tl.num_programs(0)
-    first, last = stream_span(program, programs, tiles * steps)
-    begin, end = stream_tiles(first, last, steps)
-    for t in range(begin, end):
-        seg_start, seg_end = stream_steps(t, first, last, steps)
-        for s in range(seg_start, seg_end):
-            tl.atomic_add(units_ptr + t * steps + s, 1)
-        part, parts = stream_parts(t, steps, program, programs, tiles * steps)
-        slot = tl.minimum(tl.maximum(part, 0), SLOTS - 1)  # outside [0, SLOTS - 1): the last slot, checked empty
-        tl.atomic_add(hits_ptr + t * SLOTS + slot, 1)
-        tl.store(parts_ptr + t * SLOTS + slot, parts)
-
-
-def _stream_partition(device) -> list:
-    """For each (tiles, steps, programs) of STREAM_CASES: every unit visited once, every tile's parts numbered
-    0..parts-1 once each, parts within stream_max_parts. Returns the failures (empty: all held)."""
-    bad = []
-    for tiles, steps, programs in STREAM_CASES:
-        most = stream_max_parts(steps, tiles * steps, programs)
-        slots = most + 1
-        units = torch.zeros(tiles * steps, dtype=torch.int32, device=device)
-        hits = torch.zeros(tiles, slots, dtype=torch.int32, device=device)
-        parts = torch.zeros(tiles, slots, dtype=torch.int32, device=device)
-        _stream_cover_kernel[(programs,)](units, hits, parts, tiles, steps, SLOTS=slots)
-        units, hits, parts = units.cpu(), hits.cpu(), parts.cpu()
-        for t in range(tiles):
-            n = int(hits[t].sum())
-            ok = (hits[t, :n] == 1).all() and (hits[t, n:] == 0).all() and (parts[t, :n] == n).all() and n <= most
-            if not ok:
-                bad.append(f"tiles {tiles} steps {steps} programs {programs}: tile {t} hits {hits[t].tolist()} "
-                           f"parts {parts[t].tolist()}")
-        if not (units == 1).all():
-            bad.append(f"tiles {tiles} steps {steps} programs {programs}: units visited {units.tolist()}")
-    return bad
-
-
-@pytest.mark.interpreter
-def test_stream_partition_interpreter(interp_results):
-    """The decode kernel's stream-K share, under the interpreter."""
-    assert interp_results["stream_partition"] == [], interp_results["stream_partition"]
-
-
-@pytest.mark.gpu
-def test_stream_partition_gpu():
-    bad = _stream_partition("cuda")
-    assert bad == [], bad
-
-
-def test_stream_max_parts_refuses_what_int32_cannot_hold():
-    assert stream_max_parts(8, 64, 7) == 2 and stream_max_parts(64, 14336, 660) == 5
-    for steps, units, programs in ((8, 64, 65), (8, 64, 0), (64, 2**26, 64)):
-        with pytest.raises(ValueError, match="stream-K"):
-            stream_max_parts(steps, units, programs)
 
 
 def test_prefill_x_must_match_launch():
@@ -1179,14 +1095,6 @@ GPU_CONFIGS = [
     ("dot", 2, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, PARTS=2)),
     ("dot", 16, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, PARTS=2)),
     ("dot", 7, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SERIAL=True, PARTS=2, MASKED=True)),
-    # ... stream-K over STREAM_PROGRAMS programs (each tile's K-steps shared out, programs crossing tiles): 8 column
-    # tiles; one unit per program (1000 clamps to the units); without SERIAL (zeroed partials, a reduction launch)
-    ("dot", 1, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, SERIAL=True, STREAM_PROGRAMS=7)),
-    ("dot", 5, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, SERIAL=True, STREAM_PROGRAMS=1000)),
-    ("dot", 16, dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, SERIAL=True, STREAM_PROGRAMS=3)),
-    ("dot", 20, dict(WGMMA=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, STREAM_PROGRAMS=13)),
-    ("dot", 40, dict(WGMMA=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, SERIAL=True, STREAM_PROGRAMS=9,
-                     MASKED=True)),
     # its prefill form (wgmma_prefill.py: x through TMA); fp32 x runs tl.dot with the same tiles
     ("dot", 130, dict(WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8,
                       SPLIT_K=1)),
@@ -1214,11 +1122,9 @@ GPU_CONFIGS = [
 
 def config_id(value):
     """Test ids of forced configs name the Hopper kernel's (``-k wgmma`` selects them; ``-k parts`` its two-part
-    programs, ``-k stream`` the stream-K of its prefill and decode forms, ``-k decode_stream`` the decode form's)."""
+    programs, ``-k stream`` its prefill form's stream-K)."""
     if not isinstance(value, dict) or not value.get("WGMMA"):
         return None
-    if value.get("STREAM_PROGRAMS"):
-        return "wgmma_decode_stream"
     return "wgmma_parts" if value.get("PARTS") else "wgmma_stream" if value.get("STREAM") else "wgmma"
 
 
@@ -1326,23 +1232,6 @@ def test_swiglu_perm_gpu(case, m, k, n):
     _poison()
     c = dict(case, m=m, k=k, n=n)
     assert run_swiglu_case(c, "cuda") < TOL[DTYPES[c["dtype"]]]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,dtype,gs,off,programs,serial", [(1, "fp16", 128, 64, 7, True), (16, "bf16", 32, 8, 50, True),
-                                                           (3, "fp16", 128, 0, 11, False), (1, "bf16", -1, 0, 5, True)])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_swiglu_decode_stream_gpu(m, dtype, gs, off, programs, serial, layout):
-    """The SwiGLU through the decode kernel's stream-K (STREAM_PROGRAMS, forced): gate's and up's launches share
-    the units out alike, so up's last program per tile sums gate's parts as its own; without SERIAL the epilogue
-    kernel sums zeroed partials."""
-    _poison()
-    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if gs == 32 else 128, SPLIT_K=1,
-               SERIAL=serial, STREAM_PROGRAMS=programs)
-    tiled, off = layout_args(layout, off)
-    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=60 + m,
-             tiled=tiled)
-    assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu

@@ -162,69 +162,24 @@ def _splitk_reduce_kernel(
 def store_split(y, part_ptr, out_ptr, count_ptr, gate_ptr, pid_k, MN, offs, mask, SERIAL: tl.constexpr,
                 SWIGLU: tl.constexpr):
     """Store a program's output tile y (any shape; offs = row * N + column of each element, mask its bounds) into
-    part [SPLIT_K, M, N] (or the output itself when there is no split-K): store_part with the split-K of the grid
-    (axis 1: the tile's SPLIT_K programs; axes 0 and 2 number the tiles)."""
-    store_part(y, part_ptr, out_ptr, count_ptr, gate_ptr, pid_k, tl.num_programs(1),
-               tl.program_id(2) * tl.num_programs(0) + tl.program_id(0), MN, offs, mask, SERIAL, SWIGLU)
-
-
-@triton.jit
-def store_part(y, part_ptr, out_ptr, count_ptr, gate_ptr, part, parts, tile, MN, offs, mask, SERIAL: tl.constexpr,
-               SWIGLU: tl.constexpr):
-    """Store y as partial ``part`` of the ``parts`` that output tile ``tile`` is summed from (part [parts, M, N]).
-    With SERIAL (one-launch split-K) the last of the tile's programs to finish then sums every partial in part
-    order (deterministic, as the reduction kernel) into out [M, N] and re-arms the tile's counter for the next
-    launch: no second launch. With SWIGLU this launch is up's, and out gets silu(gate) * up, gate summed from
-    gate_ptr's partials (written by the launch before, with the same parts; complete in stream order)."""
-    tl.store(part_ptr + part * MN + offs, y.to(part_ptr.dtype.element_ty), mask=mask)
+    part [SPLIT_K, M, N] (or the output itself when there is no split-K). With SERIAL (one-launch split-K) the
+    last of the tile's SPLIT_K programs (grid axis 1) to finish then sums every partial in split order
+    (deterministic, as the reduction kernel) into out [M, N] and re-arms the tile's counter for the next launch:
+    no second launch. With SWIGLU this launch is up's, and out gets silu(gate) * up, gate summed from gate_ptr's
+    partials (written by the launch before, complete in stream order)."""
+    tl.store(part_ptr + pid_k * MN + offs, y.to(part_ptr.dtype.element_ty), mask=mask)
     if SERIAL:
+        split_k = tl.num_programs(1)
+        tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
         tl.debug_barrier()  # every thread's partial is written before this program counts as done
         done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if done == parts - 1:
-            acc = _sum_splits(part_ptr, parts, MN, offs, mask)
+        if done == split_k - 1:
+            acc = _sum_splits(part_ptr, split_k, MN, offs, mask)
             if SWIGLU:
-                g = _sum_splits(gate_ptr, parts, MN, offs, mask)
+                g = _sum_splits(gate_ptr, split_k, MN, offs, mask)
                 acc = g / (1.0 + tl.exp(-g)) * acc
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def stream_span(program, programs, units):
-    """The units [first, last) of ``programs`` programs' even share of ``units`` (program p: [p U / P, (p+1) U / P)
-    rounded down, so every program gets U / P units rounded down or up; P <= U gives each at least one)."""
-    return program * units // programs, (program + 1) * units // programs
-
-
-@triton.jit
-def stream_tiles(first, last, steps):
-    """The tiles [begin, end) that units [first, last) meet (a tile is ``steps`` units)."""
-    return first // steps, tl.cdiv(last, steps)
-
-
-@triton.jit
-def stream_steps(tile, first, last, steps):
-    """The K-steps [begin, end) of ``tile`` among units [first, last)."""
-    return tl.maximum(first - tile * steps, 0), tl.minimum(last - tile * steps, steps)
-
-
-@triton.jit
-def stream_parts(tile, steps, program, programs, units):
-    """(which part, of how many) the program's units in tile ``tile`` (units tile * steps .. + steps) are, when
-    stream_span shares the units out: the tile's first program owns unit tile * steps, its last unit
-    (tile + 1) * steps - 1 (unit u's owner is the largest p with p U / P <= u: ((u + 1) P - 1) / U)."""
-    first = ((tile * steps + 1) * programs - 1) // units
-    last = ((tile + 1) * steps * programs - 1) // units
-    return program - first, last - first + 1
-
-
-def stream_max_parts(steps: int, units: int, programs: int) -> int:
-    """An upper bound on stream_parts' count over every tile of ``steps`` units: each program's share is at least
-    floor(U / P) units, so a tile meets at most steps // floor(U / P) + 2 of them."""
-    if not 0 < programs <= units or programs * units >= 2**31:
-        raise ValueError(f"stream-K needs 0 < programs <= units and programs * units < 2**31 (int32 in the kernel): "
-                         f"{programs} programs, {units} units")
-    return steps // (units // programs) + 2
 
 
 @triton.jit
@@ -281,39 +236,15 @@ def splits_of(part: torch.Tensor) -> int:
     return part.shape[0] if part.dim() == 3 else 1
 
 
-def plan_split(cfg: dict, segs: int, n: int):
-    """(K-steps per split, partials per output tile) of a launch over ``segs`` K-steps and N = n: split_plan's, or
-    for the decode kernel's stream-K (config STREAM_PROGRAMS, wgmma.py) no fixed steps per program and room for
-    the most partials a tile can have (stream_max_parts)."""
-    if cfg.get("STREAM_PROGRAMS"):
-        units = triton.cdiv(n, cfg["BLOCK_N"]) * segs
-        return 0, stream_max_parts(segs, units, stream_programs(cfg, units))
-    return split_plan(segs, cfg["SPLIT_K"])
-
-
-def stream_programs(cfg: dict, units: int) -> int:
-    """The programs of a stream-K launch over ``units`` (tile, K-step) pairs: STREAM_PROGRAMS, at most one per
-    unit."""
-    return min(cfg["STREAM_PROGRAMS"], units)
-
-
-def zero_unless_serial(part: torch.Tensor, counts, cfg: dict) -> None:
-    """A stream-K launch writes a tile's partials 0..parts-1 only; reduced by a second launch over all of them (no
-    counters: see tile_counters) the rest must be zeros."""
-    if counts is None and cfg.get("STREAM_PROGRAMS"):
-        part.zero_()
-
-
 def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype, cfg,
                    out=None):
     """Plan split-K over x's K (group offset included), run ``launch`` once into the partials, reduce them (inside
     that launch with cfg SERIAL: ``launch`` then also takes out and counts) into ``out`` (contiguous [M, N] in
     out_dtype; a new tensor when None). Returns the output."""
+    per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
     n = packed_shape(qweight)[1]
-    per, split_k = plan_split(cfg, triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), n)
     part, out = splitk_buffers(x.shape[0], n, split_k, out_dtype, x.device, out)
     counts = serial_counters(cfg, x.shape[0], n, split_k, x.device)
-    zero_unless_serial(part, counts, cfg)
     serial = {} if counts is None else dict(out=out, counts=counts)
     launch(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, **serial)
     return out if counts is not None else splitk_finish(part, out, split_k)

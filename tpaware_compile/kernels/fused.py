@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..layout import is_tiled, packed_shape
-from .common import plan_split, serial_counters, zero_unless_serial
+from .common import serial_counters, split_plan
 from .gemm import dequantize_sorted, launch_dot, runs_wgmma
 from .gemv import launch_gemv
 from .gemv_prep import launch_gemv_prep, prepare_x
@@ -61,14 +61,13 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
         for i, w in enumerate((gate, up)):
             stream_mm(px, *w, group_size, group_offset, zero_offset, part[i, 0], cfg)
         return _silu_mul(part, out_dtype, out)
-    per, split_k = plan_split(cfg, triton.cdiv(k + group_offset, cfg["BLOCK_K"]), n)  # as each kernel does
+    per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
     # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma kernel (fp16 / bf16 x); the
     # other kinds keep the epilogue kernel (the prefill kernel's in-launch reduction was slower: 1.5x, the median
     # of 76 configs in an H100 sweep, bench/README.md)
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
     counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or runs_wgmma(cfg, x) else None
-    zero_unless_serial(part, counts, cfg)
     if counts is not None and out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm, tiled) if cfg["kind"] == "gemv" else None

@@ -37,8 +37,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import (splits_of, store_part, store_split, stream_max_parts, stream_parts, stream_programs, stream_span,
-                     stream_steps, stream_tiles, tiled_offsets, tl_dtype)
+from .common import splits_of, store_split, tiled_offsets, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
@@ -55,10 +54,6 @@ ONE_TOKEN_TILED_REGISTERS = 80
 # fp16 or bf16) 4 run per SM, which was faster on the Llama-70B TP 1 / 2 up shards at 16 tokens (H100 sweep
 # sweep_parts: 52.5 against 57.1 us at TP 1)
 TWO_PART_REGISTERS = 128
-# The stream-K form of the 16-token tile on tiled words (STREAM_PROGRAMS: a loop over tiles around the K-steps)
-# takes 112 registers; capped at 96 it has no spills and 5 programs run per SM (at 80: 40 bytes, reloaded every
-# K-step; bench/kernel_regs.py)
-STREAM_TILED_REGISTERS = 96
 
 
 def _powers(n):
@@ -394,35 +389,6 @@ def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
 
 
 @gluon.jit
-def _stream_steps(x_smem, x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, final_ptr, count_ptr, gate_ptr, M, N, K, stride_xm,
-                  stride_q, group_offset, zero_offset, base_pair, offs_w, offs_kx, offs_mx, offs_m,
-                  GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                  DTYPE: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr, Q: gl.constexpr,
-                  SERIAL: gl.constexpr, SWIGLU: gl.constexpr):
-    """Stream-K: the (column tile, K-step) units of this program's token tile, tile-major, shared evenly between
-    the programs of grid axis 0 (common.stream_span), so that no SM idles in a part-filled last wave. A program
-    runs the steps of each tile its share meets and stores them as one of that tile's partials (stream_parts)."""
-    steps = gl.cdiv(K + group_offset, BLOCK_K)
-    tiles = gl.cdiv(N, BLOCK_N)
-    program, programs = gl.program_id(0), gl.num_programs(0)
-    first, last = stream_span(program, programs, tiles * steps)
-    begin, end = stream_tiles(first, last, steps)
-    for t in range(begin, end):
-        # a warp still in the last tile's final MMA reads an x slot this tile's first step may write
-        gl.thread_barrier()
-        offs_nq = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
-        offs_n = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        seg_start, seg_end = stream_steps(t, first, last, steps)
-        acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
-                              group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
-                              GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
-        offs, rows_ok = _output_tile(offs_m, offs_n, M, N)
-        part, parts = stream_parts(t, steps, program, programs, tiles * steps)
-        store_part(acc, out_ptr, final_ptr, count_ptr, gate_ptr, part, parts, gl.program_id(2) * tiles + t, M * N,
-                   offs, gl.expand_dims(offs_n < N, 1) & rows_ok, SERIAL, SWIGLU)
-
-
-@gluon.jit
 def _output_tile(offs_m, offs_n, M, N):
     """Offsets of a program's output tile [BN, BM] (row * N + column) and which of its rows lie inside x. Called
     after the K-steps, not before: kept live through the loop they took registers it needs (spills)."""
@@ -453,7 +419,6 @@ def _wgmma_kernel(
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
     PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
-    STREAM: gl.constexpr = False,  # stream-K over grid axis 0 (_stream_steps; out_ptr holds the partials)
 ):
     MMA: gl.constexpr = mma_layout(BLOCK_M, 4)  # one warpgroup (NUM_WARPS)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
@@ -474,11 +439,7 @@ def _wgmma_kernel(
     x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_M, BLOCK_K], X_SMEM)
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
-    if STREAM:
-        _stream_steps(x_smem, x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, final_ptr, count_ptr, gate_ptr, M, N, K,
-                      stride_xm, stride_q, group_offset, zero_offset, base_pair, offs_w, offs_kx, offs_mx, offs_m,
-                      GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA, Q, SERIAL, SWIGLU)
-    elif PARTS == 2:
+    if PARTS == 2:
         acc0, acc1 = _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                      stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx,
                                      offs_mx, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
@@ -497,15 +458,13 @@ def _wgmma_kernel(
                     gl.expand_dims(offs_n < N, 1) & rows_ok, SERIAL, SWIGLU)
 
 
-def register_cap(m: int, tiles: tuple, tiled: bool, parts: int = 1, stream: bool = False):
+def register_cap(m: int, tiles: tuple, tiled: bool, parts: int = 1):
     """ptxas's register limit for a launch (None: none): TWO_PART_REGISTERS for two-part programs;
-    STREAM_TILED_REGISTERS for the stream-K form of the 16 x 64 x 128 tile (``tiles``: BLOCK_M, BLOCK_N of a part,
-    BLOCK_K) on tiled words; ONE_TOKEN_TILED_REGISTERS for one token in that tile's split-K form, the one measured
-    (smaller steps need fewer registers than the cap, larger tiles would spill: bench/kernel_regs.py)."""
+    ONE_TOKEN_TILED_REGISTERS for one token in the dispatched 16 x 64 x 128 tile (``tiles``: BLOCK_M, BLOCK_N of a
+    part, BLOCK_K) on tiled words, the one measured (smaller steps need fewer registers than the cap, larger tiles
+    would spill: bench/kernel_regs.py)."""
     if parts == 2:
         return TWO_PART_REGISTERS
-    if stream:
-        return STREAM_TILED_REGISTERS if tiled and tuple(tiles) == (16, 64, 128) else None
     return ONE_TOKEN_TILED_REGISTERS if tiled and m == 1 and tuple(tiles) == (16, 64, 128) else None
 
 
@@ -516,25 +475,11 @@ def even_shape(k: int, n: int, group_offset: int, cfg: dict) -> bool:
     return group_offset == 0 and k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0 and not cfg.get("MASKED")
 
 
-def _stream_grid(cfg: dict, rows: int, n: int, partials: int, parts: int) -> int:
-    """Programs per token tile of a stream-K launch (config STREAM_PROGRAMS) over K = rows (group offset included),
-    after checking that ``partials`` (the buffer's) hold every tile's parts."""
-    if parts != 1:
-        raise ValueError(f"stream-K runs 64-column programs of one part: {cfg}")
-    steps = triton.cdiv(rows, cfg["BLOCK_K"])
-    units = triton.cdiv(n, cfg["BLOCK_N"]) * steps
-    programs = stream_programs(cfg, units)
-    if partials < stream_max_parts(steps, units, programs):
-        raise ValueError(f"{partials} partials per tile cannot hold a stream-K launch's parts ({cfg})")
-    return programs
-
-
 def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
                  counts=None, gate=None):
     """One launch into part [SPLIT_K, M, N] (or the [M, N] output); with counts also the in-launch reduction into
     out (silu(gate) * up with gate's partials). launch_dot's contract; x fp16 or bf16. Config PARTS 2: BLOCK_N 128
-    as two 64-column parts per program; STREAM_PROGRAMS P: stream-K over P programs per token tile (_stream_steps;
-    part from common.plan_split); MAXNREG overrides register_cap (sweeps)."""
+    as two 64-column parts per program; MAXNREG overrides register_cap (sweeps)."""
     m, k = x.shape
     n = packed_shape(qweight)[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -546,15 +491,12 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         raise ValueError(f"PARTS is 1, or 2 for BLOCK_N 128 as two 64-column parts: {cfg}")
     tiled = is_tiled(qweight)
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
-    stream = bool(cfg.get("STREAM_PROGRAMS"))
-    if stream:
-        grid = (_stream_grid(cfg, k + group_offset, n, splits_of(part), parts), 1, grid[2])
     bn //= parts
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
-        XL=x_layout(bm, bk), PARTS=parts, STREAM=stream, num_warps=NUM_WARPS,
-        maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts, stream)),
+        XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
+        maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),
     )
