@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tpaware_compile.kernels import (PREFILL_MAX_M, common, decode_split, dequantize_sorted, gemv_rows_config,
-                                    gptq_mm_gidx, gptq_mm_sorted, launch_config, pick_config, prefill_config)
+from tpaware_compile.kernels import (PREFILL_MAX_M, common, dequantize_sorted, gemv_rows_config, gptq_mm_gidx,
+                                    gptq_mm_sorted, launch_config, pick_config, prefill_config)
 from tpaware_compile.layout import tile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -409,20 +409,6 @@ def prefill_configs(m, n):
     return out
 
 
-def ring_configs(m, k, n):
-    """The dispatched config on tiled words beside the wgmma decode kernel's 16-token tile (64 columns, the split of
-    4-8 that fills the last wave of 6 programs per SM most, 80 registers) with its weights one step ahead in
-    registers and 2-5 steps ahead through a shared-memory ring (RING 3, 4, 6); and with the ring at 7 programs per
-    SM (72 registers: 24 bytes of spills, bench/kernel_regs.py)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = -(-n // 64)
-    base = dict(kind="dot", WGMMA=True, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=64, BLOCK_K=128,
-                SERIAL=True, SPLIT_K=decode_split(tiles, sms, 6, (4, 5, 6, 8)), MAXNREG=80)
-    seven = dict(base, SPLIT_K=decode_split(tiles, sms, 7, (4, 5, 6, 8)), MAXNREG=72, RING=4)
-    return [launch_config(m, k, n, GROUP, torch.device("cuda"), tiled=True), base] + [
-        dict(base, RING=ring) for ring in (3, 4, 6)] + [seven]
-
-
 SWEEP_SHAPES = ((8192, 28672), (28672, 8192), (8192, 3584), (3584, 8192))  # Llama-70B TP 1 and TP 8 up / down
 
 
@@ -440,8 +426,7 @@ def sweep(bw, only_ms=None, sweep_shapes=SWEEP_SHAPES, only="", tiled=False):
             roof = roof_bytes(k, n, m) / bw * 1e6
             ref = graph_us(cublas_fns(k, n, m))
             print(f"sweep K={k} N={n} M={m} cublas_fp16 {ref:.1f} us", flush=True)
-            tried = ring_configs(m, k, n) if only == "ring" else _only(cfgs + prefill_configs(m, n), only)
-            for cfg in tried:
+            for cfg in _only(cfgs + prefill_configs(m, n), only):
                 try:
                     fns = tpaware_fns(timed, x, cfg)
                     us, err = graph_us(fns), check_tpaware(fns[0], copies[0], x)
@@ -461,13 +446,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ms", default="", help="comma-separated M: sweep only these")
-    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick", "steps", "splits", "ring"),
+    ap.add_argument("--sweep-only", choices=("decode", "prefill", "parts", "pick", "steps", "splits"),
                     default=None,
                     help="sweep only the wgmma kernel's configs (decode), the prefill kernel's, its 16-token "
                     "tiles beside two-part programs (parts), the 256 x 128 prefill tile's splits beside "
                     "dequantize + cuBLAS (pick), the prefill tiles of up to 3 x slots at every split, 64- and "
-                    "128-row steps (steps), the wgmma kernel's 64 x 128-row tile at every split (splits), or its "
-                    "16-token tile's weights through a shared-memory ring (ring)")
+                    "128-row steps (steps), or the wgmma kernel's 64 x 128-row tile at every split (splits)")
     ap.add_argument("--sweep-shapes", default="", help="comma-separated KxN: sweep these (default: Llama-70B TP 1 / 8)")
     ap.add_argument("--sweep-tiled", action="store_true", help="sweep on qweight in the tiled layout (layout.py)")
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")

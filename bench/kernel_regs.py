@@ -58,19 +58,18 @@ def compile_gemv(rows, block_n, block_k, num_warps, group_size=128):
 
 
 def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=False, group_size=128, even=True,
-                  tiled=False, maxnreg=None, parts=1, ring=0):
+                  tiled=False, maxnreg=None, parts=1):
     """The Hopper kernel (wgmma.py) compiled for sm_90a: compiling checks that the unpacked weights reach the MMA
     operand layout without data movement (its convert_layout asserts it). even: the loads without masks that the
     launch picks where wgmma.even_shape holds (the TP shards), else the masked ones; tiled: qweight in the tiled
     layout (layout.py), else N-major; maxnreg: a register cap, as the launch sets one (wgmma.register_cap); parts:
-    2 for two block_n-column parts per program (config PARTS); ring: the weights' shared-memory slots (config
-    RING)."""
+    2 for two block_n-column parts per program (config PARTS)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = wgmma._wgmma_kernel
     consts = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   DTYPE=tl_dtype(DTYPES[dtype]), SERIAL=serial, SWIGLU=swiglu, EVEN=even, TILED=tiled,
                   WORDS=wgmma.word_layout(block_n, block_k, wgmma.NUM_WARPS, tiled),
-                  XL=wgmma.x_layout(block_m, block_k), PARTS=parts, RING=ring)
+                  XL=wgmma.x_layout(block_m, block_k), PARTS=parts)
     sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": f"*{dtype}", "out_ptr": "*fp32",
            "final_ptr": f"*{dtype}", "count_ptr": "*i32", "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_q": "i32", "group_offset": "i32", "zero_offset": "i32", "segs_per_split": "i32",

@@ -823,20 +823,6 @@ def test_wgmma_weights_reach_mma_in_registers(bm, bn, bk, dtype, serial, swiglu,
     assert len(mma) == bk // 16 * bn // 64, len(mma)  # one per 16 rows of K and 64 output columns
 
 
-@pytest.mark.parametrize("bm,dtype,ring", [(16, "fp16", 4), (16, "bf16", 3), (32, "fp16", 6)])
-def test_wgmma_ring_copies_weights_through_shared_memory(bm, dtype, ring):
-    """With RING the decode kernel's K-step loop (sm_90a, compiled here) copies the weights with cp.async (LDGSTS:
-    two 16-byte word copies, two zero words, one scale pair per thread) and loads only x from global memory (16-byte
-    loads: two per 16 tokens), with as many CTA barriers as without the ring (2) and A in registers; no spills."""
-    kernel_regs = _sm90_compiler()
-    kernel = kernel_regs.compile_wgmma(bm, 64, 128, dtype, tiled=True, ring=ring)
-    loop = kernel_regs.loop_body(kernel_regs.sass(kernel))
-    count = lambda op: sum(bool(re.search(op, line)) for line in loop)  # noqa: E731
-    assert (count(r"LDGSTS\.E\.BYPASS\.128"), count(r"LDGSTS\.E "), count(r"\bLDG\.")) == (2, 3, bm // 8)
-    assert count(r"BAR\.SYNC") == 2 and count(r"HGMMA\.64x\d+x16\.F32(\.BF16)? R\d+, R\d+, gdesc") == 8
-    assert kernel_regs.ptxas_usage(kernel)[1:] == (0, 0)
-
-
 def test_wgmma_tiled_words_load_as_vectors():
     """With tiled words (layout.py) a thread's words of a column in a step are contiguous: the decode kernel's K-step
     loop loads them as 16-byte vectors (two per thread at 16 x 64 x 128, beside x's two) instead of eight 4-byte
@@ -1246,53 +1232,6 @@ def test_swiglu_perm_gpu(case, m, k, n):
     _poison()
     c = dict(case, m=m, k=k, n=n)
     assert run_swiglu_case(c, "cuda") < TOL[DTYPES[c["dtype"]]]
-
-
-RING_CASES = [(1, "fp16", 128, 5, 4), (1, "bf16", 32, 3, 3), (16, "fp16", 64, 8, 6), (5, "bf16", -1, 2, 4),
-              (27, "fp16", 128, 16, 4), (64, "bf16", 128, 1, 2), (3, "fp16", 128, 8, 6)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,dtype,gs,split,ring", RING_CASES)
-@pytest.mark.parametrize("serial", [True, False])
-def test_wgmma_ring_gpu(m, dtype, gs, split, ring, serial):
-    """The decode kernel with its weights through a shared-memory ring (RING, forced) on tiled words: token tiles of
-    16-64, every group size, splits whose programs run fewer steps than the ring is deep (8 steps in 16 or 8
-    splits: one step each), the one-launch split-K and the reduction launch."""
-    _poison()
-    bk = min(128, 1024 if gs == -1 else gs)
-    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=64, BLOCK_K=bk,
-               SPLIT_K=split, SERIAL=serial, RING=ring)
-    case = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=0, zo=1, sym=False, dtype=dtype, seed=80 + m,
-                tiled=True)
-    err = run_case(case, "cuda", config=cfg)
-    assert err < TOL[DTYPES[dtype]], f"rel err {err}"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,dtype,gs,split,ring", RING_CASES[:4])
-def test_swiglu_ring_gpu(m, dtype, gs, split, ring):
-    """The SwiGLU through the ring (one-launch split-K: up's launch applies silu(gate) * up)."""
-    _poison()
-    cfg = dict(kind="dot", WGMMA=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=min(128, 1024 if gs == -1 else gs),
-               SPLIT_K=split, SERIAL=True, RING=ring)
-    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=0, zo=1, sym=False, dtype=dtype, seed=40 + m,
-             tiled=True)
-    assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
-
-
-def test_wgmma_ring_needs_tiled_even_one_part():
-    """RING is refused (before any launch) on N-major words, shapes with masked steps, two-part programs and a ring
-    of one slot."""
-    from tpaware_compile.kernels.wgmma import launch_wgmma
-    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, RING=4)
-    x = torch.zeros(1, 1024, dtype=torch.half)
-    nmajor = torch.zeros(128, 512, dtype=torch.int32)
-    for qweight, off, bad in ((nmajor, 0, cfg), (tile(nmajor), 64, cfg), (tile(nmajor), 0, dict(cfg, RING=1)),
-                              (tile(nmajor), 0, dict(cfg, BLOCK_N=128, PARTS=2)),
-                              (tile(nmajor), 0, dict(cfg, MASKED=True))):
-        with pytest.raises(ValueError, match="RING"):
-            launch_wgmma(x, qweight, None, None, 128, off, 0, None, 1, bad)
 
 
 @pytest.mark.gpu

@@ -34,7 +34,6 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..layout import is_tiled, packed_shape, word_stride
@@ -357,68 +356,6 @@ def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
 
 
 @gluon.jit
-def _ring_copies(w_ring, s_ring, z_ring, slot, seg, seg_end, qw_ptr, qz_ptr, sc_ptr, N, stride_q, offs_nq, offs_w,
-                 s_pairs, GROUP_SIZE: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Start copying K-step seg's words, scales and zero words into ring slot ``slot`` as one cp.async group (past
-    seg_end nothing is read: the slot gets zeros, never used). Words and zeros land where the thread that copies
-    them reads them (their layouts are the loop's), the scales as int32 pairs of columns s_pairs."""
-    live = seg < seg_end
-    g = (seg * BLOCK_K) // GROUP_SIZE
-    words = _tiled_slots(seg, offs_w, BLOCK_K)
-    async_copy.async_copy_global_to_shared(w_ring.index(slot), qw_ptr + _word_offsets(words, offs_nq, stride_q, True),
-                                           mask=live)
-    async_copy.async_copy_global_to_shared(z_ring.index(slot), qz_ptr + g * (N // 8) + offs_nq // 8, mask=live)
-    async_copy.async_copy_global_to_shared(s_ring.index(slot), sc_ptr.to(gl.pointer_type(gl.int32), bitcast=True) +
-                                           (g * N) // 2 + s_pairs, mask=live)
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _ring_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
-                group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_kx, offs_mx, GROUP_SIZE: gl.constexpr,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, DTYPE: gl.constexpr,
-                MMA: gl.constexpr, RING: gl.constexpr):
-    """_one_part_steps with the weights (words, scales, zero words) copied RING - 1 steps ahead into a ring of
-    shared-memory slots (cp.async) instead of one step ahead into registers: more bytes in flight per program
-    without the registers that would cost programs per SM. Tiled words, even shapes only (no masks: the ring's
-    copies past the split's end read nothing). x stays one step ahead in registers (it is read from L2)."""
-    A_REGS: gl.constexpr = a_operand_layout(MMA)
-    Q: gl.constexpr = offs_w.type.layout.parent
-    PAIRS: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    ROWS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # a slot of the rings below: unswizzled
-    w_ring = gl.allocate_shared_memory(gl.int32, [RING, BLOCK_N, BLOCK_K // 8], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    z_ring = gl.allocate_shared_memory(gl.int32, [RING, BLOCK_N], ROWS)
-    s_ring = gl.allocate_shared_memory(gl.int32, [RING, BLOCK_N // 2], ROWS)
-    s_pairs = gl.program_id(0) * (BLOCK_N // 2) + gl.arange(0, BLOCK_N // 2, layout=PAIRS)
-    for j in gl.static_range(RING - 1):
-        _ring_copies(w_ring, s_ring, z_ring, j, seg_start + j, seg_end, qw_ptr, qz_ptr, sc_ptr, N, stride_q, offs_nq,
-                     offs_w, s_pairs, GROUP_SIZE, BLOCK_K)
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    xv = _x_loads(seg_start, True, x_ptr, K, M, stride_xm, group_offset, offs_kx, offs_mx, BLOCK_K, True)
-    for seg in range(seg_start, seg_end):
-        i = seg - seg_start
-        nxv = _x_loads(gl.minimum(seg + 1, seg_end - 1), True, x_ptr, K, M, stride_xm, group_offset, offs_kx,
-                       offs_mx, BLOCK_K, True)
-        # this thread's copies of step seg are in; after the barrier every thread's are, and the warps are past the
-        # last step's MMA (which read the x slot written next)
-        async_copy.wait_group(RING - 2)
-        gl.thread_barrier()
-        slot = i % RING
-        q = w_ring.index(slot).load(Q)
-        zw = z_ring.index(slot).load(gl.SliceLayout(1, Q))
-        s = s_ring.index(slot)._reinterpret(DTYPE, [BLOCK_N], ROWS).load(gl.SliceLayout(1, MMA))
-        xt = _x_tile(x_smem, i, xv, BLOCK_K, True)  # its barrier: every warp has read slot i, so slot i - 1 too
-        _ring_copies(w_ring, s_ring, z_ring, (i + RING - 1) % RING, seg + RING - 1, seg_end, qw_ptr, qz_ptr, sc_ptr,
-                     N, stride_q, offs_nq, offs_w, s_pairs, GROUP_SIZE, BLOCK_K)
-        acc = _scaled_mma(acc, q, s, zw, offs_nq, xt, zero, base_pair, zero_offset, DTYPE, A_REGS, BLOCK_N, BLOCK_K,
-                          True)
-        xv = nxv
-    async_copy.wait_group(0)
-    return acc
-
-
-@gluon.jit
 def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                     group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                     GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
@@ -482,7 +419,6 @@ def _wgmma_kernel(
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
     PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
-    RING: gl.constexpr = 0,  # > 1: the weights RING - 1 steps ahead through shared memory (_ring_steps)
 ):
     MMA: gl.constexpr = mma_layout(BLOCK_M, 4)  # one warpgroup (NUM_WARPS)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
@@ -514,14 +450,9 @@ def _wgmma_kernel(
                                                            gl.expand_dims(offs_n + BLOCK_N < N, 1) & rows_ok),
                     SERIAL, SWIGLU)
     else:
-        if RING:
-            acc = _ring_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
-                              group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_kx, offs_mx, GROUP_SIZE,
-                              BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, MMA, RING)
-        else:
-            acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
-                                  stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx,
-                                  offs_mx, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
+        acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
+                              group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
+                              GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
         offs, rows_ok = _output_tile(offs_m, offs_n, M, N)
         store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, offs,
                     gl.expand_dims(offs_n < N, 1) & rows_ok, SERIAL, SWIGLU)
@@ -548,8 +479,7 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
                  counts=None, gate=None):
     """One launch into part [SPLIT_K, M, N] (or the [M, N] output); with counts also the in-launch reduction into
     out (silu(gate) * up with gate's partials). launch_dot's contract; x fp16 or bf16. Config PARTS 2: BLOCK_N 128
-    as two 64-column parts per program; RING r: the weights r - 1 steps ahead through shared memory (_ring_steps);
-    MAXNREG overrides register_cap (sweeps)."""
+    as two 64-column parts per program; MAXNREG overrides register_cap (sweeps)."""
     m, k = x.shape
     n = packed_shape(qweight)[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -560,17 +490,13 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     if parts not in (1, 2) or (parts == 2 and bn != 128):
         raise ValueError(f"PARTS is 1, or 2 for BLOCK_N 128 as two 64-column parts: {cfg}")
     tiled = is_tiled(qweight)
-    even = even_shape(k, n, group_offset, cfg)
-    ring = cfg.get("RING", 0)
-    if ring and not (ring > 1 and tiled and even and parts == 1):
-        raise ValueError(f"RING (2 or more slots) takes tiled words, an even shape and one part: {cfg}")
     grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
     bn //= parts
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
-        EVEN=even, TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled), XL=x_layout(bm, bk), PARTS=parts,
-        RING=ring, num_warps=NUM_WARPS,
+        EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
+        XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
         maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),
     )
