@@ -80,6 +80,13 @@ ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 # at 6 the split was up to 1.18x the fastest on the 26 shape-M pairs of the H100 sweep at M = 4 / 16
 # (sweep_parts_9155e9b), at 5 within 1.05x on all of them (bench/README.md)
 TILED_PROGRAMS_PER_SM = 5
+# ... and on small shards, where the largest of those splits leaves part of the first wave of programs empty, also
+# these, wherever each program keeps SMALL_SHARD_MIN_STEPS K-steps (small_shard_splits): in an H100 sweep of the
+# TP 8 shards (sweep_small_m1_3e8b653, sweep_small_m16_splits_3e8b653) Llama-70B up at one token took 9.8 us with
+# 12 splits against 10.6 with 8, and 11.6 with 10 at 16 tokens against 12.1; Granite-20B up at one token 8.1 with 10
+# against 8.4, at 16 tokens 10.1 with 12 (4 steps each) against 9.7 with 8
+SMALL_SHARD_SPLITS = (10, 12)
+SMALL_SHARD_MIN_STEPS = 5
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
 # wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
 # reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
@@ -100,7 +107,8 @@ _SMS = {}
 _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
-           "launch_config", "gemv_rows_config", "wgmma_config", "tiled_wide_split", "sixty_four_token_split",
+           "launch_config", "gemv_rows_config", "wgmma_config", "small_shard_splits", "tiled_wide_split",
+           "sixty_four_token_split",
            "decode_split", "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma",
            "INTERPRET"]
 
@@ -241,28 +249,41 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     tiled words: the one of ONE_TOKEN_TILED_SPLITS that fills the last wave most. On tiled words from 2 to 16
     tokens (5 programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11
     Llama-70B and Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns as
-    two 64-column parts (PARTS 2) where tiled_wide_split takes them. 64 tokens: 2 splits from 100 column tiles,
+    two 64-column parts (PARTS 2) where tiled_wide_split takes them. On tiled words 10 and 12 splits join those on
+    small shards (small_shard_splits). 64 tokens: 2 splits from 100 column tiles,
     else 4; on tiled words sixty_four_token_split."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
     block_n, tiles, sms = 64, -(-n // 64), _num_sms(device)
     wide = tiled_wide_split(k, n, sms) if tiled and block_m == 16 and m > 1 else None
-    if m == 1:
-        splits = ONE_TOKEN_TILED_SPLITS if tiled else (4, 8)
-        split_k = decode_split(tiles, sms, DECODE_PROGRAMS_PER_SM, splits)
+    block_k = segment_rows(group_size, 128)
+    if m == 1 and not tiled:
+        split_k = decode_split(tiles, sms, DECODE_PROGRAMS_PER_SM, (4, 8))
+    elif m == 1:
+        split_k = decode_split(tiles, sms, DECODE_PROGRAMS_PER_SM, small_shard_splits(
+            -(-k // block_k), tiles, DECODE_PROGRAMS_PER_SM * sms, ONE_TOKEN_TILED_SPLITS))
     elif wide:
         block_n, split_k = 128, wide
     elif tiled and block_m == 16:
-        split_k = decode_split(tiles, sms, TILED_PROGRAMS_PER_SM, (4, 5, 6, 8))
+        split_k = decode_split(tiles, sms, TILED_PROGRAMS_PER_SM, small_shard_splits(
+            -(-k // block_k), tiles, TILED_PROGRAMS_PER_SM * sms, (4, 5, 6, 8)))
     elif tiled and block_m == 64:
         split_k = sixty_four_token_split(k, tiles, sms)
     else:
         split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
-    block_k = segment_rows(group_size, 128)
     cfg = dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                SERIAL=True)
     return dict(cfg, PARTS=2) if wide else cfg
+
+
+def small_shard_splits(steps: int, tiles: int, places: int, splits: tuple) -> tuple:
+    """``splits`` for a decode tile over ``steps`` K-steps and ``tiles`` column tiles, plus SMALL_SHARD_SPLITS where
+    tiles x the largest of ``splits`` programs fill less than one wave of ``places`` and each program of the split
+    keeps SMALL_SHARD_MIN_STEPS steps (split_plan's steps per program)."""
+    if tiles * max(splits) >= places:
+        return splits
+    return splits + tuple(s for s in SMALL_SHARD_SPLITS if -(-steps // s) >= SMALL_SHARD_MIN_STEPS)
 
 
 def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
