@@ -7,10 +7,11 @@ host_us exceeds its gpu_us is host-bound in plain calls. Paths: ``op`` (the cust
 it, default dispatch), ``library`` (the same through an op registered with torch.library.Library.impl),
 ``direct`` (the same kernels without an op layer), ``dequant`` (dequantize + cuBLAS, what ran at M > 128 before
 the prefill kernel), ``cublas`` (fp16 matmul, for scale); and an empty op through each way of registering one.
-With --cprofile the Python functions of the ``op`` path at the largest M, by own time. Under torch.no_grad, as
-the model benchmarks run.
+With --cprofile the Python functions of the ``op`` path at the largest M, by own and by cumulative time; with
+--tiled qweight in the tiled layout, as the backend holds it on sm_90. Under torch.no_grad, as the model benchmarks
+run.
 
-    python bench/bench_host.py [--model llama2-13b] [--ms 1,16,512] [--cprofile] --out host.json
+    python bench/bench_host.py [--model llama2-13b] [--ms 1,16,512] [--cprofile] [--tiled] --out host.json
 """
 
 import argparse
@@ -30,6 +31,7 @@ from timing import graph_us, header  # noqa: E402
 
 import tpaware_compile.kernels.op  # noqa: E402,F401  (registers the tpaware:: fast ops)
 from tpaware_compile.kernels import gptq_mm_sorted, gptq_swiglu_sorted  # noqa: E402
+from tpaware_compile.layout import tile  # noqa: E402
 
 MODELS = {"llama2-13b": (5120, 13824), "llama2-7b": (4096, 11008), "llama70b-tp1": (8192, 28672)}
 GROUP = 128  # bench_kernels.make_gptq's group size
@@ -110,7 +112,7 @@ def dispatch_rows(calls: int):
 
 
 def profile_text(fn, calls: int) -> str:
-    """cProfile of ``calls`` calls behind hold_gpu: the top functions by own time."""
+    """cProfile of ``calls`` calls behind hold_gpu: the top functions by own time, then by cumulative time."""
     hold_gpu()
     prof = cProfile.Profile()
     prof.enable()
@@ -120,6 +122,7 @@ def profile_text(fn, calls: int) -> str:
     torch.cuda.synchronize()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(40)
     return s.getvalue()
 
 
@@ -129,9 +132,10 @@ def main():
     p.add_argument("--ms", default="1,16,512")
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--tiled", action="store_true", help="qweight tiled (layout.py), as the backend holds it on sm_90")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    head = header()
+    head = dict(header(), tiled=a.tiled)
     print(head, flush=True)
     hidden, inter = MODELS[a.model]
     ms = [int(s) for s in a.ms.split(",")]
@@ -139,6 +143,7 @@ def main():
     _lib = library_ops()  # held: the tpaware_host ops live as long as their Library object
     for kind, k, n in (("swiglu", hidden, inter), ("mm", inter, hidden)):
         ws = make_gptq(k, n, 2)
+        ws = [(tile(q), z, s) for q, z, s in ws] if a.tiled else ws
         for m in ms:
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
             fns = paths(kind, x, ws)
