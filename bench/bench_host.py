@@ -111,6 +111,44 @@ def dispatch_rows(calls: int):
     return rows
 
 
+def layer_rows(model: str, calls: int):
+    """Host time of each layer of one M = 1 call of the mm (down) shape on tiled words, innermost last: the whole
+    gptq_mm_sorted, its config pick, its argument checks, split_k_matmul (buffers, counters, the launch),
+    launch_wgmma (the launch with everything prepared), and the bare JIT launch of the same kernel."""
+    from tpaware_compile.kernels import check_sorted_args, pick_config
+    from tpaware_compile.kernels import wgmma
+    from tpaware_compile.kernels.common import split_k_matmul, tile_counters
+    hidden, inter = MODELS[model]
+    q, z, sc = [(tile(q), z, s) for q, z, s in make_gptq(inter, hidden, 1)][0]
+    x = torch.randn(1, inter, dtype=torch.float16, device="cuda")
+    cfg = pick_config(1, inter, hidden, GROUP, x.device, tiled=True)
+    part = torch.empty((cfg["SPLIT_K"], 1, hidden), dtype=torch.float32, device="cuda")
+    out = torch.empty((1, hidden), dtype=torch.float16, device="cuda")
+    counts = tile_counters(hidden // cfg["BLOCK_N"], x.device)
+    per = -(-inter // cfg["BLOCK_K"] // cfg["SPLIT_K"])
+    grid = (hidden // cfg["BLOCK_N"], cfg["SPLIT_K"], 1)
+    consts = dict(GROUP_SIZE=GROUP, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, DTYPE=wgmma.tl_dtype(x.dtype), SERIAL=True,
+                  SWIGLU=False, EVEN=True, TILED=True, WORDS=wgmma.word_layout(64, 128, wgmma.NUM_WARPS, True),
+                  XL=wgmma.x_layout(16, 128), PARTS=1, num_warps=wgmma.NUM_WARPS,
+                  maxnreg=wgmma.register_cap(1, (16, 64, 128), True))
+    fns = dict(
+        gptq_mm_sorted=lambda: gptq_mm_sorted(x, q, z, sc, GROUP),
+        pick_config=lambda: pick_config(1, inter, hidden, GROUP, x.device, tiled=True),
+        check_sorted_args=lambda: check_sorted_args(x, q, z, sc, GROUP, 0, 0),
+        split_k_matmul=lambda: split_k_matmul(wgmma.launch_wgmma, x, q, z, sc, GROUP, 0, 0, x.dtype, cfg),
+        launch_wgmma=lambda: wgmma.launch_wgmma(x, q, z, sc, GROUP, 0, 0, part, per, cfg, out, counts),
+        jit_launch=lambda: wgmma._wgmma_kernel[grid](x, q, z, sc, part, out, counts, None, 1, hidden, inter,
+                                                      x.stride(0), q.stride(0), 0, 0, per,
+                                                      wgmma.PAIR_BASE_BITS[x.dtype], **consts),
+    )
+    rows = []
+    for name, fn in fns.items():
+        fn()
+        rows.append(dict(kind="layers", model=model, K=inter, N=hidden, M=1, path=name, host_us=host_us(fn, calls)))
+        print(f"layers {name:>18}: host {rows[-1]['host_us']:7.1f} us", flush=True)
+    return rows
+
+
 def profile_text(fn, calls: int) -> str:
     """cProfile of ``calls`` calls behind hold_gpu: the top functions by own time, then by cumulative time."""
     hold_gpu()
@@ -139,7 +177,7 @@ def main():
     print(head, flush=True)
     hidden, inter = MODELS[a.model]
     ms = [int(s) for s in a.ms.split(",")]
-    rows, profiles = dispatch_rows(a.calls), []
+    rows, profiles = dispatch_rows(a.calls) + layer_rows(a.model, a.calls), []
     _lib = library_ops()  # held: the tpaware_host ops live as long as their Library object
     for kind, k, n in (("swiglu", hidden, inter), ("mm", inter, hidden)):
         ws = make_gptq(k, n, 2)

@@ -35,7 +35,8 @@ TILE_WORDS = 16  # packed words (8 rows of K each) per column of a tile
 
 
 def is_tiled(qweight: torch.Tensor) -> bool:
-    return qweight.dim() == 4 and tuple(qweight.shape[2:]) == (TILE_COLS, TILE_WORDS)
+    shape = qweight.shape  # read once: each call runs several times per kernel call (host time, bench_host.py)
+    return len(shape) == 4 and shape[2] == TILE_COLS and shape[3] == TILE_WORDS
 
 
 def packed_shape(qweight: torch.Tensor) -> tuple:

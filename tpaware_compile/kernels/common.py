@@ -40,11 +40,17 @@ def segment_rows(group_size: int, block_k_max: int) -> int:
     return math.gcd(group_size, block_k_max)
 
 
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, for host code: triton.cdiv is a constexpr function, whose wrapper costs microseconds per
+    call on the host (several per kernel call; bench_host.py)."""
+    return -(-a // b)
+
+
 def split_plan(n_segs: int, want_splits: int):
     """(segments per split, number of splits) covering n_segs segments with at most want_splits programs."""
     want = max(1, min(want_splits, n_segs))
-    per = triton.cdiv(n_segs, want)
-    return per, triton.cdiv(n_segs, per)
+    per = ceil_div(n_segs, want)
+    return per, ceil_div(n_segs, per)
 
 
 @triton.jit
@@ -220,7 +226,7 @@ def serial_counters(cfg: dict, m: int, n: int, split_k: int, device):
     a reduction launch after the kernel. One counter per output row and column block: at least one per tile."""
     if not (cfg.get("SERIAL") and split_k > 1):
         return None
-    return tile_counters(triton.cdiv(n, cfg["BLOCK_N"]) * m, device)
+    return tile_counters(ceil_div(n, cfg["BLOCK_N"]) * m, device)
 
 
 def splitk_buffers(m: int, n: int, split_k: int, dtype: torch.dtype, device, out=None):
@@ -241,7 +247,7 @@ def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset,
     """Plan split-K over x's K (group offset included), run ``launch`` once into the partials, reduce them (inside
     that launch with cfg SERIAL: ``launch`` then also takes out and counts) into ``out`` (contiguous [M, N] in
     out_dtype; a new tensor when None). Returns the output."""
-    per, split_k = split_plan(triton.cdiv(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
+    per, split_k = split_plan(ceil_div(x.shape[1] + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])
     n = packed_shape(qweight)[1]
     part, out = splitk_buffers(x.shape[0], n, split_k, out_dtype, x.device, out)
     counts = serial_counters(cfg, x.shape[0], n, split_k, x.device)
@@ -254,5 +260,5 @@ def splitk_finish(part: torch.Tensor, out: torch.Tensor, split_k: int) -> torch.
     """Sum the split-K partials into ``out`` (deterministic: no atomics, no memset)."""
     if split_k > 1:
         mn, block = out.numel(), 1024
-        _splitk_reduce_kernel[(triton.cdiv(mn, block),)](part, out, mn, SPLIT_K=split_k, BLOCK=block)
+        _splitk_reduce_kernel[(ceil_div(mn, block),)](part, out, mn, SPLIT_K=split_k, BLOCK=block)
     return out

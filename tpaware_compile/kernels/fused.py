@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..layout import is_tiled, packed_shape
-from .common import serial_counters, split_plan
+from .common import ceil_div, serial_counters, split_plan
 from .gemm import dequantize_sorted, launch_dot, runs_wgmma
 from .gemv import launch_gemv
 from .gemv_prep import launch_gemv_prep, prepare_x
@@ -61,7 +61,7 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
         for i, w in enumerate((gate, up)):
             stream_mm(px, *w, group_size, group_offset, zero_offset, part[i, 0], cfg)
         return _silu_mul(part, out_dtype, out)
-    per, split_k = split_plan(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
+    per, split_k = split_plan(ceil_div(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
     # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma kernel (fp16 / bf16 x); the
     # other kinds keep the epilogue kernel (the prefill kernel's in-launch reduction was slower: 1.5x, the median
@@ -92,5 +92,5 @@ def _silu_mul(part, out_dtype, out=None):
     _, split_k, m, n = part.shape
     out = torch.empty((m, n), dtype=out_dtype, device=part.device) if out is None else out
     block = 1024
-    _silu_mul_reduce_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLIT_K=split_k, BLOCK=block)
+    _silu_mul_reduce_kernel[(ceil_div(m * n, block),)](part, out, m * n, SPLIT_K=split_k, BLOCK=block)
     return out

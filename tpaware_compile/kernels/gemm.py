@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import (group_affine, is_interpreted, load_group, mantissa_args, nibble_floats, segment_rows,
-                     split_k_matmul, splits_of, store_split, tl_dtype, word_offsets, word_rows)
+from .common import (ceil_div, group_affine, is_interpreted, load_group, mantissa_args, nibble_floats,
+                     segment_rows, split_k_matmul, splits_of, store_split, tl_dtype, word_offsets, word_rows)
 from .wgmma import X_DTYPES as WGMMA_DTYPES, launch_wgmma
 from .wgmma_prefill import launch_prefill, stream_mm
 
@@ -155,7 +155,7 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
     n = packed_shape(qweight)[1]
     split_k = splits_of(part)
     one_bits, shift = mantissa_args(x.dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
+    grid = (ceil_div(n, cfg["BLOCK_N"]), split_k, ceil_div(m, cfg["BLOCK_M"]))
     kernel = _dot_kernel if cfg.get("SWAP", True) else _dot_kernel_plain
     kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight), group_offset,
@@ -199,7 +199,7 @@ def dequantize_sorted(qweight, qzeros, scales, group_size, group_offset, zero_of
     k = words * 8
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
     bk, bn = segment_rows(group_size, 64), 256
-    grid = (triton.cdiv(k + group_offset, bk), triton.cdiv(n, bn))
+    grid = (ceil_div(k + group_offset, bk), ceil_div(n, bn))
     _dequant_kernel[grid](qweight, qzeros, scales, w, n, k, word_stride(qweight), group_offset, zero_offset,
                           GROUP_SIZE=group_size, BLOCK_K=bk, BLOCK_N=bn, TILED=is_tiled(qweight))
     return w

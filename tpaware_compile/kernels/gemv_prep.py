@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import load_group, split_k_matmul, splits_of, step_words, store_split, word_rows, x_columns
+from .common import (ceil_div, load_group, split_k_matmul, splits_of, step_words, store_split, word_rows,
+                     x_columns)
 
 
 @triton.jit
@@ -207,12 +208,12 @@ def prepare_x(x, block_k, group_offset, perm=None, tiled=False):
     """(xp [M, KPAD], c [M, KPAD/8], xs [M, KPAD/8]) fp32, KPAD = whole K-steps of the padded row index; of
     x[:, perm] when perm [K] is given; in the K order of tiled words (layout.py) with ``tiled``."""
     m, k = x.shape
-    kpad = triton.cdiv(k + group_offset, block_k) * block_k
+    kpad = ceil_div(k + group_offset, block_k) * block_k
     xp = torch.empty((m, kpad), dtype=torch.float32, device=x.device)
     c = torch.empty((m, kpad // 8), dtype=torch.float32, device=x.device)
     xs = torch.empty_like(c)
     bw = 128
-    _xprep_kernel[(triton.cdiv(kpad // 8, bw), m)](x, perm, xp, c, xs, k, kpad, x.stride(0), group_offset, BLOCK_W=bw,
+    _xprep_kernel[(ceil_div(kpad // 8, bw), m)](x, perm, xp, c, xs, k, kpad, x.stride(0), group_offset, BLOCK_W=bw,
                                                    HAS_PERM=perm is not None, TILED=tiled)
     return xp, c, xs
 
@@ -243,7 +244,7 @@ def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset,
     rows = cfg.get("ROWS", 1)
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"ROWS must be a power of two, got {rows}")
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, rows))
+    grid = (ceil_div(n, cfg["BLOCK_N"]), split_k, ceil_div(m, rows))
     tensors = (xp, c, xs, qweight, qzeros, scales, part)
     sizes = (m, n, k, kpad, word_stride(qweight), group_offset, zero_offset, per, 0x3F800000)
     meta = dict(GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], TILED=is_tiled(qweight),

@@ -31,13 +31,12 @@ and check the SASS; the GPU tests check its results.
 import functools
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import splits_of, store_split, tiled_offsets, tl_dtype
+from .common import ceil_div, splits_of, store_split, tiled_offsets, tl_dtype
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
@@ -490,7 +489,7 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     if parts not in (1, 2) or (parts == 2 and bn != 128):
         raise ValueError(f"PARTS is 1, or 2 for BLOCK_N 128 as two 64-column parts: {cfg}")
     tiled = is_tiled(qweight)
-    grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
+    grid = (ceil_div(n, bn), splits_of(part), ceil_div(m, bm))
     bn //= parts
     _wgmma_kernel[grid](
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),

@@ -30,7 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import is_interpreted, splits_of, store_split, tl_dtype
+from .common import ceil_div, is_interpreted, splits_of, store_split, tl_dtype
 from .wgmma import PAIR_BASE_BITS, a_operand, a_operand_layout, mma_layout, weight_loads, word_layout
 
 TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
@@ -49,7 +49,7 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int) -> torch.Tensor:
         # the strided copy of the views below was a fifth of a 256-token prefill on Llama-70B's TP 8 up shard
         # (9 of 42 us on an H100; bench/README.md)
         x = x if x.stride(1) == 1 else x.contiguous()
-        grid = (triton.cdiv(m, X_ORDER_ROWS), triton.cdiv(kp, X_ORDER_COLUMNS))
+        grid = (ceil_div(m, X_ORDER_ROWS), ceil_div(kp, X_ORDER_COLUMNS))
         _x_order_kernel[grid](x, out, m, k, kp, x.stride(0), group_offset, BLOCK_R=X_ORDER_ROWS,
                               BLOCK_C=X_ORDER_COLUMNS)
         return out
@@ -365,7 +365,7 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
     bm, bn, bk, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
     tiled = is_tiled(qweight)
     px = _prepared(x, group_offset, cfg, tiled)
-    grid = (triton.cdiv(n, bn), splits_of(part), triton.cdiv(m, bm))
+    grid = (ceil_div(n, bn), splits_of(part), ceil_div(m, bm))
     _prefill_kernel[grid](
         px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, word_stride(qweight),
         group_offset, zero_offset, per,
@@ -395,9 +395,9 @@ def stream_plan(m: int, n: int, k: int, group_offset: int, cfg: dict) -> StreamP
     there are fewer units): whole tiles in waves but for the last full wave and what is left after it, which are
     streamed (each program then runs 1 to 2 tiles' worth of them, so no tile is cut in more than 3 parts; CUTLASS's
     data-parallel + stream-K hybrid). With fewer tiles than programs every tile is streamed."""
-    tiles_m = triton.cdiv(m, cfg["BLOCK_M"])
-    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * tiles_m
-    pairs = triton.cdiv(triton.cdiv(k + group_offset, cfg["BLOCK_K"]), 2)
+    tiles_m = ceil_div(m, cfg["BLOCK_M"])
+    tiles = ceil_div(n, cfg["BLOCK_N"]) * tiles_m
+    pairs = ceil_div(ceil_div(k + group_offset, cfg["BLOCK_K"]), 2)
     programs = min(cfg["PROGRAMS"], tiles * pairs)
     return StreamPlan(programs, tiles, tiles_m, max(tiles // programs - 1, 0) * programs, pairs)
 
