@@ -1,0 +1,1 @@
+"""Graph passes of the tpaware backend: canonicalize -> match -> rewrite (-> lower, owned elsewhere)."""
