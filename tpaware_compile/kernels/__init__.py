@@ -110,9 +110,8 @@ _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
            "launch_config", "gemv_rows_config", "wgmma_config", "small_shard_splits", "tiled_wide_split",
-           "sixty_four_token_split",
-           "decode_split", "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma",
-           "INTERPRET"]
+           "sixty_four_token_split", "decode_split", "prefill_config", "prefill_split", "prefill_seconds",
+           "dequant_seconds", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -252,8 +251,8 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     tokens (5 programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11
     Llama-70B and Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns as
     two 64-column parts (PARTS 2) where tiled_wide_split takes them. On tiled words 10 and 12 splits join those on
-    small shards (small_shard_splits). 64 tokens: 2 splits from 100 column tiles,
-    else 4; on tiled words sixty_four_token_split."""
+    small shards (small_shard_splits). 64 tokens: 2 splits from 100 column tiles, else 4; on tiled words
+    sixty_four_token_split."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")

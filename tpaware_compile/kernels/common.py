@@ -42,7 +42,7 @@ def segment_rows(group_size: int, block_k_max: int) -> int:
 
 def ceil_div(a: int, b: int) -> int:
     """a / b rounded up, for host code: triton.cdiv is a constexpr function, whose wrapper costs microseconds per
-    call on the host (several per kernel call; bench_host.py)."""
+    call on the host, a dozen calls per kernel call (bench/probe_host_python.py)."""
     return -(-a // b)
 
 

@@ -214,7 +214,7 @@ def prepare_x(x, block_k, group_offset, perm=None, tiled=False):
     xs = torch.empty_like(c)
     bw = 128
     _xprep_kernel[(ceil_div(kpad // 8, bw), m)](x, perm, xp, c, xs, k, kpad, x.stride(0), group_offset, BLOCK_W=bw,
-                                                   HAS_PERM=perm is not None, TILED=tiled)
+                                                HAS_PERM=perm is not None, TILED=tiled)
     return xp, c, xs
 
 
