@@ -1,2 +1,0 @@
-from .decoder import Decoder, DecoderConfig, Parallel  # noqa: F401
-from .random import random_weights  # noqa: F401

@@ -1,1 +1,0 @@
-"""Graph passes of the tpaware backend: canonicalize -> match -> rewrite (-> lower, owned elsewhere)."""
