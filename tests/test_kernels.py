@@ -717,13 +717,15 @@ def test_one_token_tiled_split_matches_sweep(monkeypatch):
 
 def test_small_shard_splits():
     """10 and 12 splits join the candidates only where 8 splits leave part of the first wave empty, and only those
-    that keep min_steps K-steps per program."""
+    that keep min_rows rows of K per program (whole steps)."""
     from tpaware_compile.kernels import small_shard_splits
     base = (4, 5, 6, 8)
-    assert small_shard_splits(64, 56, 792, base, 5) == base + (10, 12)  # Llama-70B TP 8 up: 7 and 6 steps
-    assert small_shard_splits(48, 48, 792, base, 5) == base + (10,)  # Granite-20B TP 8 up: 5 steps; 12 leaves 4
-    assert small_shard_splits(48, 48, 660, base, 6) == base  # ... from two tokens, 6 steps
-    assert small_shard_splits(28, 128, 792, base, 5) == base  # Llama-70B TP 8 down: 8 splits fill a wave
+    assert small_shard_splits(8192, 128, 56, 792, base, 640) == base + (10, 12)  # Llama-70B TP 8 up: 7 / 6 steps
+    assert small_shard_splits(6144, 128, 48, 792, base, 640) == base + (10,)  # Granite-20B TP 8 up: 12 leaves 4
+    assert small_shard_splits(6144, 128, 48, 660, base, 768) == base  # ... from two tokens, 6 steps
+    assert small_shard_splits(8192, 32, 56, 792, base, 640) == base + (10, 12)  # 32-row steps: 26 / 22 of them
+    assert small_shard_splits(2048, 32, 56, 792, base, 640) == base  # 7 steps of 32 rows: too short
+    assert small_shard_splits(3584, 128, 128, 792, base, 640) == base  # Llama-70B TP 8 down: 8 splits fill a wave
 
 
 # (N, the faster split-K of 4 and 8 for one token): the Llama-70B TP 1-8 up and down shards, H100 sweep at 1c95e50

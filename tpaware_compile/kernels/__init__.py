@@ -81,14 +81,14 @@ ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 # (sweep_parts_9155e9b), at 5 within 1.05x on all of them (bench/README.md)
 TILED_PROGRAMS_PER_SM = 5
 # ... and on small shards, where the largest of those splits leaves part of the first wave of programs empty, also
-# these, wherever each program keeps SMALL_SHARD_MIN_STEPS K-steps at one token, one more from two tokens (a
-# program's x tile and partial cost more there; small_shard_splits). In an H100 sweep of the TP 8 shards
+# these, wherever each program keeps SMALL_SHARD_MIN_ROWS rows of K (five 128-row steps) at one token, one step
+# more from two tokens (a program's x tile and partial cost more there; small_shard_splits). In an H100 sweep of the TP 8 shards
 # (sweep_small_m1_3e8b653, sweep_small_m16_splits_3e8b653) Llama-70B up took 9.8 us with 12 splits (6 steps each)
 # against 10.6 with 8 at one token, 11.6 with 10 (7 steps) against 12.1 at 16 tokens; Granite-20B up 8.1 with 10 (5
 # steps) against 8.4 at one token; at 16 tokens 9.7 with 10 and with 8 (6 steps), 10.1 with 12 (4 steps). On an
 # H200 (ab_small_splits_e4a030b) 10 splits at 2-16 tokens took Granite-20B up 1.04-1.07x the time of 8
 SMALL_SHARD_SPLITS = (10, 12)
-SMALL_SHARD_MIN_STEPS = 5
+SMALL_SHARD_MIN_ROWS = 640
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
 # wgmma.TWO_PART_REGISTERS; taken on tiled words where its programs fill their last wave to WIDE_MIN_FILL and each
 # reads at least WIDE_MIN_ROWS rows of K (tiled_wide_split)
@@ -263,12 +263,12 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
         split_k = decode_split(tiles, sms, DECODE_PROGRAMS_PER_SM, (4, 8))
     elif m == 1:
         split_k = decode_split(tiles, sms, DECODE_PROGRAMS_PER_SM, small_shard_splits(
-            -(-k // block_k), tiles, DECODE_PROGRAMS_PER_SM * sms, ONE_TOKEN_TILED_SPLITS, SMALL_SHARD_MIN_STEPS))
+            k, block_k, tiles, DECODE_PROGRAMS_PER_SM * sms, ONE_TOKEN_TILED_SPLITS, SMALL_SHARD_MIN_ROWS))
     elif wide:
         block_n, split_k = 128, wide
     elif tiled and block_m == 16:
         split_k = decode_split(tiles, sms, TILED_PROGRAMS_PER_SM, small_shard_splits(
-            -(-k // block_k), tiles, TILED_PROGRAMS_PER_SM * sms, (4, 5, 6, 8), SMALL_SHARD_MIN_STEPS + 1))
+            k, block_k, tiles, TILED_PROGRAMS_PER_SM * sms, (4, 5, 6, 8), SMALL_SHARD_MIN_ROWS + 128))
     elif tiled and block_m == 64:
         split_k = sixty_four_token_split(k, tiles, sms)
     else:
@@ -278,13 +278,14 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     return dict(cfg, PARTS=2) if wide else cfg
 
 
-def small_shard_splits(steps: int, tiles: int, places: int, splits: tuple, min_steps: int) -> tuple:
-    """``splits`` for a decode tile over ``steps`` K-steps and ``tiles`` column tiles, plus those of
-    SMALL_SHARD_SPLITS that leave each program ``min_steps`` steps (split_plan's steps per program), where tiles x
-    the largest of ``splits`` programs fill less than one wave of ``places``."""
+def small_shard_splits(k: int, block_k: int, tiles: int, places: int, splits: tuple, min_rows: int) -> tuple:
+    """``splits`` for a decode tile over K = k in steps of block_k rows and ``tiles`` column tiles, plus those of
+    SMALL_SHARD_SPLITS that leave each program ``min_rows`` rows of K (split_plan's steps per program), where
+    tiles x the largest of ``splits`` programs fill less than one wave of ``places``."""
     if tiles * max(splits) >= places:
         return splits
-    return splits + tuple(s for s in SMALL_SHARD_SPLITS if -(-steps // s) >= min_steps)
+    steps = -(-k // block_k)
+    return splits + tuple(s for s in SMALL_SHARD_SPLITS if -(-steps // s) * block_k >= min_rows)
 
 
 def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
