@@ -82,11 +82,11 @@ ONE_TOKEN_TILED_SPLITS = (4, 5, 6, 8)
 TILED_PROGRAMS_PER_SM = 5
 # ... and on small shards, where the largest of those splits leaves part of the first wave of programs empty, also
 # these, wherever each program keeps SMALL_SHARD_MIN_ROWS rows of K (five 128-row steps) at one token, one step
-# more from two tokens (a program's x tile and partial cost more there; small_shard_splits). In an H100 sweep of the TP 8 shards
-# (sweep_small_m1_3e8b653, sweep_small_m16_splits_3e8b653) Llama-70B up took 9.8 us with 12 splits (6 steps each)
-# against 10.6 with 8 at one token, 11.6 with 10 (7 steps) against 12.1 at 16 tokens; Granite-20B up 8.1 with 10 (5
-# steps) against 8.4 at one token; at 16 tokens 9.7 with 10 and with 8 (6 steps), 10.1 with 12 (4 steps). On an
-# H200 (ab_small_splits_e4a030b) 10 splits at 2-16 tokens took Granite-20B up 1.04-1.07x the time of 8
+# more from two tokens (a program's x tile and partial cost more there; small_shard_splits). In an H100 sweep of
+# the TP 8 shards (sweep_small_m1_3e8b653, sweep_small_m16_splits_3e8b653) Llama-70B up took 9.8 us with 12 splits
+# (6 steps each) against 10.6 with 8 at one token, 11.6 with 10 (7 steps) against 12.1 at 16 tokens; Granite-20B up
+# 8.1 with 10 (5 steps) against 8.4 at one token; at 16 tokens 9.7 with 10 and with 8 (6 steps), 10.1 with 12 (4
+# steps). On an H200 (ab_small_splits_e4a030b) 10 splits at 2-16 tokens took Granite-20B up 1.04-1.07x the time of 8
 SMALL_SHARD_SPLITS = (10, 12)
 SMALL_SHARD_MIN_ROWS = 640
 # ... 128 columns as two 64-column parts on one x tile (wgmma.py, PARTS): 4 programs per SM under
