@@ -34,9 +34,12 @@ from timing import graph_us, header  # noqa: E402
 GROUP = 128
 ROTATE_BYTES = 400e6
 MODELS = {"llama70b": (8192, 28672), "granite20b": (6144, 24576)}
+# providers that run tiled words on a config of their own (own_config; each described below), from 256 tokens only
+# (PREFILL_FORCED) or where the dispatch splits M in two launches
+PREFILL_FORCED = ("tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant")
+TILED_FORCED = PREFILL_FORCED + ("tpaware_tiled_one_launch",)
 PROVIDERS = ("tpaware", "tpaware_tiled", "torch_int4", "cublas_fp16", "gidx_triton", "tpaware_perm_folded",
-             "tpaware_perm_gather", "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch", "tpaware_tiled_stream",
-             "tpaware_tiled_split", "tpaware_tiled_dequant", "tpaware_tiled_one_launch")
+             "tpaware_perm_gather", "tpaware_rows", "tpaware_tldot", "tpaware_reduce_launch") + TILED_FORCED
 # tpaware_tiled: tpaware's dispatch on the same weights with qweight in the tiled layout (layout.py)
 # tpaware_tldot: where tpaware runs the wgmma kernels (sm_90, M = 1..256 or 1024), the config it ran before them
 # (the GEMVs at M = 1, the two-row GEMV at M = 2, tl.dot kernels up to 128, dequantize + cuBLAS above)
@@ -227,8 +230,7 @@ def provider_fns(provider, copies, x, k, n, m, perm):
         return tpaware_fns(copies, x)
     if provider == "tpaware_tiled":
         return tpaware_fns(tiled_copies(copies), x)
-    if provider in ("tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant",
-                    "tpaware_tiled_one_launch"):
+    if provider in TILED_FORCED:
         return tpaware_fns(tiled_copies(copies), x, own_config(provider, k, n, m, x.device))
     if provider in ("tpaware_rows", "tpaware_reduce_launch", "tpaware_tldot"):
         return tpaware_fns(copies, x, own_config(provider, k, n, m, x.device))
@@ -265,7 +267,7 @@ def skip(provider, model, tp, layer, k, n, m):
         return (model, tp, layer) not in PERM_SHAPES or m not in PERM_MS
     if provider == "tpaware_reduce_launch":
         return m > 16
-    if provider in ("tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant"):
+    if provider in PREFILL_FORCED:
         return m < 256
     if provider == "tpaware_tiled_one_launch":
         return pick_config(m, k, n, GROUP, torch.device("cuda"), tiled=True)["kind"] != "head_tail"
@@ -457,9 +459,8 @@ def main():
     ap.add_argument("--models", default="", help="comma-separated models (default: all, or Llama-70B with --quick)")
     ap.add_argument("--tps", default="", help="comma-separated TP degrees to run (default: all)")
     ap.add_argument("--ms", default="", help="comma-separated M to run (default: per --quick)")
-    ap.add_argument("--providers", default=",".join(p for p in PROVIDERS if p not in (
-        "tpaware_reduce_launch", "tpaware_tiled_stream", "tpaware_tiled_split", "tpaware_tiled_dequant",
-        "tpaware_tiled_one_launch")))
+    ap.add_argument("--providers", default=",".join(
+        p for p in PROVIDERS if p not in ("tpaware_reduce_launch",) + TILED_FORCED))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     head = header()

@@ -35,7 +35,7 @@ TILE_WORDS = 16  # packed words (8 rows of K each) per column of a tile
 
 
 def is_tiled(qweight: torch.Tensor) -> bool:
-    shape = qweight.shape  # read once: each call runs several times per kernel call (host time, bench_host.py)
+    shape = qweight.shape  # read once: it runs several times per kernel call (host time: bench/probe_host_python.py)
     return len(shape) == 4 and shape[2] == TILE_COLS and shape[3] == TILE_WORDS
 
 
