@@ -256,9 +256,13 @@ def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset,
     return out if counts is not None else splitk_finish(part, out, split_k)
 
 
+REDUCE_BLOCK, REDUCE_WARPS = 1024, 4  # the reduction launch's elements and warps per program
+
+
 def splitk_finish(part: torch.Tensor, out: torch.Tensor, split_k: int) -> torch.Tensor:
     """Sum the split-K partials into ``out`` (deterministic: no atomics, no memset)."""
     if split_k > 1:
-        mn, block = out.numel(), 1024
-        _splitk_reduce_kernel[(ceil_div(mn, block),)](part, out, mn, SPLIT_K=split_k, BLOCK=block)
+        mn = out.numel()
+        _splitk_reduce_kernel[(ceil_div(mn, REDUCE_BLOCK),)](part, out, mn, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK,
+                                                             num_warps=REDUCE_WARPS)
     return out

@@ -1,0 +1,71 @@
+"""What should the tokens past the last whole 256-token tile run on? At M between multiples of 256 the dispatch
+(head_tail_ef32a74) took 1.2-2.0x cuBLAS's time: its second launch, the tail, re-reads and re-unpacks the weights.
+
+Per model shard (tiled words) and token count: the dispatch (pick_config), one launch of 256-token tiles
+(launch_config), one launch of 128-token tiles (split by prefill_split), and whole 256-token tiles followed by the
+tail on the 128-token prefill tile. Graph-timed as bench_kernels.py, each timed config checked against the fp32
+reference; cuBLAS in the same run.
+
+    python bench/probe_tails.py --ms 300,384,576 --out probe_tails.json
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gptq, roof_bytes, shapes,  # noqa: E402
+                           tiled_copies, tpaware_fns)
+from timing import graph_us, header  # noqa: E402
+
+from tpaware_compile.kernels import _num_sms, launch_config, pick_config, prefill_config, prefill_split  # noqa: E402
+
+
+def variants(m, k, n, dev):
+    """name -> config at M = m."""
+    tiles_128 = dict(prefill_config(256, k, n, GROUP, dev, tiled=True), BLOCK_M=128,
+                     SPLIT_K=prefill_split(m, k, n, 128, 128, _num_sms(dev)))
+    tiles_128.pop("STREAM", None), tiles_128.pop("PROGRAMS", None)
+    out = dict(dispatch=pick_config(m, k, n, GROUP, dev, tiled=True),
+               one_launch=launch_config(m, k, n, GROUP, dev, tiled=True), tiles_128=tiles_128)
+    head = m - m % 256
+    if head and m > head:
+        out["tail_on_128"] = dict(kind="head_tail", HEAD_M=head, HEAD=launch_config(head, k, n, GROUP, dev, tiled=True),
+                                  TAIL=prefill_config(128, k, n, GROUP, dev, tiled=True))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="300,384,576")
+    ap.add_argument("--out", default="probe_tails.json")
+    args = ap.parse_args()
+    head = dict(header(), method=__doc__.split("\n\n")[1].replace("\n", " "), rows=[])
+    print(json.dumps({k: v for k, v in head.items() if k != "rows"}), flush=True)
+    dev = torch.device("cuda")
+    for model, tp, layer, k, n in shapes(False):
+        copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
+        tiled = tiled_copies(copies)
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.half)
+            base = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m)
+            rows = [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
+            for name, cfg in variants(m, k, n, dev).items():
+                fns = tpaware_fns(tiled, x, cfg)
+                rows.append(dict(base, variant=name, config=cfg, median_us=graph_us(fns),
+                                 rel_err=check_tpaware(fns[0], copies[0], x)))
+            for row in rows:
+                row["vs_cublas"] = row["median_us"] / rows[0]["median_us"]
+                print(json.dumps({key: v for key, v in row.items() if key != "config"}), flush=True)
+            head["rows"] += rows
+            with open(args.out, "w") as f:
+                json.dump(head, f, indent=1)
+        del copies, tiled
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
