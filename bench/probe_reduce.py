@@ -25,11 +25,13 @@ from bench_kernels import GROUP, check_tpaware, copies_for, make_gptq, roof_byte
 from bench_kernels import tpaware_fns  # noqa: E402
 from timing import graph_us, header  # noqa: E402
 
-from tpaware_compile.kernels import common, gptq_swiglu_sorted, pick_config  # noqa: E402
+from tpaware_compile.kernels import common, gptq_swiglu_sorted, pick_config, wgmma_prefill  # noqa: E402
 
 SIZES = tuple(dict(REDUCE_BLOCK=b, REDUCE_WARPS=w) for b, w in ((1024, 4), (2048, 4), (4096, 4), (4096, 8)))
-DEPENDENT = (dict(DEPENDENT_LAUNCH=False), dict(DEPENDENT_LAUNCH=True))
+DEPENDENT = (dict(DEPENDENT_LAUNCH=False, EARLY_DEPENDENTS=False), dict(DEPENDENT_LAUNCH=True, EARLY_DEPENDENTS=False),
+             dict(DEPENDENT_LAUNCH=True, EARLY_DEPENDENTS=True))
 MS = (128, 256, 512)
+TP = (4, 8)  # --dependent: the shards where a launch gap is worth the most
 
 
 def reduced_splits(cfg, k) -> int:
@@ -51,10 +53,11 @@ def time_pair(model, tp, layer, k, n, m, splits, order, run, alone):
     x = torch.randn(m, k, device="cuda", dtype=torch.half)
     part = torch.randn(splits, m, n, device="cuda")
     out = torch.empty(m, n, device="cuda", dtype=torch.half)
-    rows, defaults = [], {name: getattr(common, name) for name in order[0]}
+    rows, defaults = [], {name: getattr(wgmma_prefill if name == "EARLY_DEPENDENTS" else common, name)
+                          for name in order[0]}
     for settings in order:
         for name, value in settings.items():
-            setattr(common, name, value)
+            setattr(wgmma_prefill if name == "EARLY_DEPENDENTS" else common, name, value)
         fns = tpaware_fns(tiled, x)
         row = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m, splits=splits, run=run, **settings,
                    call_us=graph_us(fns), rel_err=check_tpaware(fns[0], copies[0], x))
@@ -65,7 +68,7 @@ def time_pair(model, tp, layer, k, n, m, splits, order, run, alone):
         print(json.dumps(row), flush=True)
         rows.append(row)
     for name, value in defaults.items():
-        setattr(common, name, value)
+        setattr(wgmma_prefill if name == "EARLY_DEPENDENTS" else common, name, value)
     return rows
 
 
@@ -79,7 +82,8 @@ def main():
     head = dict(header(), method=__doc__.split("\n\n")[1].replace("\n", " "), rows=[])
     print(json.dumps({k: v for k, v in head.items() if k != "rows"}), flush=True)
     dev = torch.device("cuda")
-    pairs = [(model, tp, layer, k, n, m) for model, tp, layer, k, n in shapes(False) for m in MS]
+    pairs = [(model, tp, layer, k, n, m) for model, tp, layer, k, n in shapes(False) for m in MS
+             if args.sizes or tp in TP]
     pairs = [(p, reduced_splits(pick_config(p[5], p[3], p[4], GROUP, dev, tiled=True), p[3])) for p in pairs]
     for run, order in ((1, variants), (2, variants[::-1])):
         for pair, splits in pairs:

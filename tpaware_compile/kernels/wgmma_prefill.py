@@ -214,6 +214,7 @@ def _prefill_kernel(
     WARPS: gl.constexpr,  # 4 or 8: one or two warpgroups, each 64 of every BLOCK_N output columns
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py)
     WORDS: gl.constexpr,  # wgmma.word_layout(BLOCK_N, BLOCK_K, WARPS, TILED)
+    EARLY_DEPENDENTS: gl.constexpr,
 ):
     MMA: gl.constexpr = mma_layout(BLOCK_M, WARPS)
     A_REGS: gl.constexpr = a_operand_layout(MMA)
@@ -231,7 +232,8 @@ def _prefill_kernel(
     acc = _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q,
                     group_offset, zero_offset, base_pair, offs_nq, offs_w, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
                     STAGES, DTYPE, A_REGS, TILED, MMA)
-    _launch_dependents()
+    if EARLY_DEPENDENTS:
+        _launch_dependents()
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
@@ -384,8 +386,11 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
         group_offset, zero_offset, per,
         PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"],
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps,
-        TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
+        TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps, EARLY_DEPENDENTS=EARLY_DEPENDENTS,
     )
+
+
+EARLY_DEPENDENTS = True
 
 
 class StreamPlan(NamedTuple):
