@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..layout import is_tiled, packed_shape
-from .common import capability, cuda_index, is_interpreted, segment_rows
+from .common import cuda_index, is_interpreted, segment_rows
 from .gemm import _dot_kernel, dequant_mm, dequantize_sorted, dot_mm
 from .fused import swiglu
 from .gemv import gemv
@@ -106,6 +106,7 @@ SIXTY_FOUR_TOKEN_PROGRAM_ROWS = 1000
 # wave); no rule by tile count, shard size or tail size did clearly better (head_tail_ef32a74, bench/README.md)
 TAIL_MAX_M = 128
 _SMS = {}
+_CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
            "launch_config", "gemv_rows_config", "wgmma_config", "small_shard_splits", "tiled_wide_split",
@@ -231,7 +232,12 @@ def gemv_rows_config(m: int, k: int, n: int, group_size: int, device) -> dict:
 
 def has_wgmma(device) -> bool:
     """Whether the Hopper kernel (wgmma.py: sm_90 instructions) can run on this device."""
-    return not INTERPRET and capability(device) == (9, 0)
+    if device.type != "cuda" or INTERPRET:
+        return False
+    idx = cuda_index(device)
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx] == (9, 0)
 
 
 def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = False) -> dict:

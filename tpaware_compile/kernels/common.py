@@ -12,7 +12,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from ..layout import TILE_COLS, TILE_WORDS, packed_shape
 
@@ -150,23 +149,13 @@ def group_affine(qz_ptr, sc_ptr, g, offs_n, n_mask, N, zero_offset):
 
 
 @triton.jit
-def wait_prior(WAIT_PRIOR: tl.constexpr):
-    """With WAIT_PRIOR (dependent_launch): wait until the launch before this one has finished and its writes are
-    visible. Every kernel launched with dependent_launch calls this before it reads or writes global memory."""
-    if WAIT_PRIOR:
-        gdc_wait()
-
-
-@triton.jit
 def _splitk_reduce_kernel(
     part_ptr,  # [SPLIT_K, M*N] fp32 partial sums
     out_ptr,  # [M*N] in the output dtype
     MN,
     SPLIT_K: tl.constexpr,
     BLOCK: tl.constexpr,
-    WAIT_PRIOR: tl.constexpr,  # launched by dependent_launch
 ):
-    wait_prior(WAIT_PRIOR)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -211,31 +200,6 @@ def _sum_splits(part_ptr, split_k, MN, offs, mask):
 def cuda_index(device) -> int:
     """A CUDA device's index (the current device for a bare "cuda")."""
     return device.index if device.index is not None else torch.cuda.current_device()
-
-
-_CAPABILITY = {}  # CUDA device index -> (major, minor)
-
-
-def capability(device) -> tuple:
-    """(major, minor) compute capability of a CUDA device, (0, 0) for any other."""
-    if device.type != "cuda":
-        return (0, 0)
-    idx = cuda_index(device)
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPABILITY[idx]
-
-
-DEPENDENT_LAUNCH = True  # benchmarks turn it off to time its gain
-
-
-def dependent_launch(device, interpreted: bool) -> dict:
-    """Launch options for a kernel that reads what the kernel launched just before it wrote (a reduction of its
-    partials): on sm_90+ a programmatic dependent launch, which the GPU may start while that kernel's last
-    programs still run (they signal it with griddepcontrol.launch_dependents), so the gap between the two
-    launches is hidden; the kernel waits for them in wait_prior before touching memory. Elsewhere a plain launch."""
-    pdl = DEPENDENT_LAUNCH and not interpreted and capability(device) >= (9, 0)
-    return dict(WAIT_PRIOR=True, launch_pdl=True) if pdl else dict(WAIT_PRIOR=False)
 
 
 _TILE_COUNTS = {}  # (device type, index) -> int32 zeros: the one-launch split-K's per-tile counters
@@ -299,7 +263,6 @@ def splitk_finish(part: torch.Tensor, out: torch.Tensor, split_k: int) -> torch.
     """Sum the split-K partials into ``out`` (deterministic: no atomics, no memset)."""
     if split_k > 1:
         mn = out.numel()
-        _splitk_reduce_kernel[(ceil_div(mn, REDUCE_BLOCK),)](
-            part, out, mn, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS,
-            **dependent_launch(part.device, is_interpreted(_splitk_reduce_kernel)))
+        _splitk_reduce_kernel[(ceil_div(mn, REDUCE_BLOCK),)](part, out, mn, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK,
+                                                             num_warps=REDUCE_WARPS)
     return out

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..layout import is_tiled, packed_shape
-from .common import ceil_div, dependent_launch, is_interpreted, serial_counters, split_plan, wait_prior
+from .common import ceil_div, serial_counters, split_plan
 from .gemm import dequantize_sorted, launch_dot, runs_wgmma
 from .gemv import launch_gemv
 from .gemv_prep import launch_gemv_prep, prepare_x
@@ -30,9 +30,7 @@ def _silu_mul_reduce_kernel(
     MN,
     SPLIT_K: tl.constexpr,
     BLOCK: tl.constexpr,
-    WAIT_PRIOR: tl.constexpr,  # launched by common.dependent_launch
 ):
-    wait_prior(WAIT_PRIOR)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     g = tl.zeros([BLOCK], dtype=tl.float32)
@@ -94,7 +92,5 @@ def _silu_mul(part, out_dtype, out=None):
     _, split_k, m, n = part.shape
     out = torch.empty((m, n), dtype=out_dtype, device=part.device) if out is None else out
     block = 1024
-    _silu_mul_reduce_kernel[(ceil_div(m * n, block),)](
-        part, out, m * n, SPLIT_K=split_k, BLOCK=block,
-        **dependent_launch(part.device, is_interpreted(_silu_mul_reduce_kernel)))
+    _silu_mul_reduce_kernel[(ceil_div(m * n, block),)](part, out, m * n, SPLIT_K=split_k, BLOCK=block)
     return out

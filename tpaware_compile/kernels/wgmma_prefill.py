@@ -30,7 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import ceil_div, dependent_launch, is_interpreted, splits_of, store_split, tl_dtype, wait_prior
+from .common import ceil_div, is_interpreted, splits_of, store_split, tl_dtype
 from .wgmma import PAIR_BASE_BITS, a_operand, a_operand_layout, mma_layout, weight_loads, word_layout
 
 TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
@@ -214,7 +214,6 @@ def _prefill_kernel(
     WARPS: gl.constexpr,  # 4 or 8: one or two warpgroups, each 64 of every BLOCK_N output columns
     TILED: gl.constexpr,  # qweight in the tiled layout (layout.py)
     WORDS: gl.constexpr,  # wgmma.word_layout(BLOCK_N, BLOCK_K, WARPS, TILED)
-    EARLY_DEPENDENTS: gl.constexpr,
 ):
     MMA: gl.constexpr = mma_layout(BLOCK_M, WARPS)
     A_REGS: gl.constexpr = a_operand_layout(MMA)
@@ -232,23 +231,11 @@ def _prefill_kernel(
     acc = _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q,
                     group_offset, zero_offset, base_pair, offs_nq, offs_w, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
                     STAGES, DTYPE, A_REGS, TILED, MMA)
-    if EARLY_DEPENDENTS:
-        _launch_dependents()
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
-
-
-@gluon.jit
-def _launch_dependents():
-    """Let the launch after this one start once every program has passed here (griddepcontrol.launch_dependents;
-    it takes effect only where that launch is a dependent one, common.dependent_launch: the split-K reduction,
-    which waits for this kernel to finish before it reads). Placed after the K loop: its programs then take the
-    SMs that this kernel's finishing programs leave, instead of starting a launch gap later."""
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
 
 
 # tiles_m == 1 compiled as a constant spilled 512 bytes of registers (ptxas, sm_90a): one variant for every shape
@@ -328,11 +315,9 @@ def _ws_slot(program, t, pairs, units, programs):
 
 @triton.jit
 def _stream_reduce_kernel(ws_ptr, out_ptr, M, N, tiles_m, whole, pairs, units, programs, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, ROWS: tl.constexpr, WAIT_PRIOR: tl.constexpr):
+                          BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
     """out's rows [ROWS x program 1, + ROWS) of tile whole + t (t: program 0), if _stream_kernel's programs cut it:
-    the sum of their workspace slots in program order (deterministic). Whole tiles return at once. WAIT_PRIOR:
-    launched by common.dependent_launch."""
-    wait_prior(WAIT_PRIOR)
+    the sum of their workspace slots in program order (deterministic). Whole tiles return at once."""
     t = tl.program_id(0)
     tile = whole + t
     owner = _owner(t * pairs, units, programs)
@@ -386,11 +371,8 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
         group_offset, zero_offset, per,
         PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"],
         DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps,
-        TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps, EARLY_DEPENDENTS=EARLY_DEPENDENTS,
+        TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
     )
-
-
-EARLY_DEPENDENTS = True
 
 
 class StreamPlan(NamedTuple):
@@ -438,7 +420,7 @@ def stream_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
         WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
     )
     rows = min(STREAM_REDUCE_ROWS, bm)
-    _stream_reduce_kernel[(plan.tiles - plan.whole, bm // rows)](
-        ws, out, m, n, plan.tiles_m, plan.whole, plan.pairs, plan.units, plan.programs, BLOCK_M=bm, BLOCK_N=bn,
-        ROWS=rows, **dependent_launch(x.device, is_interpreted(_stream_reduce_kernel)))
+    _stream_reduce_kernel[(plan.tiles - plan.whole, bm // rows)](ws, out, m, n, plan.tiles_m, plan.whole, plan.pairs,
+                                                                 plan.units, plan.programs, BLOCK_M=bm, BLOCK_N=bn,
+                                                                 ROWS=rows)
     return out
