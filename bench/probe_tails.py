@@ -28,7 +28,8 @@ def variants(m, k, n, dev):
     """name -> config at M = m."""
     tiles_128 = dict(prefill_config(256, k, n, GROUP, dev, tiled=True), BLOCK_M=128,
                      SPLIT_K=prefill_split(m, k, n, 128, 128, _num_sms(dev)))
-    tiles_128.pop("STREAM", None), tiles_128.pop("PROGRAMS", None)
+    for stream_key in ("STREAM", "PROGRAMS"):  # split-K, not the stream-K form
+        tiles_128.pop(stream_key, None)
     out = dict(dispatch=pick_config(m, k, n, GROUP, dev, tiled=True),
                one_launch=launch_config(m, k, n, GROUP, dev, tiled=True), tiles_128=tiles_128)
     head = m - m % 256

@@ -256,7 +256,8 @@ def split_k_matmul(launch, x, qweight, qzeros, scales, group_size, group_offset,
     return out if counts is not None else splitk_finish(part, out, split_k)
 
 
-REDUCE_BLOCK, REDUCE_WARPS = 1024, 4  # the reduction launch's elements and warps per program
+# the reduction launch's elements and warps per program: the fastest of four sizes (bench/probe_reduce.py)
+REDUCE_BLOCK, REDUCE_WARPS = 1024, 4
 
 
 def splitk_finish(part: torch.Tensor, out: torch.Tensor, split_k: int) -> torch.Tensor:
