@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..layout import is_tiled, packed_shape
-from .common import cuda_index, is_interpreted, segment_rows
+from .common import ceil_div, cuda_index, is_interpreted, segment_rows
 from .gemm import _dot_kernel, dequant_mm, dequantize_sorted, dot_mm
 from .fused import swiglu
 from .gemv import gemv
@@ -123,7 +123,7 @@ def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero
     k = words * 8
     if x.dtype not in ACT_DTYPES or x.shape[-1] != k:
         raise ValueError(f"x: expected [..., {k}] in {ACT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
-    g = -(-(k + group_offset) // group_size) if group_size > 0 else -1
+    g = ceil_div(k + group_offset, group_size) if group_size > 0 else -1
     if n % 8 or tuple(scales.shape) != (g, n) or tuple(qzeros.shape) != (g, n // 8):
         raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit K={k}, N={n}, "
                          f"group_size={group_size}, group_offset={group_offset}")
@@ -207,11 +207,11 @@ def _gemv_config(k, n, group_size, device) -> dict:
     at TP 1; bench/README.md)."""
     sms = _num_sms(device)
     if k * n <= 32 * 2**20:
-        tiles = -(-n // 128)
+        tiles = ceil_div(n, 128)
         return dict(kind="gemv_plain", BLOCK_N=128, BLOCK_K=segment_rows(group_size, 128),
                     SPLIT_K=max(1, 2 * sms // tiles), num_warps=4, SERIAL=True)
     block_n, block_k = (512, 32) if n >= 16384 else (256, 64)
-    tiles = -(-n // block_n)
+    tiles = ceil_div(n, block_n)
     return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, block_k),
                 SPLIT_K=max(1, 6 * sms // tiles), num_warps=4, SERIAL=True)
 
@@ -225,7 +225,7 @@ def gemv_rows_config(m: int, k: int, n: int, group_size: int, device) -> dict:
         raise ValueError(f"the multi-row GEMV takes 2 to 8 rows, got M = {m}")
     rows = 1 << (m - 1).bit_length()  # next power of two
     block_n, block_k, num_warps = {2: (256, 64, 4), 4: (512, 16, 8), 8: (256, 16, 8)}[rows]
-    tiles = -(-n // block_n)
+    tiles = ceil_div(n, block_n)
     return dict(kind="gemv", ROWS=rows, BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, block_k),
                 SPLIT_K=max(1, 6 * _num_sms(device) // tiles), num_warps=num_warps, SERIAL=True)
 
@@ -256,7 +256,7 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
-    block_n, tiles, sms = 64, -(-n // 64), _num_sms(device)
+    block_n, tiles, sms = 64, ceil_div(n, 64), _num_sms(device)
     wide = tiled_wide_split(k, n, sms) if tiled and block_m == 16 and m > 1 else None
     block_k = segment_rows(group_size, 128)
     if m == 1 and not tiled:
@@ -284,8 +284,8 @@ def small_shard_splits(k: int, block_k: int, tiles: int, places: int, splits: tu
     tiles x the largest of ``splits`` programs fill less than one wave of ``places``."""
     if tiles * max(splits) >= places:
         return splits
-    steps = -(-k // block_k)
-    return splits + tuple(s for s in SMALL_SHARD_SPLITS if -(-steps // s) * block_k >= min_rows)
+    steps = ceil_div(k, block_k)
+    return splits + tuple(s for s in SMALL_SHARD_SPLITS if ceil_div(steps, s) * block_k >= min_rows)
 
 
 def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
@@ -319,7 +319,7 @@ def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
     places = SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM * sms
 
     def predicted(split):
-        return -(-tiles * split // places) * (k / split + SIXTY_FOUR_TOKEN_PROGRAM_ROWS)
+        return ceil_div(tiles * split, places) * (k / split + SIXTY_FOUR_TOKEN_PROGRAM_ROWS)
 
     return min((2, 4, 5, 8), key=predicted)
 
@@ -349,16 +349,16 @@ def prefill_config(m: int, k: int, n: int, group_size: int, device, tiled: bool 
     tokens, 0.95-1.05x (median 0.99) of 64-row steps at 256 and 0.82-1.03x (median 0.96) at 1024."""
     if m <= 64:  # memory-bound: short steps and 4 x slots on large shards, long steps on small ones
         block_m, block_n = 64, 128
-        block_k, stages = (64, 4) if -(-n // 128) >= 50 else (128, 3)
+        block_k, stages = (64, 4) if ceil_div(n, 128) >= 50 else (128, 3)
     elif tiled:
         block_m, block_n, block_k, stages = (128 if m <= 128 else 256), 128, 128, 3
     elif m <= 128:
-        block_m, block_n = 128, (256 if -(-n // 256) * -(-m // 128) >= 32 else 128)
+        block_m, block_n = 128, (256 if ceil_div(n, 256) * ceil_div(m, 128) >= 32 else 128)
         block_k, stages = (64 if block_n == 256 else 128), 3
     else:
         block_m, block_n, block_k, stages = 256, 128, 64, 3
     block_k = segment_rows(group_size, block_k)
-    tiles, sms = -(-n // block_n) * -(-m // block_m), _num_sms(device)
+    tiles, sms = ceil_div(n, block_n) * ceil_div(m, block_m), _num_sms(device)
     if block_m == 64:  # memory-bound: keep every SM streaming (Llama TP 2 up: 112 tiles unsplit took 97 us)
         split_k = 1 if tiles >= 200 else 4
     elif block_m == 128 and not tiled:  # compute-bound: split only short of a wave of tiles
@@ -391,10 +391,10 @@ def prefill_seconds(m: int, k: int, n: int, block_m: int, block_n: int, split: i
     64- and 128-row steps: a refit to the 128-row steps alone (5.55e12 against 5.0e12) moved 17 shard-M pairs, which
     then took median 1.02x the time (0.86-1.20x, ab_tilerate_465a8ae), so it was not kept. With ``stream`` (its
     stream-K form) the tiles' MMAs shared evenly between the SMs, times STREAM_SLOWDOWN."""
-    tiles = -(-n // block_n) * -(-m // block_m)
+    tiles = ceil_div(n, block_n) * ceil_div(m, block_m)
     if stream:
         return tiles / sms * 2 * block_m * block_n * k / PREFILL_TILE_RATE * STREAM_SLOWDOWN
-    waves = -(-tiles * split // sms)
+    waves = ceil_div(tiles * split, sms)
     mma = waves * 2 * block_m * block_n * k / split / PREFILL_TILE_RATE
     return mma + (split > 1) * split * m * n * 8 / PARTIALS_RATE
 
@@ -411,7 +411,7 @@ def dequant_seconds(m: int, k: int, n: int) -> float:
 def _dot_config(m, k, n, group_size, device) -> dict:
     if m <= 32:  # swapped: the weight tile is the MMA's 64+ side
         block_n, block_m = 64, (16 if m <= 16 else 32)
-        tiles = -(-n // block_n) * -(-m // block_m)
+        tiles = ceil_div(n, block_n) * ceil_div(m, block_m)
         want = 4 if tiles >= 100 else 12
         return dict(kind="dot", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=segment_rows(group_size, 128),
                     SPLIT_K=want, num_warps=4, num_stages=3, SERIAL=True)
@@ -456,7 +456,7 @@ def gptq_mm_sorted(
             return dequant_mm(rows, *args, out=out)
         raise ValueError(f"unknown kernel kind {kind!r}")
 
-    y = _head_and_tail(run, xc, n, out_dtype, cfg) if cfg["kind"] == "head_tail" else run(xc, cfg)
+    y = _run_config(run, xc, n, out_dtype, cfg)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -489,14 +489,16 @@ def gptq_swiglu_sorted(
     def run(rows, rows_cfg, out=None):
         return swiglu(rows, gate, up, group_size, group_offset, zero_offset, out_dtype, rows_cfg, perm, out)
 
-    y = _head_and_tail(run, xc, n, out_dtype, cfg) if cfg["kind"] == "head_tail" else run(xc, cfg)
+    y = _run_config(run, xc, n, out_dtype, cfg)
     return y.to(x.dtype).reshape(*lead, n)
 
 
-def _head_and_tail(run, x, n, out_dtype, cfg) -> torch.Tensor:
-    """[M, N] from a "head_tail" config: ``run(rows of x, their config, their rows of the output)`` on the first
-    HEAD_M rows and on the rest (row slices of row-contiguous tensors: contiguous, so every kernel can write
-    them)."""
+def _run_config(run, x, n, out_dtype, cfg) -> torch.Tensor:
+    """[M, N]: ``run(x, cfg)``, or for a "head_tail" config ``run(rows of x, their config, their rows of the
+    output)`` on the first HEAD_M rows and on the rest (row slices of row-contiguous tensors: contiguous, so every
+    kernel can write them)."""
+    if cfg["kind"] != "head_tail":
+        return run(x, cfg)
     head = cfg["HEAD_M"]
     if not 0 < head < x.shape[0] or "head_tail" in (cfg["HEAD"]["kind"], cfg["TAIL"]["kind"]):
         raise ValueError(f"a head_tail config splits M = {x.shape[0]} rows once, at 0 < HEAD_M < M: got {cfg}")
