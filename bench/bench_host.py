@@ -117,7 +117,7 @@ def layer_rows(model: str, calls: int):
     launch_wgmma (the launch with everything prepared), and the bare JIT launch of the same kernel."""
     from tpaware_compile.kernels import check_sorted_args, pick_config
     from tpaware_compile.kernels import wgmma
-    from tpaware_compile.kernels.common import split_k_matmul, split_plan, tile_counters
+    from tpaware_compile.kernels.common import ceil_div, split_k_matmul, split_plan, tile_counters
     hidden, inter = MODELS[model]
     q, z, sc = [(tile(q), z, s) for q, z, s in make_gptq(inter, hidden, 1)][0]
     x = torch.randn(1, inter, dtype=torch.float16, device="cuda")
@@ -125,7 +125,7 @@ def layer_rows(model: str, calls: int):
     part = torch.empty((cfg["SPLIT_K"], 1, hidden), dtype=torch.float32, device="cuda")
     out = torch.empty((1, hidden), dtype=torch.float16, device="cuda")
     counts = tile_counters(hidden // cfg["BLOCK_N"], x.device)
-    per, _ = split_plan(-(-inter // cfg["BLOCK_K"]), cfg["SPLIT_K"])
+    per, _ = split_plan(ceil_div(inter, cfg["BLOCK_K"]), cfg["SPLIT_K"])
     grid = (hidden // cfg["BLOCK_N"], cfg["SPLIT_K"], 1)
     consts = dict(GROUP_SIZE=GROUP, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, DTYPE=wgmma.tl_dtype(x.dtype), SERIAL=True,
                   SWIGLU=False, EVEN=True, TILED=True, WORDS=wgmma.word_layout(64, 128, wgmma.NUM_WARPS, True),

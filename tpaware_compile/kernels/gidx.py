@@ -60,7 +60,7 @@ def _gidx_kernel(
 def gidx_config(m: int, n: int, sms: int) -> dict:
     """Tiles and split-K: about 4 programs per SM on large shards, more splits on small ones (as gemm.py)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    tiles = -(-n // 64) * -(-m // block_m)
+    tiles = ceil_div(n, 64) * ceil_div(m, block_m)
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, SPLIT_K=min(max(1, 4 * sms // tiles), 16), num_warps=4,
                 num_stages=3)
 

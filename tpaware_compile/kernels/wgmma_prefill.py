@@ -43,7 +43,7 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int) -> torch.Tensor:
     On the GPU (and under the interpreter) one launch (_x_order_kernel), else views and a copy. Tiled words need
     none of this (their nibbles are in that order: layout.py)."""
     m, k = x.shape
-    kp = -(-(k + group_offset) // 32) * 32
+    kp = ceil_div(k + group_offset, 32) * 32
     out = torch.empty(m, kp, dtype=x.dtype, device=x.device)
     if x.is_cuda or is_interpreted(_x_order_kernel):
         # the strided copy of the views below was a fifth of a 256-token prefill on Llama-70B's TP 8 up shard
