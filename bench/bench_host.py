@@ -114,10 +114,12 @@ def dispatch_rows(calls: int):
 def layer_rows(model: str, calls: int):
     """Host time of each layer of one M = 1 call of the mm (down) shape on tiled words, innermost last: the whole
     gptq_mm_sorted, its config pick, its argument checks, split_k_matmul (buffers, counters, the launch),
-    launch_wgmma (the launch with everything prepared), and the bare JIT launch of the same kernel."""
+    launch_wgmma (the launch with everything prepared), the bare JIT launch of the same kernel, and the same
+    through kernels/launcher.py (the compiled kernel cached per specialization)."""
     from tpaware_compile.kernels import check_sorted_args, pick_config
     from tpaware_compile.kernels import wgmma
     from tpaware_compile.kernels.common import ceil_div, split_k_matmul, split_plan, tile_counters
+    from tpaware_compile.kernels.launcher import launch_kernel
     hidden, inter = MODELS[model]
     q, z, sc = [(tile(q), z, s) for q, z, s in make_gptq(inter, hidden, 1)][0]
     x = torch.randn(1, inter, dtype=torch.float16, device="cuda")
@@ -140,6 +142,9 @@ def layer_rows(model: str, calls: int):
         jit_launch=lambda: wgmma._wgmma_kernel[grid](x, q, z, sc, part, out, counts, None, 1, hidden, inter,
                                                       x.stride(0), q.stride(0), 0, 0, per,
                                                       wgmma.PAIR_BASE_BITS[x.dtype], **consts),
+        launch_kernel=lambda: launch_kernel(wgmma._wgmma_kernel, grid, x, q, z, sc, part, out, counts, None, 1, hidden,
+                                            inter, x.stride(0), q.stride(0), 0, 0, per,
+                                            wgmma.PAIR_BASE_BITS[x.dtype], **consts),
     )
     rows = []
     for name, fn in fns.items():

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..layout import TILE_COLS, TILE_WORDS, packed_shape
+from .launcher import launch_kernel
 
 # float format -> (bits of 1.0, left shift that puts a nibble at the top 4 mantissa bits)
 _MANTISSA = {torch.float32: (0x3F800000, 19), torch.float16: (0x3C00, 6), torch.bfloat16: (0x3F80, 3)}
@@ -264,6 +265,6 @@ def splitk_finish(part: torch.Tensor, out: torch.Tensor, split_k: int) -> torch.
     """Sum the split-K partials into ``out`` (deterministic: no atomics, no memset)."""
     if split_k > 1:
         mn = out.numel()
-        _splitk_reduce_kernel[(ceil_div(mn, REDUCE_BLOCK),)](part, out, mn, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK,
-                                                             num_warps=REDUCE_WARPS)
+        launch_kernel(_splitk_reduce_kernel, (ceil_div(mn, REDUCE_BLOCK),), part, out, mn, SPLIT_K=split_k,
+                      BLOCK=REDUCE_BLOCK, num_warps=REDUCE_WARPS)
     return out

@@ -20,6 +20,7 @@ from .common import ceil_div, serial_counters, split_plan
 from .gemm import dequantize_sorted, launch_dot, runs_wgmma
 from .gemv import launch_gemv
 from .gemv_prep import launch_gemv_prep, prepare_x
+from .launcher import launch_kernel
 from .wgmma_prefill import prefill_x, stream_mm
 
 
@@ -92,5 +93,5 @@ def _silu_mul(part, out_dtype, out=None):
     _, split_k, m, n = part.shape
     out = torch.empty((m, n), dtype=out_dtype, device=part.device) if out is None else out
     block = 1024
-    _silu_mul_reduce_kernel[(ceil_div(m * n, block),)](part, out, m * n, SPLIT_K=split_k, BLOCK=block)
+    launch_kernel(_silu_mul_reduce_kernel, (ceil_div(m * n, block),), part, out, m * n, SPLIT_K=split_k, BLOCK=block)
     return out

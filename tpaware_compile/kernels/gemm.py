@@ -16,6 +16,7 @@ import triton.language as tl
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import (ceil_div, group_affine, is_interpreted, load_group, mantissa_args, nibble_floats,
                      segment_rows, split_k_matmul, splits_of, store_split, tl_dtype, word_offsets, word_rows)
+from .launcher import launch_kernel
 from .wgmma import X_DTYPES as WGMMA_DTYPES, launch_wgmma
 from .wgmma_prefill import launch_prefill, stream_mm
 
@@ -157,7 +158,7 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
     one_bits, shift = mantissa_args(x.dtype)
     grid = (ceil_div(n, cfg["BLOCK_N"]), split_k, ceil_div(m, cfg["BLOCK_M"]))
     kernel = _dot_kernel if cfg.get("SWAP", True) else _dot_kernel_plain
-    kernel[grid](
+    launch_kernel(kernel, grid,
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight), group_offset,
         zero_offset, per, one_bits, GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], MANTISSA_SHIFT=shift, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None,
@@ -200,8 +201,8 @@ def dequantize_sorted(qweight, qzeros, scales, group_size, group_offset, zero_of
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
     bk, bn = segment_rows(group_size, 64), 256
     grid = (ceil_div(k + group_offset, bk), ceil_div(n, bn))
-    _dequant_kernel[grid](qweight, qzeros, scales, w, n, k, word_stride(qweight), group_offset, zero_offset,
-                          GROUP_SIZE=group_size, BLOCK_K=bk, BLOCK_N=bn, TILED=is_tiled(qweight))
+    launch_kernel(_dequant_kernel, grid, qweight, qzeros, scales, w, n, k, word_stride(qweight), group_offset,
+                  zero_offset, GROUP_SIZE=group_size, BLOCK_K=bk, BLOCK_N=bn, TILED=is_tiled(qweight))
     return w
 
 

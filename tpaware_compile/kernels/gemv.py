@@ -14,6 +14,7 @@ import triton.language as tl
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import (affine_factors, ceil_div, load_group, mantissa_args, nibble_floats, split_k_matmul, splits_of,
                      step_words, store_split, word_rows)
+from .launcher import launch_kernel
 
 FP32_SHIFT: tl.constexpr = tl.constexpr(19)  # a literal argument would not stay a compile-time constant
 
@@ -88,7 +89,7 @@ def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offse
     split_k = splits_of(part)
     one_bits, _ = mantissa_args(torch.float32)
     grid = (ceil_div(n, cfg["BLOCK_N"]), split_k, m)
-    _gemv_kernel[grid](
+    launch_kernel(_gemv_kernel, grid,
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight), group_offset,
         zero_offset, per, one_bits, GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
         SERIAL=counts is not None, SWIGLU=gate is not None, TILED=is_tiled(qweight),

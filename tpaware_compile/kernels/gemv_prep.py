@@ -26,6 +26,7 @@ import triton.language as tl
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import (ceil_div, load_group, split_k_matmul, splits_of, step_words, store_split, word_rows,
                      x_columns)
+from .launcher import launch_kernel
 
 
 @triton.jit
@@ -213,8 +214,8 @@ def prepare_x(x, block_k, group_offset, perm=None, tiled=False):
     c = torch.empty((m, kpad // 8), dtype=torch.float32, device=x.device)
     xs = torch.empty_like(c)
     bw = 128
-    _xprep_kernel[(ceil_div(kpad // 8, bw), m)](x, perm, xp, c, xs, k, kpad, x.stride(0), group_offset, BLOCK_W=bw,
-                                                HAS_PERM=perm is not None, TILED=tiled)
+    launch_kernel(_xprep_kernel, (ceil_div(kpad // 8, bw), m), x, perm, xp, c, xs, k, kpad, x.stride(0), group_offset,
+                  BLOCK_W=bw, HAS_PERM=perm is not None, TILED=tiled)
     return xp, c, xs
 
 
@@ -251,6 +252,6 @@ def launch_gemv_prep(prep, k, qweight, qzeros, scales, group_size, group_offset,
                 num_warps=cfg.get("num_warps", 4), num_stages=1)
     meta.update(SERIAL=counts is not None, SWIGLU=gate is not None)
     if rows == 1:
-        _gemv_prep_kernel[grid](*tensors, out, counts, gate, *sizes, **meta)
+        launch_kernel(_gemv_prep_kernel, grid, *tensors, out, counts, gate, *sizes, **meta)
     else:
-        _gemv_prep_rows_kernel[grid](*tensors, out, counts, gate, *sizes, ROWS=rows, **meta)
+        launch_kernel(_gemv_prep_rows_kernel, grid, *tensors, out, counts, gate, *sizes, ROWS=rows, **meta)

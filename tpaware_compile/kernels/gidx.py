@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ..gptq import dequantize_unchecked
 from .common import ceil_div, split_k_matmul, splits_of, tl_dtype
+from .launcher import launch_kernel
 
 
 @triton.jit
@@ -74,9 +75,9 @@ def gidx_mm(x, qweight, qzeros, scales, g_idx, zero_offset, out_dtype, cfg):
         n = qweight.shape[1]
         split_k = splits_of(part)
         grid = (ceil_div(n, cfg["BLOCK_N"]), split_k, ceil_div(m, cfg["BLOCK_M"]))
-        _gidx_kernel[grid](x, qweight, qzeros, scales, g32, part, m, n, k, x.stride(0), zero_offset, per,
-                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                           DTYPE=tl_dtype(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        launch_kernel(_gidx_kernel, grid, x, qweight, qzeros, scales, g32, part, m, n, k, x.stride(0), zero_offset,
+                      per, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                      DTYPE=tl_dtype(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     return split_k_matmul(launch, x, qweight, qzeros, scales, 0, 0, zero_offset, out_dtype, cfg)
 

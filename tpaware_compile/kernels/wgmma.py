@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import ceil_div, splits_of, store_split, tiled_offsets, tl_dtype
+from .launcher import launch_kernel
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
 X_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit MMA operands this kernel is written for
@@ -491,7 +492,7 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     tiled = is_tiled(qweight)
     grid = (ceil_div(n, bn), splits_of(part), ceil_div(m, bm))
     bn //= parts
-    _wgmma_kernel[grid](
+    launch_kernel(_wgmma_kernel, grid,
         x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,

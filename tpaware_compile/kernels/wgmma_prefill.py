@@ -31,6 +31,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..layout import is_tiled, packed_shape, word_stride
 from .common import ceil_div, is_interpreted, splits_of, store_split, tl_dtype
+from .launcher import launch_kernel
 from .wgmma import PAIR_BASE_BITS, a_operand, a_operand_layout, mma_layout, weight_loads, word_layout
 
 TOKEN_TILES = (16, 32, 64, 128, 256)  # the MMA's N
@@ -50,8 +51,8 @@ def x_in_mma_order(x: torch.Tensor, group_offset: int) -> torch.Tensor:
         # (9 of 42 us on an H100; bench/README.md)
         x = x if x.stride(1) == 1 else x.contiguous()
         grid = (ceil_div(m, X_ORDER_ROWS), ceil_div(kp, X_ORDER_COLUMNS))
-        _x_order_kernel[grid](x, out, m, k, kp, x.stride(0), group_offset, BLOCK_R=X_ORDER_ROWS,
-                              BLOCK_C=X_ORDER_COLUMNS)
+        launch_kernel(_x_order_kernel, grid, x, out, m, k, kp, x.stride(0), group_offset, BLOCK_R=X_ORDER_ROWS,
+                      BLOCK_C=X_ORDER_COLUMNS)
         return out
     if group_offset or kp != k:
         x = F.pad(x, (group_offset, kp - k - group_offset))
@@ -366,7 +367,7 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
     tiled = is_tiled(qweight)
     px = _prepared(x, group_offset, cfg, tiled)
     grid = (ceil_div(n, bn), splits_of(part), ceil_div(m, bm))
-    _prefill_kernel[grid](
+    launch_kernel(_prefill_kernel, grid,
         px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, word_stride(qweight),
         group_offset, zero_offset, per,
         PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"],
@@ -413,14 +414,13 @@ def stream_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
     tiled = is_tiled(qweight)
     px = _prepared(x, group_offset, cfg, tiled)
     ws = torch.empty((plan.programs, 2, bm * bn), dtype=torch.float32, device=qweight.device)
-    _stream_kernel[(plan.programs,)](
+    launch_kernel(_stream_kernel, (plan.programs,),
         px.desc, qweight, qzeros, scales, ws, out, m, n, k, word_stride(qweight), group_offset, zero_offset,
         PAIR_BASE_BITS[x.dtype], plan.tiles_m, plan.whole, plan.pairs, plan.units, GROUP_SIZE=group_size,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], DTYPE=tl_dtype(x.dtype), WARPS=warps, TILED=tiled,
         WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
     )
     rows = min(STREAM_REDUCE_ROWS, bm)
-    _stream_reduce_kernel[(plan.tiles - plan.whole, bm // rows)](ws, out, m, n, plan.tiles_m, plan.whole, plan.pairs,
-                                                                 plan.units, plan.programs, BLOCK_M=bm, BLOCK_N=bn,
-                                                                 ROWS=rows)
+    launch_kernel(_stream_reduce_kernel, (plan.tiles - plan.whole, bm // rows), ws, out, m, n, plan.tiles_m,
+                  plan.whole, plan.pairs, plan.units, plan.programs, BLOCK_M=bm, BLOCK_N=bn, ROWS=rows)
     return out
