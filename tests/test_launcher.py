@@ -194,8 +194,10 @@ def _rel_err(y, ref):
 
 @pytest.fixture
 def triton_path_launches(monkeypatch):
-    """A list that grows by one for every launch that goes through Triton's JIT launcher."""
+    """A list that grows by one for every launch that goes through Triton's JIT launcher; the launcher's cache
+    emptied first."""
     calls, run = [], launcher.JITFunction.run
+    monkeypatch.setattr(launcher, "_compiled", {})
 
     def counted(self, *args, **kwargs):
         calls.append(self)
@@ -223,15 +225,16 @@ def test_launches_reuse_compiled_kernels_gpu(k, n, tiled, triton_path_launches):
         x = torch.randn(m, k, device="cuda").half()
         _poison()
         before = len(triton_path_launches)
-        assert _rel_err(gptq_mm_sorted(x, qw, w.qzeros, w.scales, 128), gptq.reference_matmul(x, w)) < TOL[x.dtype]
+        y = gptq_mm_sorted(x, qw, w.qzeros, w.scales, 128, 0, 1)
+        assert _rel_err(y, gptq.reference_matmul(x, w)) < TOL[x.dtype]
         assert (len(triton_path_launches) == before) == again
     x = torch.randn(16 * k + 1, device="cuda").half()[1:].view(16, k)  # 2 bytes past an aligned address
-    assert _rel_err(gptq_mm_sorted(x, qw, w.qzeros, w.scales, 128), gptq.reference_matmul(x, w)) < TOL[x.dtype]
+    assert _rel_err(gptq_mm_sorted(x, qw, w.qzeros, w.scales, 128, 0, 1), gptq.reference_matmul(x, w)) < TOL[x.dtype]
     x = torch.randn(1, k, device="cuda").half()
-    gptq_mm_sorted(x, qw, w.qzeros, w.scales, 128)  # warm: the graph's launches hit the cache
+    gptq_mm_sorted(x, qw, w.qzeros, w.scales, 128, 0, 1)  # warm: the graph's launches hit the cache
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = gptq_mm_sorted(x, qw, w.qzeros, w.scales, 128)
+        y = gptq_mm_sorted(x, qw, w.qzeros, w.scales, 128, 0, 1)
     for _ in range(2):
         x.copy_(torch.randn(1, k, device="cuda").half())
         graph.replay()
@@ -250,6 +253,7 @@ def test_swiglu_launches_reuse_compiled_kernels_gpu(m):
     for _ in range(3):
         x = torch.randn(m, 4096, device="cuda").bfloat16()
         _poison()
-        y = gptq_swiglu_sorted(x, (gate.qweight, gate.qzeros, gate.scales), (up.qweight, up.qzeros, up.scales), 128)
+        y = gptq_swiglu_sorted(x, (gate.qweight, gate.qzeros, gate.scales), (up.qweight, up.qzeros, up.scales),
+                               128, 0, 1)
         g, u = gptq.reference_matmul(x.float(), gate), gptq.reference_matmul(x.float(), up)
         assert _rel_err(y, torch.nn.functional.silu(g) * u) < TOL[x.dtype]

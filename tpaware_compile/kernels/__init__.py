@@ -20,6 +20,7 @@ Under TRITON_INTERPRET=1 (CPU tests) one fixed config runs, and bf16 is computed
 interpreter's bf16 arithmetic is wrong).
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -439,7 +440,7 @@ def gptq_mm_sorted(
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device, wgmma=_wgmma_for(x2), tiled=is_tiled(qweight))
+    cfg = config or _picked(x2.shape[0], k, n, group_size, x.device, _wgmma_for(x2), is_tiled(qweight), INTERPRET)
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
     args = (qweight, qzeros, scales, group_size, group_offset, zero_offset, out_dtype)
@@ -481,8 +482,7 @@ def gptq_swiglu_sorted(
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    cfg = config or pick_config(x2.shape[0], k, n, group_size, x.device, wgmma=_wgmma_for(x2),
-                                tiled=is_tiled(gate[0]))
+    cfg = config or _picked(x2.shape[0], k, n, group_size, x.device, _wgmma_for(x2), is_tiled(gate[0]), INTERPRET)
     x2, perm = _gather_unless_prepared(x2, perm, cfg)
     xc, out_dtype = _interpreter_upcast(x2)
 
@@ -491,6 +491,13 @@ def gptq_swiglu_sorted(
 
     y = _run_config(run, xc, n, out_dtype, cfg)
     return y.to(x.dtype).reshape(*lead, n)
+
+
+@functools.lru_cache(maxsize=4096)
+def _picked(m, k, n, group_size, device, wgmma, tiled, interpret) -> dict:
+    """pick_config once per shape and device (a fifth of the host time of a one-token call): its result depends
+    on nothing else but INTERPRET (``interpret``), which tests switch. Callers read configs, never write them."""
+    return pick_config(m, k, n, group_size, device, wgmma, tiled)
 
 
 def _run_config(run, x, n, out_dtype, cfg) -> torch.Tensor:

@@ -57,20 +57,22 @@ def launch_kernel(kernel, grid, *args, **kwargs) -> None:
 
 
 def launch_key(kernel, device, args, kwargs) -> tuple:
-    """The cache key of a launch (module doc)."""
-    tensor = _TENSOR  # a local: this runs on every launch
-    pos = tuple([(v.dtype, not v.data_ptr() & 15) if isinstance(v, tensor) else _exact(v, False) for v in args])
-    return kernel, device, pos, tuple(kwargs), tuple([_exact(v, True) for v in kwargs.values()])
+    """The cache key of a launch (module doc). Written for speed: it runs on every launch."""
+    tensor = _TENSOR
+    pos = tuple([v if type(v) is int else (v.dtype, not v.data_ptr() & 15) if type(v) is tensor else _exact(v, False)
+                 for v in args])
+    kw = tuple([v if type(v) is int else _exact(v, True) for v in kwargs.values()])
+    return kernel, device, pos, tuple(kwargs), kw
 
 
 def _exact(v, keyword: bool):
     """A non-tensor argument in a key: an int as it is; True, 1.0 and 1 apart (equal in Python, not to Triton); a
     Gluon TMA descriptor by what Triton specializes it on (tests/test_launcher.py); a keyword argument's other
     objects by identity (_remember keeps them alive)."""
-    if type(v) is int:
-        return v
     if type(v) in _BY_VALUE:
         return type(v), v
+    if isinstance(v, torch.Tensor) and not keyword:  # a subclass (a Parameter)
+        return v.dtype, not v.data_ptr() & 15
     if isinstance(v, TensorDescriptor):  # a TMA descriptor: Triton specializes on its dtype, block and layout
         return TensorDescriptor, v.base.dtype, tuple(v.block_shape), v.layout, v.padding
     if keyword and not isinstance(v, torch.Tensor):  # a tensor's address would make every launch a new key
