@@ -2,10 +2,11 @@
 work done once per specialization.
 
 Every JIT launch binds the arguments, specializes each (a tensor's dtype and 16-byte alignment; an int's value
-1, divisibility by 16, width), builds a cache key and looks the compiled kernel up: 32 us of host time for the
-wgmma decode kernel on an H100 machine's host, where the compiled kernel's own launcher takes 8.5 us
-(`probe_launch`, bench/README.md). Here the first launch of a key goes through Triton, which compiles or finds the
-kernel; later launches of that key call the compiled kernel's launcher with the arguments as given.
+1, divisibility by 16, width), builds a cache key and looks the compiled kernel up: 26-41 us of host time for the
+wgmma decode kernel on an H100 machine's host, where the compiled kernel's own launcher takes 7-11 us
+(bench/probe_launch.py; bench/README.md, "Host time"). Here the first launch of a key goes through Triton, which
+compiles or finds the kernel; later launches of that key call the compiled kernel's launcher with the arguments
+as given.
 
 The key is finer than Triton's specialization, never coarser: each tensor argument by dtype and whether its
 address is a multiple of 16 (tests/test_launcher.py checks that Triton specializes tensors on nothing else), every
@@ -28,7 +29,7 @@ JIT_ONLY = os.environ.get("TPAWARE_JIT_LAUNCH") == "1"
 MAX_ENTRIES = 4096  # keys kept (a prefill shape adds one per token count); past this the cache starts over
 _BY_VALUE = frozenset((float, bool, str, type(None), torch.dtype))
 _TENSOR = torch.Tensor
-_compiled = {}  # key -> (compiled kernel, the parameters after the positional ones in order, keyword values)
+_compiled = {}  # key -> (compiled kernel, the parameters after the positional ones in order, kernel, keywords)
 
 
 class _TritonPath(Exception):
@@ -37,7 +38,7 @@ class _TritonPath(Exception):
 
 def launch_kernel(kernel, grid, *args, **kwargs) -> None:
     """Launch ``kernel`` on ``grid`` (a tuple of 1-3 ints) as ``kernel[grid](*args, **kwargs)`` would."""
-    if JIT_ONLY or not isinstance(kernel, JITFunction) or _hooked(kernel):
+    if JIT_ONLY or not isinstance(kernel, JITFunction) or callable(grid) or _hooked(kernel):
         kernel[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
@@ -48,7 +49,7 @@ def launch_kernel(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     if entry is None:
-        _remember(key, kernel[grid](*args, **kwargs), bound_tail(kernel, len(args), kwargs), kwargs)
+        _remember(key, kernel, kernel[grid](*args, **kwargs), bound_tail(kernel, len(args), kwargs), kwargs)
         return
     compiled, tail = entry[:2]
     g = tuple(grid) + (1,) * (3 - len(grid))
@@ -62,7 +63,7 @@ def launch_key(kernel, device, args, kwargs) -> tuple:
     pos = tuple([v if type(v) is int else (v.dtype, not v.data_ptr() & 15) if type(v) is tensor else _exact(v, False)
                  for v in args])
     kw = tuple([v if type(v) is int else _exact(v, True) for v in kwargs.values()])
-    return kernel, device, pos, tuple(kwargs), kw
+    return id(kernel), device, pos, tuple(kwargs), kw  # id: a kernel's own hash takes a microsecond
 
 
 def _exact(v, keyword: bool):
@@ -87,13 +88,14 @@ def bound_tail(kernel, positional: int, kwargs) -> tuple:
     return tuple(kwargs[name] if name in kwargs else p.default for name, p in params)
 
 
-def _remember(key, compiled, tail, kwargs) -> None:
-    """Keep what Triton compiled for ``key``, with its launches' bound tail."""
+def _remember(key, kernel, compiled, tail, kwargs) -> None:
+    """Keep what Triton compiled for ``key``, with its launches' bound tail, and what the key names by identity
+    (the kernel, keyword objects), so that no identity in a kept key is reused."""
     if not hasattr(compiled, "packed_metadata"):  # not a compiled kernel (an asynchronous compile's future)
         return
     if len(_compiled) >= MAX_ENTRIES:
         _compiled.clear()
-    _compiled[key] = (compiled, tail, tuple(kwargs.values()))  # the last keeps what the key names by identity
+    _compiled[key] = (compiled, tail, kernel, tuple(kwargs.values()))
 
 
 def _hooked(kernel) -> bool:
