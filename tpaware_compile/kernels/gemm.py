@@ -158,9 +158,9 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
     one_bits, shift = mantissa_args(x.dtype)
     grid = (ceil_div(n, cfg["BLOCK_N"]), split_k, ceil_div(m, cfg["BLOCK_M"]))
     kernel = _dot_kernel if cfg.get("SWAP", True) else _dot_kernel_plain
-    launch_kernel(kernel, grid,
-        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight), group_offset,
-        zero_offset, per, one_bits, GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+    launch_kernel(
+        kernel, grid, x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),
+        group_offset, zero_offset, per, one_bits, GROUP_SIZE=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], MANTISSA_SHIFT=shift, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None,
         SWIGLU=gate is not None, TILED=is_tiled(qweight), num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 2),

@@ -89,9 +89,9 @@ def launch_gemv(x, qweight, qzeros, scales, group_size, group_offset, zero_offse
     split_k = splits_of(part)
     one_bits, _ = mantissa_args(torch.float32)
     grid = (ceil_div(n, cfg["BLOCK_N"]), split_k, m)
-    launch_kernel(_gemv_kernel, grid,
-        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight), group_offset,
-        zero_offset, per, one_bits, GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
-        SERIAL=counts is not None, SWIGLU=gate is not None, TILED=is_tiled(qweight),
+    launch_kernel(
+        _gemv_kernel, grid, x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0),
+        word_stride(qweight), group_offset, zero_offset, per, one_bits, GROUP_SIZE=group_size, BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_N=cfg["BLOCK_N"], SERIAL=counts is not None, SWIGLU=gate is not None, TILED=is_tiled(qweight),
         num_warps=cfg.get("num_warps", 4), num_stages=1,
     )

@@ -492,10 +492,10 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
     tiled = is_tiled(qweight)
     grid = (ceil_div(n, bn), splits_of(part), ceil_div(m, bm))
     bn //= parts
-    launch_kernel(_wgmma_kernel, grid,
-        x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0), word_stride(qweight),
-        group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
+    launch_kernel(
+        _wgmma_kernel, grid, x, qweight, qzeros, scales, part, out, counts, gate, m, n, k, x.stride(0),
+        word_stride(qweight), group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
         XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
         maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),

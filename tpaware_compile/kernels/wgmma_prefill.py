@@ -367,12 +367,11 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
     tiled = is_tiled(qweight)
     px = _prepared(x, group_offset, cfg, tiled)
     grid = (ceil_div(n, bn), splits_of(part), ceil_div(m, bm))
-    launch_kernel(_prefill_kernel, grid,
-        px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, word_stride(qweight),
-        group_offset, zero_offset, per,
-        PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"],
-        DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None, WARPS=warps,
-        TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
+    launch_kernel(
+        _prefill_kernel, grid, px.desc, qweight, qzeros, scales, part, out, counts, gate, m, n, k, word_stride(qweight),
+        group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, STAGES=cfg["STAGES"], DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
+        WARPS=warps, TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
     )
 
 
@@ -414,11 +413,11 @@ def stream_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
     tiled = is_tiled(qweight)
     px = _prepared(x, group_offset, cfg, tiled)
     ws = torch.empty((plan.programs, 2, bm * bn), dtype=torch.float32, device=qweight.device)
-    launch_kernel(_stream_kernel, (plan.programs,),
-        px.desc, qweight, qzeros, scales, ws, out, m, n, k, word_stride(qweight), group_offset, zero_offset,
-        PAIR_BASE_BITS[x.dtype], plan.tiles_m, plan.whole, plan.pairs, plan.units, GROUP_SIZE=group_size,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], DTYPE=tl_dtype(x.dtype), WARPS=warps, TILED=tiled,
-        WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
+    launch_kernel(
+        _stream_kernel, (plan.programs,), px.desc, qweight, qzeros, scales, ws, out, m, n, k, word_stride(qweight),
+        group_offset, zero_offset, PAIR_BASE_BITS[x.dtype], plan.tiles_m, plan.whole, plan.pairs, plan.units,
+        GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg["STAGES"], DTYPE=tl_dtype(x.dtype),
+        WARPS=warps, TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
     )
     rows = min(STREAM_REDUCE_ROWS, bm)
     launch_kernel(_stream_reduce_kernel, (plan.tiles - plan.whole, bm // rows), ws, out, m, n, plan.tiles_m,
