@@ -10,20 +10,16 @@ without that cache (``TPAWARE_JIT_LAUNCH``), alternated. With a cProfile of the 
 """
 
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import sys
 
 import torch
-import triton
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction, compute_cache_key
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_host import MODELS, host_us, hold_gpu  # noqa: E402
+from bench_host import MODELS, host_us, profile_text  # noqa: E402
 from bench_kernels import make_gptq  # noqa: E402
 from timing import header  # noqa: E402
 
@@ -78,19 +74,6 @@ def launch_paths(kernel, args, kwargs, grid):
         compiled_run_fixed_stream=lambda: compiled.run(*g, stream, compiled.function, compiled.packed_metadata,
                                                        None, None, None, *values),
     )
-
-
-def profile_text(fn, calls):
-    hold_gpu()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
-    return s.getvalue()
 
 
 def main():
