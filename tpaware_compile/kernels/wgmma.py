@@ -36,7 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import _TILE_COLS, _TILE_WORDS, ceil_div, splits_of, store_split, tiled_offsets, tl_dtype
+from .common import ceil_div, splits_of, store_split, tiled_offsets, tl_dtype
 from .launcher import launch_kernel
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
@@ -389,29 +389,6 @@ def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
 
 
 @gluon.jit
-def _prefetch_l2(ptr, nbytes):
-    """Ask the copy engine to bring ``nbytes`` (a multiple of 16) from 16-byte aligned ``ptr`` into L2: one thread
-    issues it, and no register waits for it (cp.async.bulk.prefetch.L2, sm_90)."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr, nbytes], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _prefetch_weights(qw_ptr, pid_n, seg_start, seg_end, stride_q, PARTS: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Tiled words (layout.py) hold each 64-column tile's 128-row blocks one after another, 4 KB each: a program's
-    K-range of a tile is one contiguous run, prefetched into L2 whole at the program's start, so its register loads
-    (two steps ahead) wait on L2 rather than DRAM."""
-    first = (seg_start * BLOCK_K) // 128
-    last = gl.cdiv(seg_end * BLOCK_K, 128)
-    if last > first:  # a split past K's end has no steps
-        for part in gl.static_range(PARTS):
-            tile = pid_n * PARTS + part
-            _prefetch_l2(qw_ptr + tile * stride_q + first * (_TILE_COLS * _TILE_WORDS), (last - first) * 4096)
-
-
-@gluon.jit
 def _output_tile(offs_m, offs_n, M, N):
     """Offsets of a program's output tile [BN, BM] (row * N + column) and which of its rows lie inside x. Called
     after the K-steps, not before: kept live through the loop they took registers it needs (spills)."""
@@ -442,7 +419,6 @@ def _wgmma_kernel(
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
     PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
-    L2_PREFETCH: gl.constexpr = False,  # tiled words: the program's weights into L2 at its start (_prefetch_weights)
 ):
     MMA: gl.constexpr = mma_layout(BLOCK_M, 4)  # one warpgroup (NUM_WARPS)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
@@ -463,8 +439,6 @@ def _wgmma_kernel(
     x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_M, BLOCK_K], X_SMEM)
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
-    if L2_PREFETCH:
-        _prefetch_weights(qw_ptr, pid_n, seg_start, seg_end, stride_q, PARTS, BLOCK_K)
     if PARTS == 2:
         acc0, acc1 = _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
                                      stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx,
@@ -523,6 +497,6 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         word_stride(qweight), group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
-        XL=x_layout(bm, bk), PARTS=parts, L2_PREFETCH=tiled and cfg.get("L2_PREFETCH", True), num_warps=NUM_WARPS,
+        XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
         maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),
     )
