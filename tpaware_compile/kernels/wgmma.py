@@ -36,7 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..layout import is_tiled, packed_shape, word_stride
-from .common import _TILE_COLS, _TILE_WORDS, ceil_div, splits_of, store_split, tiled_offsets, tl_dtype
+from .common import ceil_div, splits_of, store_split, tiled_offsets, tl_dtype
 from .launcher import launch_kernel
 
 NUM_WARPS = 4  # one warpgroup: each warp owns 16 of every 64 output columns
@@ -334,11 +334,8 @@ def _scaled_mma(acc, q, s, zw, offs_nq, xt, zero, base_pair, zero_offset, DTYPE:
 def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                     group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
                     GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                    DTYPE: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr, tile_ptr=None,
-                    L2_AHEAD: gl.constexpr = 0):
-    """The K-steps of a program of BLOCK_N columns; returns its accumulator. L2_AHEAD > 0 (tiled words, 128-row
-    steps: one step of a tile is 4 KB at tile_ptr + step * 1024 words): each step also asks the step L2_AHEAD
-    past the one its registers load next into L2."""
+                    DTYPE: gl.constexpr, EVEN: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr):
+    """The K-steps of a program of BLOCK_N columns; returns its accumulator."""
     A_REGS: gl.constexpr = a_operand_layout(MMA)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -346,9 +343,6 @@ def _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
                                group_offset, offs_nq, offs_w, offs_n, offs_kx, offs_mx, GROUP_SIZE, BLOCK_K,
                                EVEN, TILED)
     for seg in range(seg_start, seg_end):
-        if L2_AHEAD > 0:
-            if seg + 1 + L2_AHEAD < seg_end:
-                _prefetch_l2(tile_ptr + (seg + 1 + L2_AHEAD) * (_TILE_COLS * _TILE_WORDS), 4096)
         # the next step's loads are issued before this step's arithmetic: two steps of weights in flight (three,
         # with 127 registers instead of 80, was slower on every Llama-70B shape at M = 1 / 16: bench/README.md)
         nq, ns, nzw, nxv = _step_loads(seg + 1, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm,
@@ -395,16 +389,6 @@ def _two_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M
 
 
 @gluon.jit
-def _prefetch_l2(ptr, nbytes):
-    """Ask the copy engine to bring ``nbytes`` (a multiple of 16) from 16-byte aligned ``ptr`` into L2: one thread
-    issues it, and no register waits for it (cp.async.bulk.prefetch.L2, sm_90)."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr, nbytes], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _output_tile(offs_m, offs_n, M, N):
     """Offsets of a program's output tile [BN, BM] (row * N + column) and which of its rows lie inside x. Called
     after the K-steps, not before: kept live through the loop they took registers it needs (spills)."""
@@ -435,7 +419,6 @@ def _wgmma_kernel(
     WORDS: gl.constexpr,  # word_layout(BLOCK_N, BLOCK_K, NUM_WARPS, TILED)
     XL: gl.constexpr,  # x_layout(BLOCK_M, BLOCK_K)
     PARTS: gl.constexpr = 1,  # 2: a program computes two BLOCK_N-column parts on one x tile (_two_part_steps)
-    L2_AHEAD: gl.constexpr = 0,  # one part, tiled words, 128-row steps: L2 prefetch distance (_one_part_steps)
 ):
     MMA: gl.constexpr = mma_layout(BLOCK_M, 4)  # one warpgroup (NUM_WARPS)
     Q: gl.constexpr = gl.SliceLayout(2, WORDS)
@@ -469,8 +452,7 @@ def _wgmma_kernel(
     else:
         acc = _one_part_steps(x_smem, seg_start, seg_end, x_ptr, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_xm, stride_q,
                               group_offset, zero_offset, base_pair, offs_nq, offs_w, offs_n, offs_kx, offs_mx,
-                              GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA, qw_ptr + pid_n * stride_q,
-                              L2_AHEAD)
+                              GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, DTYPE, EVEN, TILED, MMA)
         offs, rows_ok = _output_tile(offs_m, offs_n, M, N)
         store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N, offs,
                     gl.expand_dims(offs_n < N, 1) & rows_ok, SERIAL, SWIGLU)
@@ -516,6 +498,5 @@ def launch_wgmma(x, qweight, qzeros, scales, group_size, group_offset, zero_offs
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         EVEN=even_shape(k, n, group_offset, cfg), TILED=tiled, WORDS=word_layout(bn, bk, NUM_WARPS, tiled),
         XL=x_layout(bm, bk), PARTS=parts, num_warps=NUM_WARPS,
-        L2_AHEAD=cfg.get("L2_AHEAD", 2) if tiled and bk == 128 and parts == 1 else 0,
         maxnreg=cfg.get("MAXNREG", register_cap(m, (bm, bn, bk), tiled, parts)),
     )
