@@ -133,18 +133,16 @@ def layer_rows(model: str, calls: int):
                   SWIGLU=False, EVEN=True, TILED=True, WORDS=wgmma.word_layout(64, 128, wgmma.NUM_WARPS, True),
                   XL=wgmma.x_layout(16, 128), PARTS=1, num_warps=wgmma.NUM_WARPS,
                   maxnreg=wgmma.register_cap(1, (16, 64, 128), True))
+    args = (x, q, z, sc, part, out, counts, None, 1, hidden, inter, x.stride(0), q.stride(0), 0, 0, per,
+            wgmma.PAIR_BASE_BITS[x.dtype])  # the kernel's runtime arguments, as launch_wgmma passes them
     fns = dict(
         gptq_mm_sorted=lambda: gptq_mm_sorted(x, q, z, sc, GROUP),
         pick_config=lambda: pick_config(1, inter, hidden, GROUP, x.device, tiled=True),
         check_sorted_args=lambda: check_sorted_args(x, q, z, sc, GROUP, 0, 0),
         split_k_matmul=lambda: split_k_matmul(wgmma.launch_wgmma, x, q, z, sc, GROUP, 0, 0, x.dtype, cfg),
         launch_wgmma=lambda: wgmma.launch_wgmma(x, q, z, sc, GROUP, 0, 0, part, per, cfg, out, counts),
-        jit_launch=lambda: wgmma._wgmma_kernel[grid](x, q, z, sc, part, out, counts, None, 1, hidden, inter,
-                                                      x.stride(0), q.stride(0), 0, 0, per,
-                                                      wgmma.PAIR_BASE_BITS[x.dtype], **consts),
-        launch_kernel=lambda: launch_kernel(wgmma._wgmma_kernel, grid, x, q, z, sc, part, out, counts, None, 1, hidden,
-                                            inter, x.stride(0), q.stride(0), 0, 0, per,
-                                            wgmma.PAIR_BASE_BITS[x.dtype], **consts),
+        jit_launch=lambda: wgmma._wgmma_kernel[grid](*args, **consts),
+        launch_kernel=lambda: launch_kernel(wgmma._wgmma_kernel, grid, *args, **consts),
     )
     rows = []
     for name, fn in fns.items():

@@ -50,9 +50,8 @@ def launch_paths(kernel, args, kwargs, grid):
     """name -> zero-argument call: the JIT launch and its parts, and the compiled kernel's launcher alone."""
     device = driver.active.get_current_device()
     compiled = kernel[grid](*args, **kwargs)
-    binder = kernel.device_caches[device][4]
-    bound, specialization, options = binder(*args, **kwargs)
-    values = tuple(bound.values())
+    _, key_cache, _, _, binder = kernel.device_caches[device]
+    values = tuple(binder(*args, **kwargs)[0].values())
     stream = driver.active.get_current_stream(device)
     g = tuple(grid) + (1,) * (3 - len(grid))
 
@@ -60,9 +59,9 @@ def launch_paths(kernel, args, kwargs, grid):
         compiled.run(*g, driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
                      None, None, *values)
 
-    def binder_and_key():
+    def binder_and_key():  # with Triton's own (warm) key cache, as a JIT launch builds its key
         _, spec, opts = binder(*args, **kwargs)
-        return compute_cache_key({}, spec, opts)
+        return compute_cache_key(key_cache, spec, opts)
 
     return dict(
         jit=lambda: kernel[grid](*args, **kwargs),
