@@ -81,9 +81,9 @@ def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=F
 
 
 def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", serial=False, swiglu=False,
-                    group_size=128, out="fp32", tiled=False):
+                    group_size=128, out="fp32", tiled=False, maxnreg=None):
     """The Hopper prefill kernel (wgmma_prefill.py, x through TMA) compiled for sm_90a; out: the dtype it stores
-    (fp32 partials, or x's dtype without split-K)."""
+    (fp32 partials, or x's dtype without split-K); maxnreg: a register cap (config MAXNREG)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = prefill._prefill_kernel
     tl_type = tl_dtype(DTYPES[dtype])
@@ -98,7 +98,7 @@ def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", 
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
                if sig[a].startswith("*") or a in ("N", "K", "stride_q")}
     return triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps))
+                          options=dict(num_warps=warps, maxnreg=maxnreg))
 
 
 def compile_stream(block_m=256, block_n=128, block_k=128, stages=3, warps=8, dtype="fp16", group_size=128,

@@ -359,7 +359,8 @@ def _prepared(x, group_offset: int, cfg: dict, tiled: bool) -> PrefillX:
 
 def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, part, per, cfg, out=None,
                    counts=None, gate=None):
-    """launch_wgmma's contract (wgmma.py) for configs with PREFILL: x fp16 or bf16 [M, K], or prefill_x of it."""
+    """launch_wgmma's contract (wgmma.py) for configs with PREFILL: x fp16 or bf16 [M, K], or prefill_x of it.
+    MAXNREG caps ptxas's registers per thread (sweeps)."""
     _check_tiles(cfg)
     m, k = x.shape
     n = packed_shape(qweight)[1]
@@ -372,6 +373,7 @@ def launch_prefill(x, qweight, qzeros, scales, group_size, group_offset, zero_of
         group_offset, zero_offset, per, PAIR_BASE_BITS[x.dtype], GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, STAGES=cfg["STAGES"], DTYPE=tl_dtype(x.dtype), SERIAL=counts is not None, SWIGLU=gate is not None,
         WARPS=warps, TILED=tiled, WORDS=word_layout(bn, bk, warps, tiled), num_warps=warps,
+        maxnreg=cfg.get("MAXNREG"),
     )
 
 
