@@ -7,8 +7,10 @@ with --worker), and each test checks its case's result. `gpu` tests run the same
 """
 
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -422,8 +424,9 @@ def test_dispatch_by_m(monkeypatch):
 
 
 def test_dispatch_wgmma(monkeypatch):
-    """On sm_90 (forced here: wgmma=True) M = 1..32 run the wgmma kernel (token tiles of 16 / 32; to 64 tokens on
-    tiled words), M = 33..256 its prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles),
+    """On sm_90 (forced here: wgmma=True) M = 1..32 run the wgmma kernel (token tiles of 16 / 32), M = 33..256 its
+    prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles; to 64 tokens on tiled words the
+    64 x 64 one-warpgroup tile),
     and M = 257..1024 where its time model beats dequantize + cuBLAS's; group sizes whose segments are not multiples
     of 32 rows and larger M keep their kernels."""
     import tpaware_compile.kernels as K
@@ -448,8 +451,8 @@ def test_dispatch_wgmma(monkeypatch):
     assert not K.pick_config(16, 8192, 3584, 16, cpu, wgmma=True).get("WGMMA")  # 16-row groups: tl.dot
     assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
     tiled = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True, tiled=True) for m in (33, 64, 65)}
-    assert {m: (c.get("PREFILL"), c["BLOCK_M"]) for m, c in tiled.items()} == {33: (None, 64), 64: (None, 64),
-                                                                                65: (True, 128)}
+    assert {m: (c.get("PREFILL"), c["BLOCK_M"], c["BLOCK_N"]) for m, c in tiled.items()} == {
+        33: (True, 64, 64), 64: (True, 64, 64), 65: (True, 128, 128)}
 
 
 def _stream_pieces(plan):
@@ -561,7 +564,7 @@ PARTS_SWEEP = os.path.join(RESULTS, "sweep_parts_9155e9b_NVIDIA_H100_80GB_HBM3.j
 STEPS_SWEEP = os.path.join(RESULTS, "sweep_steps_3c26359_NVIDIA_H100_80GB_HBM3.json")
 TILED_PICK_SWEEP = os.path.join(RESULTS, "sweep_pick_a81d8d4_NVIDIA_H100_80GB_HBM3.json")
 RING_SWEEP = os.path.join(RESULTS, "sweep_ring_da04492_NVIDIA_H100_80GB_HBM3.json")  # its register configs
-M64_SWEEP = os.path.join(RESULTS, "sweep_m64_5e55bbf_NVIDIA_H100_80GB_HBM3.json")
+MID_PROBE = os.path.join(RESULTS, "probe_mid_9f59ca5_NVIDIA_H200.json")
 # the TP 8 shards of Llama-70B / Granite-20B swept again with 64-column splits of 2-16 (small_shard_splits), by call
 SMALL_SWEEPS = [[os.path.join(RESULTS, f"sweep_small_{name}_NVIDIA_H100_80GB_HBM3.json") for name in call]
                 for call in (("m1_3e8b653",), ("m4_parts_d992675", "m4_splits_d992675"),
@@ -586,34 +589,29 @@ def _decode_sweep_times(calls, m_ok) -> dict:
     return times
 
 
-def test_tiled_64_tokens_config_matches_sweep(monkeypatch):
-    """At 64 tokens on tiled words the dispatch's config (the decode kernel's 64-token tile, split by
-    sixty_four_token_split's time model) took less time than the prefill config that the dispatch picks on N-major
-    words, on each of the 13 shapes of the committed H100 sweep, within 1.15x of the sweep's fastest config (64-row
-    steps were faster on Granite-20B TP 4), and is the fastest of the tile's 128-row splits of 2, 4, 5 and 8 on
-    all 13."""
+def test_mid_tile_config_matches_probe(monkeypatch):
+    """At 48 and 64 tokens on tiled words the dispatch's config (the prefill kernel's 64 x 64 one-warpgroup tile,
+    split by mid_tile_split's time model) is one the committed H200 probe timed, on each of its 16 shards: within
+    1.13x of the fastest of the rule's options there (geometric mean 1.03x), and against the decode kernel's
+    64-token tile that the dispatch ran before, median 0.85x the time, at most 1.03x."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
-    cpu = torch.device("cpu")
-    keys = ("PREFILL", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES", "num_warps")
+    cpu = torch.device("cpu")  # 132 SMs, as the H200 probed
     times = {}
-    for r in json.load(open(M64_SWEEP))["sweep"]:
-        key = tuple(r["cfg"].get(k) for k in keys) + (bool(r["cfg"].get("SERIAL")),)
-        times.setdefault((r["K"], r["N"]), {})[key] = r["graph_us"]
-    assert len(times) == 13
-
-    def timed(cfg):  # the dispatch reduces the prefill kernel's split-K in the launch only where cfg says SERIAL
-        return by_config[tuple(cfg.get(k) for k in keys) + (bool(cfg.get("SERIAL")),)]
-
-    for (k, n), by_config in times.items():
-        tiled = K.pick_config(64, k, n, 128, cpu, wgmma=True, tiled=True)
-        nmajor = K.pick_config(64, k, n, 128, cpu, wgmma=True)
-        assert not tiled.get("PREFILL") and nmajor.get("PREFILL")
-        assert timed(tiled) < timed(nmajor) and timed(tiled) <= 1.15 * min(by_config.values()), (k, n, tiled)
-        splits = [timed(dict(tiled, SPLIT_K=split)) for split in (2, 4, 5, 8)]
-        assert timed(tiled) == min(splits), (k, n, tiled, splits)
-    # many column tiles (Llama-70B TP 1 up: 448, not in the sweep) keep 2 splits: 4 took 1.05-1.07x the time
-    assert K.pick_config(64, 8192, 28672, 128, cpu, wgmma=True, tiled=True)["SPLIT_K"] == 2
+    for r in json.load(open(MID_PROBE))["rows"]:
+        times.setdefault((r["layer"], r["tp"], r["K"], r["N"], r["M"]), {})[r["variant"]] = r["median_us"]
+    assert len(times) == 32
+    to_best, to_before = [], []
+    for (_, _, k, n, m), by_variant in times.items():
+        cfg = K.pick_config(m, k, n, 128, cpu, wgmma=True, tiled=True)
+        assert cfg == K.mid_tile_config(k, n, 128, cpu) and (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (64, 64)
+        form = "serial" if cfg["SERIAL"] or cfg["SPLIT_K"] == 1 else "reduce_launch"  # one split: no reduction
+        chosen = by_variant[f"p64x64_{form}_s{cfg['SPLIT_K']}"]
+        options = [t for name, t in by_variant.items() if name.startswith("p64x64_") and "_168_" not in name]
+        to_best.append(chosen / min(options))
+        to_before.append(chosen / by_variant["dispatch"])
+    assert max(to_best) < 1.14 and math.exp(sum(map(math.log, to_best)) / len(to_best)) < 1.04
+    assert statistics.median(to_before) < 0.86 and max(to_before) < 1.03
 
 
 def test_tiled_config_matches_sweep(monkeypatch):
@@ -1279,20 +1277,35 @@ def test_swiglu_two_parts_gpu(m, dtype, gs, off, split, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k,n", [(24576, 6144), (6144, 3072), (8192, 3584), (8192, 28672)])
+@pytest.mark.parametrize("k,n", [(24576, 6144), (6144, 3072), (8192, 3584), (14336, 8192), (8192, 28672)])
 @pytest.mark.parametrize("m", [33, 48, 64])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 0), ("bf16", 64, 0)])
-def test_tiled_decode_to_64_tokens_gpu(k, n, m, dtype, gs, off):
-    """On tiled words the dispatch runs the decode kernel's 64-token tile up to M = 64 (TILED_WGMMA_MAX_M): rows
-    past M masked, every group setting, and its SwiGLU (one-launch split-K, up's launch applying silu(gate))."""
+def test_tiled_mid_tile_gpu(k, n, m, dtype, gs, off):
+    """On tiled words the dispatch runs the prefill kernel's 64 x 64 one-warpgroup tile from 33 to 64 tokens
+    (mid_tile_config; these shards take the split-K reduced in the launch and by a second launch): rows past M
+    masked, every group setting, and its SwiGLU (a small shape: one launch, up's applying silu(gate))."""
     from tpaware_compile.kernels import pick_config
     cfg = pick_config(m, k, n, gs, torch.device("cuda"), tiled=True)
-    assert cfg.get("WGMMA") and not cfg.get("PREFILL") and cfg["BLOCK_M"] == 64
+    assert cfg.get("PREFILL") and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (64, 64, 4)
     assert _production_err(k, n, m, dtype, gs, off, tiled=True) < TOL[DTYPES[dtype]]
     _poison()
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
              tiled=True)
     assert run_swiglu_case(c, "cuda") < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split,serial", [(1, False), (4, False), (4, True)])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_tiled_mid_tile_swiglu_forms_gpu(split, serial, dtype):
+    """The SwiGLU on the 64 x 64 one-warpgroup tile in each form mid_tile_split picks from: unsplit, split-K
+    reduced by a second launch (silu(gate) * up there), and reduced in up's launch."""
+    from tpaware_compile.kernels import mid_tile_config
+    cfg = dict(mid_tile_config(2048, 512, 128, torch.device("cuda")), SPLIT_K=split, SERIAL=serial)
+    _poison()
+    c = dict(kind="dot", m=50, split_k=0, k=2048, n=512, gs=128, off=0, zo=1, sym=False, dtype=dtype, seed=split,
+             tiled=True)
+    assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
 
 @pytest.mark.gpu
