@@ -2,7 +2,8 @@
 through registers. Does the prefill kernel's 64 x 64 tile on one warpgroup (x by TMA) do better? Its one-launch
 split-K (SERIAL) compiles to 255 registers too, but 168 without spills (3 programs per SM), and without SERIAL 152.
 
-Per model shard (tiled words) and token count: the dispatch (pick_config), cuBLAS, and that tile at splits 1-8 with
+Per model shard (tiled words) and token count: the dispatch (pick_config), the decode kernel's tile (wgmma_config:
+its 64-token tile from 33 tokens; not in probe_mid_9f59ca5, whose dispatch ran it), cuBLAS, and that tile at splits 1-8 with
 SERIAL uncapped, SERIAL capped at 168 registers (MAXNREG), and the split-K reduced by a second launch.
 Graph-timed as bench_kernels.py, each timed config checked against the fp32 reference.
 
@@ -21,7 +22,7 @@ from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gp
                            tiled_copies, tpaware_fns)
 from timing import graph_us, header  # noqa: E402
 
-from tpaware_compile.kernels import pick_config  # noqa: E402
+from tpaware_compile.kernels import pick_config, wgmma_config  # noqa: E402
 
 TILE = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, STAGES=3, num_warps=4)
 FORMS = dict(serial=dict(SERIAL=True), serial_168=dict(SERIAL=True, MAXNREG=168), reduce_launch=dict(SERIAL=False))
@@ -29,7 +30,8 @@ FORMS = dict(serial=dict(SERIAL=True), serial_168=dict(SERIAL=True, MAXNREG=168)
 
 def variants(m, k, n, dev, splits):
     """name -> config at M = m."""
-    out = dict(dispatch=pick_config(m, k, n, GROUP, dev, tiled=True))
+    out = dict(dispatch=pick_config(m, k, n, GROUP, dev, tiled=True),
+               decode_tile=wgmma_config(m, k, n, GROUP, dev, tiled=True))
     for split in splits:
         for form, extra in FORMS.items():
             out[f"p64x64_{form}_s{split}"] = dict(TILE, SPLIT_K=split, **extra)
@@ -45,7 +47,7 @@ def main():
     head = dict(header(), method=__doc__.split("\n\n")[1].replace("\n", " "), rows=[])
     print(json.dumps({k: v for k, v in head.items() if k != "rows"}), flush=True)
     dev = torch.device("cuda")
-    splits = [int(s) for s in args.splits.split(",")]
+    splits = [int(s) for s in args.splits.split(",") if s]
     for model, tp, layer, k, n in shapes(False):
         copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
         tiled = tiled_copies(copies)
