@@ -1,11 +1,12 @@
-"""At 33-64 tokens the dispatch runs the decode kernel's 64-token tile: 255 registers, 2 programs per SM, x staged
-through registers. Does the prefill kernel's 64 x 64 tile on one warpgroup (x by TMA) do better? Its one-launch
-split-K (SERIAL) compiles to 255 registers too, but 168 without spills (3 programs per SM), and without SERIAL 152.
+"""The prefill kernel's 64 x 64 tile on one warpgroup (x by TMA) beside the decode kernel's 64-token tile (255
+registers, 2 programs per SM, x staged through registers), which the dispatch ran from 33 to 64 tokens on tiled
+words before 855d303. The tile's one-launch split-K (SERIAL) compiles to 255 registers too, 168 without spills under
+a cap (3 programs per SM), and 152 without SERIAL.
 
-Per model shard (tiled words) and token count: the dispatch (pick_config), the decode kernel's tile (wgmma_config:
-its 64-token tile from 33 tokens; not in probe_mid_9f59ca5, whose dispatch ran it), cuBLAS, and that tile at splits 1-8 with
-SERIAL uncapped, SERIAL capped at 168 registers (MAXNREG), and the split-K reduced by a second launch.
-Graph-timed as bench_kernels.py, each timed config checked against the fp32 reference.
+Per model shard (tiled words) and token count: the dispatch (pick_config), the decode kernel's tile (wgmma_config;
+not in probe_mid_9f59ca5, whose dispatch ran it), cuBLAS, and the 64 x 64 tile at splits 1-8 with SERIAL uncapped,
+SERIAL capped at 168 registers (MAXNREG), and the split-K reduced by a second launch. Graph-timed as
+bench_kernels.py, each timed config checked against the fp32 reference.
 
     python bench/probe_mid.py --ms 48,64 --out probe_mid.json
 """

@@ -5,9 +5,9 @@
 dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
 (sm_90) with fp16 / bf16 x instead the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's
-registers) for M = 1..32 and its prefill form (wgmma_prefill.py: x through TMA) above (on tiled words up to 64
-tokens its one-warpgroup 64 x 64 tile), up to 256 (to 1024 where its time model beats dequantize + cuBLAS's);
-elsewhere the two-row GEMV at M = 2
+registers) for M = 1..32 (to 40 on tiled words) and its prefill form (wgmma_prefill.py: x through TMA) above (on
+tiled words up to 64 tokens its one-warpgroup 64 x 64 tile), up to 256 (to 1024 where its time model beats
+dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2
 (gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS
 above. Where the prefill kernel runs whole 256-token tiles and at most TAIL_MAX_M tokens follow, those run as a
 second launch on their own M's config, into the same output (pick_config's "head_tail").
@@ -47,10 +47,13 @@ DOT_MAX_M = 128  # above this dequantize + cuBLAS wins (H100 sweep, bench/README
 # through TMA, asynchronous MMAs) above, up to 256 tokens, and from 257 to 1024 where prefill_seconds predicts it
 # faster than dequantize + cuBLAS; dequantize + cuBLAS above (H100 runs, bench/README.md)
 WGMMA_MAX_M = 32
-# ... on tiled words up to 64 tokens the prefill kernel's 64 x 64 tile on one warpgroup (mid_tile_config): on an
-# H200 (probe_mid_9f59ca5) it took median 0.85x the time of the decode kernel's 64-token tile that ran there
-# before (255 registers, x staged through registers), which an H100 sweep had chosen over the two-warpgroup
-# prefill tiles, at 48 and 64 tokens on all 16 Llama-70B / Granite-20B shards
+# ... on tiled words its 64-token tile up to 40 tokens (it beat the two-warpgroup prefill tiles on all 13 Llama-70B
+# TP 2-8 / Granite-20B shards of an H100 sweep at M = 64, sweep_m64_5e55bbf), and from 41 to 64 the prefill kernel's
+# 64 x 64 tile on one warpgroup (mid_tile_config). On an H200 that tile took 0.64-1.07x the 64-token decode tile's
+# time from 47 to 63 tokens on the 16 Llama-70B / Granite-20B shards (Llama-70B 0.88-1.07x, Granite-20B 0.64-0.88x),
+# at 40 tokens 0.70-1.12x, at 33 0.76-1.32x (Llama 1.12-1.32x); its time falls from 33 to 47 tokens, not
+# understood (probe_mid_ms_f430ffa)
+TILED_WGMMA_MAX_M = 40
 MID_TILE_MAX_M = 64
 # its programs per SM: 2 with the split-K reduced in the launch (255 registers), else 3 (152; bench/kernel_regs.py),
 # and a program's fixed cost in rows of K (its start, first loads and partial; mid_tile_split)
@@ -102,6 +105,10 @@ SMALL_SHARD_MIN_ROWS = 640
 WIDE_PROGRAMS_PER_SM = 4
 WIDE_MIN_FILL = 0.7
 WIDE_MIN_ROWS = 1536
+# ... 64 tokens on tiled words: 255 registers, 2 programs per SM; sixty_four_token_split counts a program's fixed
+# cost (its start, its first loads, its 64 x 64 fp32 partial) as this many more rows of K, fitted to an H100 sweep
+SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM = 2
+SIXTY_FOUR_TOKEN_PROGRAM_ROWS = 1000
 # tokens past the last whole 256-token prefill tile: up to this many run as a second launch on the config of their
 # own M (the decode kernels, or a 128-token prefill tile) rather than padded to a 256-token tile (pick_config). On
 # the 99 Llama-70B / Granite-20B shard-M pairs of an H100 run at M = 257..1100 that took median 0.86x the time of the
@@ -113,8 +120,8 @@ _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
            "launch_config", "gemv_rows_config", "wgmma_config", "small_shard_splits", "tiled_wide_split",
-           "mid_tile_config", "mid_tile_split", "decode_split", "prefill_config", "prefill_split", "prefill_seconds",
-           "dequant_seconds", "has_wgmma", "INTERPRET"]
+           "sixty_four_token_split", "mid_tile_config", "mid_tile_split", "decode_split", "prefill_config",
+           "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -188,7 +195,7 @@ def launch_config(m: int, k: int, n: int, group_size: int, device, wgmma: Option
         return dict(kind=kind, BLOCK_M=16, BLOCK_N=min(128, n), BLOCK_K=segment_rows(group_size, 128), SPLIT_K=2)
     wgmma = has_wgmma(device) if wgmma is None else wgmma
     if wgmma and m <= PREFILL_MAX_M and segment_rows(group_size, 128) % 32 == 0:
-        if m <= WGMMA_MAX_M:
+        if m <= (TILED_WGMMA_MAX_M if tiled else WGMMA_MAX_M):
             return wgmma_config(m, k, n, group_size, device, tiled)
         if tiled and m <= MID_TILE_MAX_M:
             return mid_tile_config(k, n, group_size, device)
@@ -249,14 +256,15 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     """The Hopper kernel for decode: 64 output columns by M rounded up to 16, 32 or 64 tokens per program, one
     group segment (up to 128 rows) per step, split-K for 4-8 programs per output tile (fewer for 64 tokens),
     reduced in the launch. From the H100 sweeps (bench/README.md), on the Llama-70B shapes at M = 1, 4, 16, 32
-    and 64; dispatched up to WGMMA_MAX_M. At one token the split is the one of 4
+    and 64; dispatched up to WGMMA_MAX_M (TILED_WGMMA_MAX_M on tiled words). At one token the split is the one of 4
     and 8 that fills the last wave of programs most (decode_split); with more tokens the fp32 partials (M x N per
     split) weigh in, and 4 won on large shards (Llama TP 1 up, M = 16: 65.6 against 68.0 us with 8). One token on
     tiled words: the one of ONE_TOKEN_TILED_SPLITS that fills the last wave most. On tiled words from 2 to 16
     tokens (5 programs per SM) the split of 4, 5, 6 and 8 that fills the last wave most: in an H100 sweep of 11
     Llama-70B and Granite-20B shapes at M = 16 the fastest 64-column split, or within 7% of it; or 128 columns as
     two 64-column parts (PARTS 2) where tiled_wide_split takes them. On tiled words 10 and 12 splits join those on
-    small shards (small_shard_splits). 64 tokens: 2 splits from 100 column tiles, else 4."""
+    small shards (small_shard_splits). 64 tokens: 2 splits from 100 column tiles, else 4; on tiled words
+    sixty_four_token_split."""
     block_m = max(16, 1 << (m - 1).bit_length())
     if block_m > 64:
         raise ValueError(f"the wgmma kernel takes up to 64 tokens per program, got M = {m}")
@@ -273,6 +281,8 @@ def wgmma_config(m: int, k: int, n: int, group_size: int, device, tiled: bool = 
     elif tiled and block_m == 16:
         split_k = decode_split(tiles, sms, TILED_PROGRAMS_PER_SM, small_shard_splits(
             k, block_k, tiles, TILED_PROGRAMS_PER_SM * sms, (4, 5, 6, 8), SMALL_SHARD_MIN_ROWS + 128))
+    elif tiled and block_m == 64:
+        split_k = sixty_four_token_split(k, tiles, sms)
     else:
         split_k = (4 if tiles >= 100 else 8) if block_m <= 32 else (2 if tiles >= 100 else 4)
     cfg = dict(kind="dot", WGMMA=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
@@ -310,8 +320,24 @@ def tiled_wide_split(k: int, n: int, sms: int) -> Optional[int]:
     return best if best is not None and fill(best) >= WIDE_MIN_FILL else None
 
 
+def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
+    """Split-K for the 64-token wgmma tile on tiled words: of 2, 4, 5 and 8, the one of the least predicted time,
+    the waves of programs (SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM per SM) times the rows of K a program reads plus
+    SIXTY_FOUR_TOKEN_PROGRAM_ROWS. On the 13 shapes of the M = 64 sweep (sweep_m64_5e55bbf) it picks the fastest
+    of the four each time (so does any fixed cost from 750 to 1000 rows; the rule before, last-wave fill among the
+    splits leaving 1536 rows, took up to 1.07x on three Granite-20B shards; same-machine A/B at M = 33 / 48 / 64
+    on those three: 0.94-0.99x, ab_split64model_e16ac50), and 2 for Llama-70B TP 1 up (448 column tiles), where 4
+    took 1.05-1.07x the time (ab_split64_aaf51d6)."""
+    places = SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM * sms
+
+    def predicted(split):
+        return ceil_div(tiles * split, places) * (k / split + SIXTY_FOUR_TOKEN_PROGRAM_ROWS)
+
+    return min((2, 4, 5, 8), key=predicted)
+
+
 def mid_tile_config(k: int, n: int, group_size: int, device) -> dict:
-    """33-64 tokens on tiled words: the prefill kernel's 64 x 64 tile on one warpgroup (x by TMA as it lies), one
+    """41-64 tokens on tiled words: the prefill kernel's 64 x 64 tile on one warpgroup (x by TMA as it lies), one
     group segment (up to 128 rows) per step, split as mid_tile_split says."""
     split_k, serial = mid_tile_split(k, ceil_div(n, 64), _num_sms(device))
     return dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=segment_rows(group_size, 128),
