@@ -51,8 +51,8 @@ WGMMA_MAX_M = 32
 # TP 2-8 / Granite-20B shards of an H100 sweep at M = 64, sweep_m64_5e55bbf), and from 41 to 64 the prefill kernel's
 # 64 x 64 tile on one warpgroup (mid_tile_config). On an H200 that tile took 0.64-1.07x the 64-token decode tile's
 # time from 47 to 63 tokens on the 16 Llama-70B / Granite-20B shards (Llama-70B 0.88-1.07x, Granite-20B 0.64-0.88x),
-# at 40 tokens 0.70-1.12x, at 33 0.76-1.32x (Llama 1.12-1.32x); its time falls from 33 to 47 tokens, not
-# understood (probe_mid_ms_f430ffa)
+# at 40 tokens 0.70-1.12x, at 33 0.76-1.32x (Llama 1.12-1.32x): its time falls from 33 to 47 tokens, as the TMA's
+# zero-fill of a part-filled tile's rows cost the prefill kernel time before (probe_mid_ms_f430ffa, bench/README.md)
 TILED_WGMMA_MAX_M = 40
 MID_TILE_MAX_M = 64
 # its programs per SM: 2 with the split-K reduced in the launch (255 registers), else 3 (152; bench/kernel_regs.py),
