@@ -6,9 +6,11 @@ a cap (3 programs per SM), and 152 without SERIAL.
 Per model shard (tiled words) and token count: the dispatch (pick_config), the decode kernel's tile (wgmma_config;
 not in probe_mid_9f59ca5, whose dispatch ran it), cuBLAS, and the 64 x 64 tile at splits 1-8 with SERIAL uncapped,
 SERIAL capped at 168 registers (MAXNREG), and the split-K reduced by a second launch. Graph-timed as
-bench_kernels.py, each timed config checked against the fp32 reference.
+bench_kernels.py, each timed config checked against the fp32 reference. With --swiglu: on the up shards, the fused
+SwiGLU (gptq_swiglu_sorted: gate's and up's launches, one epilogue) on the dispatch's config and the decode tile's.
 
     python bench/probe_mid.py --ms 48,64 --out probe_mid.json
+    python bench/probe_mid.py --ms 41,64 --swiglu --out probe_mid_swiglu.json
 """
 
 import argparse
@@ -17,13 +19,14 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gptq, roof_bytes, shapes,  # noqa: E402
                            tiled_copies, tpaware_fns)
 from timing import graph_us, header  # noqa: E402
 
-from tpaware_compile.kernels import pick_config, wgmma_config  # noqa: E402
+from tpaware_compile.kernels import dequantize_sorted, gptq_swiglu_sorted, pick_config, wgmma_config  # noqa: E402
 
 TILE = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, STAGES=3, num_warps=4)
 FORMS = dict(serial=dict(SERIAL=True), serial_168=dict(SERIAL=True, MAXNREG=168), reduce_launch=dict(SERIAL=False))
@@ -39,29 +42,53 @@ def variants(m, k, n, dev, splits):
     return out
 
 
+def swiglu_fns(copies, x, cfg):
+    """The fused SwiGLU on consecutive copies as gate and up, rotating as tpaware_fns does."""
+    return [lambda g=g, u=u: gptq_swiglu_sorted(x, g, u, GROUP, 0, 0, config=cfg)
+            for g, u in zip(copies, copies[1:] + copies[:1])]
+
+
+def check_swiglu(fn, gate, up, x) -> float:
+    """Relative error of fn() (on gate, up as its first pair) against silu(x @ W_gate) * (x @ W_up) in fp32."""
+    wg, wu = (dequantize_sorted(*w, GROUP, 0, 0, torch.float32) for w in (gate, up))
+    ref = F.silu(x.float() @ wg) * (x.float() @ wu)
+    err = ((fn().float() - ref).norm() / ref.norm()).item()
+    if not err < 2e-3:
+        print(f"WRONG RESULT: rel err {err} for the SwiGLU at M={x.shape[0]}", flush=True)
+    return err
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="48,64")
     ap.add_argument("--splits", default="1,2,4,8")
+    ap.add_argument("--swiglu", action="store_true", help="the fused SwiGLU on the up shards, dispatch and decode tile")
     ap.add_argument("--out", default="probe_mid.json")
     args = ap.parse_args()
     head = dict(header(), method=__doc__.split("\n\n")[1].replace("\n", " "), rows=[])
     print(json.dumps({k: v for k, v in head.items() if k != "rows"}), flush=True)
     dev = torch.device("cuda")
-    splits = [int(s) for s in args.splits.split(",") if s]
+    splits = [int(s) for s in args.splits.split(",") if s and not args.swiglu]
     for model, tp, layer, k, n in shapes(False):
+        if args.swiglu and layer != "up":
+            continue
         copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
         tiled = tiled_copies(copies)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.half)
             base = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m)
-            rows = [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
+            rows = [] if args.swiglu else [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
             for name, cfg in variants(m, k, n, dev, splits).items():
-                fns = tpaware_fns(tiled, x, cfg)
-                rows.append(dict(base, variant=name, config=cfg, median_us=graph_us(fns),
-                                 rel_err=check_tpaware(fns[0], copies[0], x)))
+                if args.swiglu:
+                    fns = swiglu_fns(tiled, x, cfg)
+                    err = check_swiglu(fns[0], copies[0], copies[1], x)
+                else:
+                    fns = tpaware_fns(tiled, x, cfg)
+                    err = check_tpaware(fns[0], copies[0], x)
+                rows.append(dict(base, variant=name, config=cfg, median_us=graph_us(fns), rel_err=err,
+                                 swiglu=args.swiglu))
             for row in rows:
-                row["vs_cublas"] = row["median_us"] / rows[0]["median_us"]
+                row["vs_cublas"] = None if args.swiglu else row["median_us"] / rows[0]["median_us"]
                 print(json.dumps({key: v for key, v in row.items() if key != "config"}), flush=True)
             head["rows"] += rows
             with open(args.out, "w") as f:
