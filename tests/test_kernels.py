@@ -1331,7 +1331,8 @@ def test_tiled_33_to_64_tokens_gpu(k, n, m, dtype, gs, off):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_tiled_mid_tile_swiglu_forms_gpu(split, serial, dtype):
     """The SwiGLU on the 64 x 64 one-warpgroup tile in each form mid_tile_split picks from: unsplit, split-K
-    reduced by a second launch (silu(gate) * up there), and reduced in up's launch."""
+    reduced by a second launch (silu(gate) * up there), and the in-launch form, which the SwiGLU also reduces by
+    that launch (fused.swiglu)."""
     from tpaware_compile.kernels import mid_tile_config
     cfg = dict(mid_tile_config(2048, 512, 128, torch.device("cuda")), SPLIT_K=split, SERIAL=serial)
     _poison()

@@ -64,11 +64,14 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
         return _silu_mul(part, out_dtype, out)
     per, split_k = split_plan(ceil_div(k + group_offset, cfg["BLOCK_K"]), cfg["SPLIT_K"])  # as each kernel does
     part = torch.empty((2, split_k, m, n), dtype=torch.float32, device=x.device)
-    # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma kernel (fp16 / bf16 x); the
-    # other kinds keep the epilogue kernel (the prefill kernel's in-launch reduction was slower: 1.5x, the median
-    # of 76 configs in an H100 sweep, bench/README.md)
+    # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma decode kernel (fp16 / bf16 x); the
+    # other kinds keep the epilogue kernel, the prefill kernel too where its config asks for the in-launch reduction
+    # (mid_tile_config): it was slower there (1.5x, the median of 76 configs in an H100 sweep; on an H200 the 64 x 64
+    # tile's SwiGLU took 1.05-1.17x the decode tile's time on the two shards where it reduced in up's launch,
+    # probe_mid_swiglu_23de14e; bench/README.md)
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
-    counts = serial_counters(cfg, m, n, split_k, x.device) if one_row_gemv or runs_wgmma(cfg, x) else None
+    in_launch = one_row_gemv or (runs_wgmma(cfg, x) and not cfg.get("PREFILL"))
+    counts = serial_counters(cfg, m, n, split_k, x.device) if in_launch else None
     if counts is not None and out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     prep = prepare_x(x, cfg["BLOCK_K"], group_offset, perm, tiled) if cfg["kind"] == "gemv" else None
