@@ -67,7 +67,7 @@ def swiglu(x, gate, up, group_size, group_offset, zero_offset, out_dtype, cfg, p
     # the in-launch epilogue has run on a GPU for the one-row GEMVs and the wgmma decode kernel (fp16 / bf16 x); the
     # other kinds keep the epilogue kernel, the prefill kernel too where its config asks for the in-launch reduction
     # (mid_tile_config): it was slower there (1.5x, the median of 76 configs in an H100 sweep; on an H200 the 64 x 64
-    # tile's SwiGLU took 1.05-1.17x the decode tile's time on the two shards where it reduced in up's launch,
+    # tile's SwiGLU took 1.02-1.17x the decode tile's time on the two shards where it reduced in up's launch,
     # probe_mid_swiglu_23de14e; bench/README.md)
     one_row_gemv = cfg["kind"] in ("gemv", "gemv_plain") and cfg.get("ROWS", 1) == 1
     in_launch = one_row_gemv or (runs_wgmma(cfg, x) and not cfg.get("PREFILL"))
