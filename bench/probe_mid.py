@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gptq, roof_bytes, shapes,  # noqa: E402
                            tiled_copies, tpaware_fns)
-from timing import graph_us, header  # noqa: E402
+from timing import graph_us, header, record_rows  # noqa: E402
 
 from tpaware_compile.kernels import dequantize_sorted, gptq_swiglu_sorted, pick_config, wgmma_config  # noqa: E402
 
@@ -89,10 +89,7 @@ def main():
                                  swiglu=args.swiglu))
             for row in rows:
                 row["vs_cublas"] = None if args.swiglu else row["median_us"] / rows[0]["median_us"]
-                print(json.dumps({key: v for key, v in row.items() if key != "config"}), flush=True)
-            head["rows"] += rows
-            with open(args.out, "w") as f:
-                json.dump(head, f, indent=1)
+            record_rows(head, rows, args.out)
         del copies, tiled
         torch.cuda.empty_cache()
 

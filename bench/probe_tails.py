@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gptq, roof_bytes, shapes,  # noqa: E402
                            tiled_copies, tpaware_fns)
-from timing import graph_us, header  # noqa: E402
+from timing import graph_us, header, record_rows  # noqa: E402
 
 from tpaware_compile.kernels import _num_sms, launch_config, pick_config, prefill_config, prefill_split  # noqa: E402
 
@@ -60,10 +60,7 @@ def main():
                                  rel_err=check_tpaware(fns[0], copies[0], x)))
             for row in rows:
                 row["vs_cublas"] = row["median_us"] / rows[0]["median_us"]
-                print(json.dumps({key: v for key, v in row.items() if key != "config"}), flush=True)
-            head["rows"] += rows
-            with open(args.out, "w") as f:
-                json.dump(head, f, indent=1)
+            record_rows(head, rows, args.out)
         del copies, tiled
         torch.cuda.empty_cache()
 

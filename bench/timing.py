@@ -4,6 +4,7 @@ Per-call time = one CUDA graph of ``calls`` back-to-back calls rotating over ``f
 so the weights come from DRAM as in a decode step), replayed several times; the median replay / calls.
 """
 
+import json
 import os
 import subprocess
 import time
@@ -34,6 +35,16 @@ def header() -> dict:
         device = "CPU"
     return dict(device=device, torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+
+def record_rows(head: dict, rows: list, out: str) -> None:
+    """Print each row (its config left out), add them to head["rows"] and rewrite ``out`` with head: a probe cut
+    short by its time limit keeps what it measured."""
+    for row in rows:
+        print(json.dumps({key: v for key, v in row.items() if key != "config"}), flush=True)
+    head["rows"] += rows
+    with open(out, "w") as f:
+        json.dump(head, f, indent=1)
 
 
 def graph_us(fns, calls: int = 60, replays: int = 9) -> float:
