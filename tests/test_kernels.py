@@ -1314,8 +1314,8 @@ def test_swiglu_two_parts_gpu(m, dtype, gs, off, split, layout):
 def test_tiled_33_to_64_tokens_gpu(k, n, m, dtype, gs, off):
     """On tiled words the dispatch runs the decode kernel's 64-token tile from 33 to 40 tokens, the prefill kernel's
     64 x 64 one-warpgroup tile from 41 to 64 (mid_tile_config; these shards take its split-K reduced in the launch
-    and by a second launch): rows past M masked, every group setting, and the SwiGLU (a small shape: one launch,
-    up's applying silu(gate))."""
+    and by a second launch): rows past M masked, every group setting, and the SwiGLU (a small shape: up's launch
+    applying silu(gate) on the decode tile, the epilogue kernel on the 64 x 64 tile)."""
     from tpaware_compile.kernels import pick_config
     cfg = pick_config(m, k, n, gs, torch.device("cuda"), tiled=True)
     assert cfg["BLOCK_M"] == 64 and bool(cfg.get("PREFILL")) == (m > 40)
