@@ -1,7 +1,7 @@
 #!/bin/bash
 # One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects), written
 # as they go, so that a step cut by its time limit still leaves what it got to.
-# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [tiled] [sweepms] [host] [layout] [modellayout]
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [tiled] [sweepms] [host] [layout] [modellayout] [mid]
 #   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
 #   serial:  GPU tests of every kernel's store path (forced configs, dispatch, production shapes, SwiGLU, one-launch split-K)
@@ -15,6 +15,8 @@
 #   mlptp:   bench_mlp.py under torchrun over every visible GPU (NCCL, NVLink multicast off)
 #   layout:  the backend on tiled against N-major words: bench_mlp.py --single-gpu, both models, M = 1, 4, 16
 #   modellayout: bench_model.py --quick (its tpaware / tpaware_nmajor pair)
+#   mid:     33-64 tokens on tiled words: the dispatch beside the decode kernel's 64-token tile (probe_mid.py), matmul
+#            and SwiGLU
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > $OUT/nvidia_smi.txt 2>&1
@@ -47,6 +49,9 @@ for step in "$@"; do
     host) timeout 300 python bench/bench_host.py --cprofile --out $OUT/host.json > $OUT/host.log 2>&1; grep -v '^ ' $OUT/host.log | head -40 ;;
     layout) timeout ${MLP_TIMEOUT:-400} python bench/bench_mlp.py --single-gpu --models llama70b,granite20b --ms 1,4,16 --out $OUT/mlp_single_layout.json > $OUT/mlp_single_layout.log 2>&1; grep tpaware $OUT/mlp_single_layout.log | tail -40 ;;
     modellayout) timeout 400 python bench/bench_model.py --quick --out $OUT/model_layout.json > $OUT/model_layout.log 2>&1; tail -8 $OUT/model_layout.log ;;
+    mid) timeout 200 python bench/probe_mid.py --ms 33,40,41,48,56,64 --splits "" --out $OUT/probe_mid.json > $OUT/probe_mid.log 2>&1
+      timeout 200 python bench/probe_mid.py --ms 41,48,64 --swiglu --out $OUT/probe_mid_swiglu.json >> $OUT/probe_mid.log 2>&1
+      grep -c WRONG $OUT/probe_mid.log ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
   esac
 done

@@ -645,6 +645,17 @@ def test_mid_tile_config_matches_probe(monkeypatch):
     assert statistics.median(to_before) < 0.86 and max(to_before) < 1.03
 
 
+def test_mid_tile_split_rule():
+    """mid_tile_split's picks by its time model, 132 SMs: one launch where the waves tie (8 column tiles: every
+    option is one wave, the most splits the shortest programs), one program per tile where they fill a wave of 3
+    per SM (Granite-20B TP 1 up: 384 tiles), more splits by a second launch on few tiles (Granite-20B TP 8 up: 48)."""
+    from tpaware_compile.kernels import mid_tile_split
+    assert mid_tile_split(1024, 8, 132) == (8, True)
+    assert mid_tile_split(6144, 384, 132) == (1, False)
+    assert mid_tile_split(6144, 48, 132) == (8, False)
+    assert mid_tile_split(14336, 128, 132) == (2, True)  # 256 programs: one wave at 2 per SM
+
+
 def test_tiled_config_matches_sweep(monkeypatch):
     """On tiled words at 2..16 tokens the dispatch's config (64 columns split by last-wave fill at 5 programs per
     SM, 10 and 12 splits too on small shards, or two 64-column parts where tiled_wide_split takes them) times within
