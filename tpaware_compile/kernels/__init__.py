@@ -329,11 +329,13 @@ def sixty_four_token_split(k: int, tiles: int, sms: int) -> int:
     on those three: 0.94-0.99x, ab_split64model_e16ac50), and 2 for Llama-70B TP 1 up (448 column tiles), where 4
     took 1.05-1.07x the time (ab_split64_aaf51d6)."""
     places = SIXTY_FOUR_TOKEN_PROGRAMS_PER_SM * sms
+    return min((2, 4, 5, 8), key=lambda split: waves_rows(k, tiles, split, places, SIXTY_FOUR_TOKEN_PROGRAM_ROWS))
 
-    def predicted(split):
-        return ceil_div(tiles * split, places) * (k / split + SIXTY_FOUR_TOKEN_PROGRAM_ROWS)
 
-    return min((2, 4, 5, 8), key=predicted)
+def waves_rows(k: int, tiles: int, split: int, places: int, program_rows: int) -> float:
+    """A split-K launch's predicted time in rows of K: the waves of its tiles x split programs, ``places`` at a
+    time, times the rows of K a program reads plus its fixed cost in rows (``program_rows``)."""
+    return ceil_div(tiles * split, places) * (k / split + program_rows)
 
 
 def mid_tile_config(k: int, n: int, group_size: int, device) -> dict:
@@ -355,7 +357,7 @@ def mid_tile_split(k: int, tiles: int, sms: int) -> tuple:
     def predicted(option):
         split, serial = option
         places = (MID_SERIAL_PROGRAMS_PER_SM if serial else MID_PROGRAMS_PER_SM) * sms
-        return ceil_div(tiles * split, places) * (k / split + MID_PROGRAM_ROWS)
+        return waves_rows(k, tiles, split, places, MID_PROGRAM_ROWS)
 
     options = [(1, False)] + [(split, True) for split in (2, 4, 8)] + [(split, False) for split in (2, 4, 8)]
     return min(options, key=predicted)
