@@ -14,7 +14,6 @@ SwiGLU (gptq_swiglu_sorted: gate's and up's launches, one epilogue) on the dispa
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gptq, roof_bytes, shapes,  # noqa: E402
                            tiled_copies, tpaware_fns)
-from timing import graph_us, header, record_rows  # noqa: E402
+from timing import graph_us, probe_header, record_rows  # noqa: E402
 
 from tpaware_compile.kernels import dequantize_sorted, gptq_swiglu_sorted, pick_config, wgmma_config  # noqa: E402
 
@@ -65,8 +64,7 @@ def main():
     ap.add_argument("--swiglu", action="store_true", help="the fused SwiGLU on the up shards, dispatch and decode tile")
     ap.add_argument("--out", default="probe_mid.json")
     args = ap.parse_args()
-    head = dict(header(), method=__doc__.split("\n\n")[1].replace("\n", " "), rows=[])
-    print(json.dumps({k: v for k, v in head.items() if k != "rows"}), flush=True)
+    head = probe_header(__doc__)
     dev = torch.device("cuda")
     splits = [int(s) for s in args.splits.split(",") if s and not args.swiglu]
     for model, tp, layer, k, n in shapes(False):

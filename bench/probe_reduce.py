@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import GROUP, check_tpaware, copies_for, make_gptq, roof_bytes, shapes, tiled_copies  # noqa: E402
 from bench_kernels import tpaware_fns  # noqa: E402
-from timing import graph_us, header  # noqa: E402
+from timing import graph_us, probe_header  # noqa: E402
 
 from tpaware_compile.kernels import common, pick_config  # noqa: E402
 
@@ -56,8 +56,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_reduce.json")
     args = ap.parse_args()
-    head = dict(header(), method=__doc__.split("\n\n")[1].replace("\n", " "), rows=[])
-    print(json.dumps({k: v for k, v in head.items() if k != "rows"}), flush=True)
+    head = probe_header(__doc__)
     dev = torch.device("cuda")
     pairs = [(model, tp, layer, k, n, m) for model, tp, layer, k, n in shapes(False) for m in MS]
     pairs = [(p, reduced_splits(pick_config(p[5], p[3], p[4], GROUP, dev, tiled=True), p[3])) for p in pairs]

@@ -10,7 +10,6 @@ reference; cuBLAS in the same run.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gptq, roof_bytes, shapes,  # noqa: E402
                            tiled_copies, tpaware_fns)
-from timing import graph_us, header, record_rows  # noqa: E402
+from timing import graph_us, probe_header, record_rows  # noqa: E402
 
 from tpaware_compile.kernels import _num_sms, launch_config, pick_config, prefill_config, prefill_split  # noqa: E402
 
@@ -44,8 +43,7 @@ def main():
     ap.add_argument("--ms", default="300,384,576")
     ap.add_argument("--out", default="probe_tails.json")
     args = ap.parse_args()
-    head = dict(header(), method=__doc__.split("\n\n")[1].replace("\n", " "), rows=[])
-    print(json.dumps({k: v for k, v in head.items() if k != "rows"}), flush=True)
+    head = probe_header(__doc__)
     dev = torch.device("cuda")
     for model, tp, layer, k, n in shapes(False):
         copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))

@@ -37,6 +37,14 @@ def header() -> dict:
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
+def probe_header(doc: str) -> dict:
+    """A probe's result head (header(), its method: the second paragraph of its module doc, rows to come),
+    printed without the rows."""
+    head = dict(header(), method=doc.split("\n\n")[1].replace("\n", " "), rows=[])
+    print(json.dumps({k: v for k, v in head.items() if k != "rows"}), flush=True)
+    return head
+
+
 def record_rows(head: dict, rows: list, out: str) -> None:
     """Print each row (its config left out), add them to head["rows"] and rewrite ``out`` with head: a probe cut
     short by its time limit keeps what it measured."""
