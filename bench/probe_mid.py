@@ -7,10 +7,14 @@ Per model shard (tiled words) and token count: the dispatch (pick_config), the d
 not in probe_mid_9f59ca5, whose dispatch ran it), cuBLAS, and the 64 x 64 tile at splits 1-8 with SERIAL uncapped,
 SERIAL capped at 168 registers (MAXNREG), and the split-K reduced by a second launch. Graph-timed as
 bench_kernels.py, each timed config checked against the fp32 reference. With --swiglu: on the up shards, the fused
-SwiGLU (gptq_swiglu_sorted: gate's and up's launches, one epilogue) on the dispatch's config and the decode tile's.
+SwiGLU (gptq_swiglu_sorted: gate's and up's launches, one epilogue) on the dispatch's config, the decode tile's and
+the 64 x 64 tile at each split (reduced by the epilogue kernel, as the SwiGLU on it always is). With --padded, below
+64 tokens: the 64 x 64 tile at mid_tile_config's split on x as it lies (the TMA zero-fills the rows past M) and on
+x copied beforehand into a zero-padded buffer of 64 rows (no row out of bounds; the copy not timed).
 
     python bench/probe_mid.py --ms 48,64 --out probe_mid.json
     python bench/probe_mid.py --ms 41,64 --swiglu --out probe_mid_swiglu.json
+    python bench/probe_mid.py --ms 33,40,44 --splits "" --padded --out probe_mid_padded.json
 """
 
 import argparse
@@ -25,20 +29,28 @@ from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gp
                            tiled_copies, tpaware_fns)
 from timing import graph_us, probe_header, record_rows  # noqa: E402
 
-from tpaware_compile.kernels import dequantize_sorted, gptq_swiglu_sorted, pick_config, wgmma_config  # noqa: E402
+from tpaware_compile.kernels import (dequantize_sorted, gptq_swiglu_sorted, mid_tile_config, pick_config,  # noqa: E402
+                                    wgmma_config)
 
 TILE = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, STAGES=3, num_warps=4)
 FORMS = dict(serial=dict(SERIAL=True), serial_168=dict(SERIAL=True, MAXNREG=168), reduce_launch=dict(SERIAL=False))
 
 
-def variants(m, k, n, dev, splits):
+def variants(m, k, n, dev, splits, forms=FORMS):
     """name -> config at M = m."""
     out = dict(dispatch=pick_config(m, k, n, GROUP, dev, tiled=True),
                decode_tile=wgmma_config(m, k, n, GROUP, dev, tiled=True))
     for split in splits:
-        for form, extra in FORMS.items():
+        for form, extra in forms.items():
             out[f"p64x64_{form}_s{split}"] = dict(TILE, SPLIT_K=split, **extra)
     return out
+
+
+def padded_rows(x, rows):
+    """x [M, K] copied into a zero buffer of ``rows`` rows."""
+    buf = x.new_zeros(rows, x.shape[1])
+    buf[:x.shape[0]] = x
+    return buf
 
 
 def swiglu_fns(copies, x, cfg):
@@ -61,12 +73,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="48,64")
     ap.add_argument("--splits", default="1,2,4,8")
-    ap.add_argument("--swiglu", action="store_true", help="the fused SwiGLU on the up shards, dispatch and decode tile")
+    ap.add_argument("--swiglu", action="store_true", help="the fused SwiGLU on the up shards")
+    ap.add_argument("--padded", action="store_true", help="the 64 x 64 tile on x as it lies and zero-padded")
     ap.add_argument("--out", default="probe_mid.json")
     args = ap.parse_args()
     head = probe_header(__doc__)
     dev = torch.device("cuda")
-    splits = [int(s) for s in args.splits.split(",") if s and not args.swiglu]
+    splits = [int(s) for s in args.splits.split(",") if s]
+    forms = dict(reduce_launch=FORMS["reduce_launch"]) if args.swiglu else FORMS
     for model, tp, layer, k, n in shapes(False):
         if args.swiglu and layer != "up":
             continue
@@ -76,13 +90,17 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.half)
             base = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m)
             rows = [] if args.swiglu else [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
-            for name, cfg in variants(m, k, n, dev, splits).items():
+            runs = [(name, cfg, x) for name, cfg in variants(m, k, n, dev, splits, forms).items()]
+            if args.padded and m < 64:
+                mid = mid_tile_config(k, n, GROUP, dev)
+                runs += [("mid_tile", mid, x), ("mid_tile_padded", mid, padded_rows(x, 64))]
+            for name, cfg, xs in runs:
                 if args.swiglu:
-                    fns = swiglu_fns(tiled, x, cfg)
-                    err = check_swiglu(fns[0], copies[0], copies[1], x)
+                    fns = swiglu_fns(tiled, xs, cfg)
+                    err = check_swiglu(fns[0], copies[0], copies[1], xs)
                 else:
-                    fns = tpaware_fns(tiled, x, cfg)
-                    err = check_tpaware(fns[0], copies[0], x)
+                    fns = tpaware_fns(tiled, xs, cfg)
+                    err = check_tpaware(fns[0], copies[0], xs)
                 rows.append(dict(base, variant=name, config=cfg, median_us=graph_us(fns), rel_err=err,
                                  swiglu=args.swiglu))
             for row in rows:
