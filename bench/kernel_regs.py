@@ -81,9 +81,10 @@ def compile_wgmma(block_m, block_n, block_k, dtype="fp16", serial=True, swiglu=F
 
 
 def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", serial=False, swiglu=False,
-                    group_size=128, out="fp32", tiled=False, maxnreg=None):
+                    group_size=128, out="fp32", tiled=False, maxnreg=None, x_box=None):
     """The Hopper prefill kernel (wgmma_prefill.py, x through TMA) compiled for sm_90a; out: the dtype it stores
-    (fp32 partials, or x's dtype without split-K); maxnreg: a register cap (config MAXNREG)."""
+    (fp32 partials, or x's dtype without split-K); maxnreg: a register cap (config MAXNREG); x_box: rows of x per
+    TMA copy (config X_BOX; default the tile's)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     fn = prefill._prefill_kernel
     tl_type = tl_dtype(DTYPES[dtype])
@@ -91,8 +92,8 @@ def compile_prefill(block_m, block_n, block_k, stages=3, warps=4, dtype="fp16", 
                   DTYPE=tl_type, SERIAL=serial, SWIGLU=swiglu, WARPS=warps, TILED=tiled,
                   WORDS=wgmma.word_layout(block_n, block_k, warps, tiled))
     layout = prefill.x_smem_layout(block_m, block_k, tl_type)
-    sig = {"x_desc": f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32", "qz_ptr": "*i32",
-           "sc_ptr": f"*{dtype}", "out_ptr": f"*{out}", "final_ptr": f"*{dtype}", "count_ptr": "*i32",
+    sig = {"x_desc": f"tensordesc<{dtype}[{x_box or block_m}, {block_k}],{layout!r}>", "qw_ptr": "*i32",
+           "qz_ptr": "*i32", "sc_ptr": f"*{dtype}", "out_ptr": f"*{out}", "final_ptr": f"*{dtype}", "count_ptr": "*i32",
            "gate_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_q": "i32", "group_offset": "i32",
            "zero_offset": "i32", "segs_per_split": "i32", "base_bits": "i32", **{k: "constexpr" for k in consts}}
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig

@@ -10,7 +10,8 @@ bench_kernels.py, each timed config checked against the fp32 reference. With --s
 SwiGLU (gptq_swiglu_sorted: gate's and up's launches, one epilogue) on the dispatch's config, the decode tile's and
 the 64 x 64 tile at each split (reduced by the epilogue kernel, as the SwiGLU on it always is). With --padded, below
 64 tokens: the 64 x 64 tile at mid_tile_config's split on x as it lies (the TMA zero-fills the rows past M) and on
-x copied beforehand into a zero-padded buffer of 64 rows (no row out of bounds; the copy not timed).
+x copied beforehand into a zero-padded buffer of 64 rows (no row out of bounds; the copy not timed), and with
+--boxes with x copied in boxes of fewer rows (X_BOX: no box wholly out of bounds).
 
     python bench/probe_mid.py --ms 48,64 --out probe_mid.json
     python bench/probe_mid.py --ms 41,64 --swiglu --out probe_mid_swiglu.json
@@ -75,6 +76,8 @@ def main():
     ap.add_argument("--splits", default="1,2,4,8")
     ap.add_argument("--swiglu", action="store_true", help="the fused SwiGLU on the up shards")
     ap.add_argument("--padded", action="store_true", help="the 64 x 64 tile on x as it lies and zero-padded")
+    ap.add_argument("--boxes", default="", type=lambda v: [int(b) for b in v.split(",") if b],
+                    help="with --padded, the 64 x 64 tile with x copied in boxes of these rows too (X_BOX)")
     ap.add_argument("--out", default="probe_mid.json")
     args = ap.parse_args()
     head = probe_header(__doc__)
@@ -94,6 +97,7 @@ def main():
             if args.padded and m < 64:
                 mid = mid_tile_config(k, n, GROUP, dev)
                 runs += [("mid_tile", mid, x), ("mid_tile_padded", mid, padded_rows(x, 64))]
+                runs += [(f"mid_tile_box{box}", dict(mid, X_BOX=box), x) for box in args.boxes]
             for name, cfg, xs in runs:
                 if args.swiglu:
                     fns = swiglu_fns(tiled, xs, cfg)

@@ -3,7 +3,8 @@
 
 Per model shard (tiled words) and token count: the dispatch (pick_config), one launch of 256-token tiles
 (launch_config), one launch of 128-token tiles (split by prefill_split), and whole 256-token tiles followed by the
-tail on the 128-token prefill tile. Graph-timed as bench_kernels.py, each timed config checked against the fp32
+tail on the 128-token prefill tile; with --boxes, the dispatch and the one launch with x copied in boxes of
+fewer rows (X_BOX). Graph-timed as bench_kernels.py, each timed config checked against the fp32
 reference; cuBLAS in the same run.
 
     python bench/probe_tails.py --ms 300,384,576 --out probe_tails.json
@@ -23,7 +24,14 @@ from timing import graph_us, probe_header, record_rows  # noqa: E402
 from tpaware_compile.kernels import _num_sms, launch_config, pick_config, prefill_config, prefill_split  # noqa: E402
 
 
-def variants(m, k, n, dev):
+def with_box(cfg, box):
+    """cfg with every prefill launch copying x in boxes of ``box`` rows (config X_BOX, wgmma_prefill._load_x)."""
+    if cfg["kind"] == "head_tail":
+        return dict(cfg, HEAD=with_box(cfg["HEAD"], box), TAIL=with_box(cfg["TAIL"], box))
+    return dict(cfg, X_BOX=box) if cfg.get("PREFILL") and cfg["BLOCK_M"] % box == 0 else cfg
+
+
+def variants(m, k, n, dev, boxes=()):
     """name -> config at M = m."""
     tiles_128 = dict(prefill_config(256, k, n, GROUP, dev, tiled=True), BLOCK_M=128,
                      SPLIT_K=prefill_split(m, k, n, 128, 128, _num_sms(dev)))
@@ -35,12 +43,17 @@ def variants(m, k, n, dev):
     if head and m > head:
         out["tail_on_128"] = dict(kind="head_tail", HEAD_M=head, HEAD=launch_config(head, k, n, GROUP, dev, tiled=True),
                                   TAIL=prefill_config(128, k, n, GROUP, dev, tiled=True))
+    for box in boxes:
+        out[f"dispatch_box{box}"] = with_box(out["dispatch"], box)
+        out[f"one_launch_box{box}"] = with_box(out["one_launch"], box)
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="300,384,576")
+    ap.add_argument("--boxes", default="", help="comma-separated X_BOX: the dispatch and the one launch with x "
+                    "copied in boxes of these rows too")
     ap.add_argument("--out", default="probe_tails.json")
     args = ap.parse_args()
     head = probe_header(__doc__)
@@ -52,7 +65,7 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.half)
             base = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m)
             rows = [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
-            for name, cfg in variants(m, k, n, dev).items():
+            for name, cfg in variants(m, k, n, dev, [int(b) for b in args.boxes.split(",") if b]).items():
                 fns = tpaware_fns(tiled, x, cfg)
                 rows.append(dict(base, variant=name, config=cfg, median_us=graph_us(fns),
                                  rel_err=check_tpaware(fns[0], copies[0], x)))

@@ -107,7 +107,13 @@ def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict, tiled: bool) -> Pre
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
     xr = tma_ready(x) if tiled else x_in_mma_order(x, group_offset)
-    return PrefillX(TensorDescriptor.from_tensor(xr, [bm, bk], layout), group_offset, tiled, x.shape, x.dtype)
+    return PrefillX(TensorDescriptor.from_tensor(xr, [x_box(cfg), bk], layout), group_offset, tiled, x.shape, x.dtype)
+
+
+def x_box(cfg: dict) -> int:
+    """Rows of x per TMA copy (config X_BOX, default the whole tile): _load_x copies a tile in BLOCK_M / X_BOX
+    boxes, so that no box lies wholly past x's last row."""
+    return cfg.get("X_BOX", cfg["BLOCK_M"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,14 +122,21 @@ def x_smem_layout(block_m: int, block_k: int, dtype) -> gl.NVMMASharedLayout:
 
 
 @gluon.jit
-def _load_x(x_desc, seg, live, pid_m, ready, slot, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Start the TMA copy of K-step seg's x tile [BM, BK] into slot; ready's phase flips when it has landed."""
-    mbarrier.expect(ready, x_desc.block_type.nbytes, pred=live)
-    tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, seg * BLOCK_K], ready, slot, pred=live)
+def _load_x(x_desc, seg, live, pid_m, M, ready, slot, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Start the TMA copies of K-step seg's x tile [BM, BK] into slot, one per box of the descriptor's rows;
+    ready's phase flips when all have landed. A box wholly past x's last row reads the last whole box of x
+    instead: the TMA's zero-fill of rows out of bounds cost time (bench/README.md), and those token columns of
+    the MMA are never stored."""
+    BOX: gl.constexpr = x_desc.block_type.shape[0]
+    mbarrier.expect(ready, x_desc.block_type.nbytes * (BLOCK_M // BOX), pred=live)
+    for i in gl.static_range(BLOCK_M // BOX):
+        row = pid_m * BLOCK_M + i * BOX
+        row = gl.where(row < M, row, gl.maximum(M - BOX, 0))
+        tma.async_copy_global_to_shared(x_desc, [row, seg * BLOCK_K], ready, slot.slice(i * BOX, BOX), pred=live)
 
 
 @gluon.jit
-def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m, qw_ptr,
+def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready, pid_m, M, qw_ptr,
               qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, offs_nq, offs_w, base_pair,
               GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
               STAGES: gl.constexpr, DTYPE: gl.constexpr, A_REGS: gl.constexpr, TILED: gl.constexpr):
@@ -135,7 +148,7 @@ def _mma_step(step, a, a_free, q, s, zw, acc, seg_start, seg_end, steps, x_desc,
     # every warpgroup is past the previous MMA: its x slot takes the step STAGES - 1 ahead
     gl.thread_barrier()
     ahead = step + STAGES - 1
-    _load_x(x_desc, seg_start + ahead, ahead < steps, pid_m, ready.index(ahead % STAGES),
+    _load_x(x_desc, seg_start + ahead, ahead < steps, pid_m, M, ready.index(ahead % STAGES),
             x_smem.index(ahead % STAGES), BLOCK_M, BLOCK_K)
     nxt = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K, TILED)
     seg = seg_start + step + 2
@@ -156,7 +169,7 @@ def _pinned_below_wait(acc, sc_ptr, offs_n):
 
 
 @gluon.jit
-def _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q,
+def _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_q,
               group_offset, zero_offset, base_pair, offs_nq, offs_w, GROUP_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, DTYPE: gl.constexpr,
               A_REGS: gl.constexpr, TILED: gl.constexpr, MMA: gl.constexpr):
@@ -168,7 +181,7 @@ def _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, q
     # weights load as zeros (scale 0: its operand is 0) and whose x the TMA fills as it may (zeros past Kp)
     steps = (seg_end - seg_start + 1) // 2 * 2
     for i in gl.static_range(STAGES - 1):
-        _load_x(x_desc, seg_start + i, i < steps, pid_m, ready.index(i), x_smem.index(i), BLOCK_M, BLOCK_K)
+        _load_x(x_desc, seg_start + i, i < steps, pid_m, M, ready.index(i), x_smem.index(i), BLOCK_M, BLOCK_K)
     q, s, zw = weight_loads(seg_start, seg_start < seg_end, qw_ptr, qz_ptr, sc_ptr, N, K, group_offset, offs_nq,
                             offs_w, offs_nq, stride_q, GROUP_SIZE, BLOCK_K, False, TILED)
     a0 = a_operand(q, s, zw, offs_nq, base_pair, zero_offset, DTYPE, True, A_REGS, BLOCK_N, BLOCK_K, TILED)
@@ -178,11 +191,11 @@ def _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, q
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     for step in range(0, steps, 2):
         acc, a1, q, s, zw = _mma_step(step, a0, a1, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem, ready,
-                                      pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset,
+                                      pid_m, M, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset,
                                       offs_nq, offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
                                       DTYPE, A_REGS, TILED)
         acc, a0, q, s, zw = _mma_step(step + 1, a1, a0, q, s, zw, acc, seg_start, seg_end, steps, x_desc, x_smem,
-                                      ready, pid_m, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset,
+                                      ready, pid_m, M, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q, group_offset,
                                       zero_offset, offs_nq, offs_w, base_pair, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
                                       STAGES, DTYPE, A_REGS, TILED)
     acc = warpgroup_mma_wait(0, deps=[acc, a0, a1])[0]
@@ -229,7 +242,7 @@ def _prefill_kernel(
     seg_start = pid_k * segs_per_split
     seg_end = gl.minimum(seg_start + segs_per_split, gl.cdiv(K + group_offset, BLOCK_K))
     base_pair = base_bits * 0x10001  # R in both halves (wgmma.PAIR_BASE_BITS)
-    acc = _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, qz_ptr, sc_ptr, N, K, stride_q,
+    acc = _tile_acc(pid_n, pid_m, seg_start, seg_end, x_desc, x_smem, ready, qw_ptr, qz_ptr, sc_ptr, M, N, K, stride_q,
                     group_offset, zero_offset, base_pair, offs_nq, offs_w, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
                     STAGES, DTYPE, A_REGS, TILED, MMA)
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
@@ -286,7 +299,7 @@ def _stream_kernel(
         pid_m = tile % tiles_m
         offs_nq = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Q))
         acc = _tile_acc(pid_n, pid_m, 2 * first, gl.minimum(2 * last, steps), x_desc, x_smem, ready, qw_ptr,
-                        qz_ptr, sc_ptr, N, K, stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w,
+                        qz_ptr, sc_ptr, M, N, K, stride_q, group_offset, zero_offset, base_pair, offs_nq, offs_w,
                         GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS, TILED, MMA)
         if last - first == pairs:
             offs_n = pid_n * BLOCK_N + cols
@@ -341,19 +354,20 @@ STREAM_REDUCE_ROWS = 32  # tokens per program of _stream_reduce_kernel: 32 x 128
 
 def _check_tiles(cfg: dict) -> None:
     bm, bn, bk, stages, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"], cfg["num_warps"]
-    if bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or bn not in (16 * warps, 32 * warps) or stages < 2:
+    if bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or bn not in (16 * warps, 32 * warps) or stages < 2 \
+            or x_box(cfg) % 8 or bm % x_box(cfg):
         raise ValueError(f"prefill wgmma tiles need BLOCK_K a multiple of 32, BLOCK_M in {TOKEN_TILES}, 4 or 8 "
-                         f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2: {cfg}")
+                         f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2, X_BOX a multiple of 8 dividing "
+                         f"BLOCK_M: {cfg}")
 
 
 def _prepared(x, group_offset: int, cfg: dict, tiled: bool) -> PrefillX:
     """prefill_x(x) unless x is one already, which must then suit cfg's tiles, the group offset and the layout."""
     px = x if isinstance(x, PrefillX) else prefill_x(x, group_offset, cfg, tiled)
-    if list(px.desc.block_shape) != [cfg["BLOCK_M"], cfg["BLOCK_K"]] or px.group_offset != group_offset or \
-            px.tiled != tiled:
-        raise ValueError(f"x was prepared for {px.desc.block_shape} tiles at group offset {px.group_offset} "
-                         f"(tiled weights: {px.tiled}), not {[cfg['BLOCK_M'], cfg['BLOCK_K']]} at {group_offset} "
-                         f"({tiled})")
+    box = [x_box(cfg), cfg["BLOCK_K"]]
+    if list(px.desc.block_shape) != box or px.group_offset != group_offset or px.tiled != tiled:
+        raise ValueError(f"x was prepared for {px.desc.block_shape} boxes at group offset {px.group_offset} "
+                         f"(tiled weights: {px.tiled}), not {box} at {group_offset} ({tiled})")
     return px
 
 
