@@ -453,6 +453,10 @@ def test_dispatch_wgmma(monkeypatch):
     tiled = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True, tiled=True) for m in (33, 40, 41, 64, 65)}
     assert {m: (c.get("PREFILL"), c["BLOCK_M"], c["BLOCK_N"]) for m, c in tiled.items()} == {
         33: (None, 64, 64), 40: (None, 64, 64), 41: (True, 64, 64), 64: (True, 64, 64), 65: (True, 128, 128)}
+    # from 33 tokens the 64 x 64 tile where its split-K is not reduced in the launch, x in 8-row boxes up to 40
+    unsplit = {m: K.pick_config(m, 6144, 24576, 128, cpu, wgmma=True, tiled=True) for m in (32, 33, 40, 41)}
+    assert {m: (c.get("PREFILL"), c["SPLIT_K"], c.get("X_BOX")) for m, c in unsplit.items()} == {
+        32: (None, 4, None), 33: (True, 1, 8), 40: (True, 1, 8), 41: (True, 1, None)}
 
 
 def _stream_pieces(plan):
@@ -566,6 +570,7 @@ TILED_PICK_SWEEP = os.path.join(RESULTS, "sweep_pick_a81d8d4_NVIDIA_H100_80GB_HB
 RING_SWEEP = os.path.join(RESULTS, "sweep_ring_da04492_NVIDIA_H100_80GB_HBM3.json")  # its register configs
 M64_SWEEP = os.path.join(RESULTS, "sweep_m64_5e55bbf_NVIDIA_H100_80GB_HBM3.json")
 MID_PROBE = os.path.join(RESULTS, "probe_mid_9f59ca5_NVIDIA_H200.json")
+BOX_PROBE = os.path.join(RESULTS, "probe_mid_boxes_3dc0433_NVIDIA_H200.json")
 # the TP 8 shards of Llama-70B / Granite-20B swept again with 64-column splits of 2-16 (small_shard_splits), by call
 SMALL_SWEEPS = [[os.path.join(RESULTS, f"sweep_small_{name}_NVIDIA_H100_80GB_HBM3.json") for name in call]
                 for call in (("m1_3e8b653",), ("m4_parts_d992675", "m4_splits_d992675"),
@@ -654,6 +659,30 @@ def test_mid_tile_split_rule():
     assert mid_tile_split(6144, 384, 132) == (1, False)
     assert mid_tile_split(6144, 48, 132) == (8, False)
     assert mid_tile_split(14336, 128, 132) == (2, True)  # 256 programs: one wave at 2 per SM
+
+
+def test_boxed_mid_tile_matches_probe(monkeypatch):
+    """At 33 and 40 tokens on tiled words the dispatch runs the 64 x 64 tile with x in 8-row boxes where that tile's
+    split-K is not reduced in the launch, else the decode kernel's 64-token tile. On each of the committed H200
+    probe's 16 shards that took at most 1.02x the decode tile's time (median 0.84x); where the 64 x 64 tile reduces
+    in the launch its boxed form took over 1.1x the time of the faster of its whole form and the decode tile."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    times = {}
+    for r in json.load(open(BOX_PROBE))["rows"]:
+        times.setdefault((r["layer"], r["tp"], r["K"], r["N"], r["M"]), {})[r["variant"]] = r["median_us"]
+    assert len(times) == 64
+    to_decode = []
+    for (_, _, k, n, m), by_variant in times.items():
+        cfg = K.pick_config(m, k, n, 128, cpu, wgmma=True, tiled=True)
+        if K.mid_tile_config(k, n, 128, cpu)["SERIAL"]:
+            assert by_variant["mid_tile_box8"] > 1.1 * min(by_variant["mid_tile"], by_variant["decode_tile"])
+        if m <= 40:
+            boxed = K.boxed_mid_tile(k, n, 128, cpu)
+            assert cfg == (boxed or K.wgmma_config(m, k, n, 128, cpu, tiled=True))
+            to_decode.append(by_variant["mid_tile_box8" if boxed else "decode_tile"] / by_variant["decode_tile"])
+    assert len(to_decode) == 32 and max(to_decode) < 1.02 and statistics.median(to_decode) < 0.9
 
 
 def test_tiled_config_matches_sweep(monkeypatch):
@@ -1323,13 +1352,16 @@ def test_swiglu_two_parts_gpu(m, dtype, gs, off, split, layout):
 @pytest.mark.parametrize("m", [33, 40, 41, 48, 64])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 0), ("bf16", 64, 0)])
 def test_tiled_33_to_64_tokens_gpu(k, n, m, dtype, gs, off):
-    """On tiled words the dispatch runs the decode kernel's 64-token tile from 33 to 40 tokens, the prefill kernel's
-    64 x 64 one-warpgroup tile from 41 to 64 (mid_tile_config; these shards take its split-K reduced in the launch
-    and by a second launch): rows past M masked, every group setting, and the SwiGLU (a small shape: up's launch
-    applying silu(gate) on the decode tile, the epilogue kernel on the 64 x 64 tile)."""
-    from tpaware_compile.kernels import pick_config
-    cfg = pick_config(m, k, n, gs, torch.device("cuda"), tiled=True)
-    assert cfg["BLOCK_M"] == 64 and bool(cfg.get("PREFILL")) == (m > 40)
+    """On tiled words the dispatch runs the prefill kernel's 64 x 64 one-warpgroup tile from 41 to 64 tokens
+    (mid_tile_config; these shards take its split-K reduced in the launch and by a second launch), and from 33
+    where it does not reduce in the launch, with x in 8-row boxes up to 40 tokens (boxed_mid_tile; the decode
+    kernel's 64-token tile elsewhere): rows past M masked, every group setting, and the SwiGLU (a small shape: up's
+    launch applying silu(gate) on the decode tile, the epilogue kernel on the 64 x 64 tile)."""
+    from tpaware_compile.kernels import mid_tile_config, pick_config
+    dev = torch.device("cuda")
+    cfg = pick_config(m, k, n, gs, dev, tiled=True)
+    boxed = m <= 40 and not mid_tile_config(k, n, gs, dev)["SERIAL"]
+    assert cfg["BLOCK_M"] == 64 and bool(cfg.get("PREFILL")) == (m > 40 or boxed) and (cfg.get("X_BOX") == 8) == boxed
     assert _production_err(k, n, m, dtype, gs, off, tiled=True) < TOL[DTYPES[dtype]]
     _poison()
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
@@ -1349,6 +1381,27 @@ def test_tiled_mid_tile_swiglu_forms_gpu(split, serial, dtype):
     _poison()
     c = dict(kind="dot", m=50, split_k=0, k=2048, n=512, gs=128, off=0, zo=1, sym=False, dtype=dtype, seed=split,
              tiled=True)
+    assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bm,m,box", [(64, 5, 8), (64, 33, 8), (64, 50, 16), (64, 100, 8), (64, 64, 32),
+                                      (256, 300, 64), (256, 257, 16), (128, 200, 8)])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 8), ("fp16", 64, 16)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prefill_x_boxes_gpu(bm, m, box, split, dtype, gs, off, layout):
+    """The prefill kernel with x copied in boxes of X_BOX rows (forced configs): boxes wholly past x's last row
+    read its last whole box instead (M below a box too), outputs poisoned first; the SwiGLU on the same config."""
+    warps = 4 if bm == 64 else 8
+    cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=16 * warps, BLOCK_K=32 if gs == 32 else 128,
+               STAGES=3, num_warps=warps, SPLIT_K=split, SERIAL=False, X_BOX=box)
+    tiled, off = layout_args(layout, off)
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=256, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m + box,
+             tiled=tiled)
+    _poison()
+    assert run_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
+    _poison()
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
 

@@ -6,8 +6,8 @@ dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README
 a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
 (sm_90) with fp16 / bf16 x instead the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's
 registers) for M = 1..32 (to 40 on tiled words) and its prefill form (wgmma_prefill.py: x through TMA) above (on
-tiled words up to 64 tokens its one-warpgroup 64 x 64 tile), up to 256 (to 1024 where its time model beats
-dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2
+tiled words up to 64 tokens its one-warpgroup 64 x 64 tile, from 33 tokens where its split-K is not reduced in the
+launch), up to 256 (to 1024 where its time model beats dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2
 (gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS
 above. Where the prefill kernel runs whole 256-token tiles and at most TAIL_MAX_M tokens follow, those run as a
 second launch on their own M's config, into the same output (pick_config's "head_tail").
@@ -55,6 +55,13 @@ WGMMA_MAX_M = 32
 # zero-fill of a part-filled tile's rows cost the prefill kernel time before (probe_mid_ms_f430ffa, bench/README.md)
 TILED_WGMMA_MAX_M = 40
 MID_TILE_MAX_M = 64
+# ... and from 33 to 40 tokens that tile too where it reduces its split-K by a second launch (or has none), with x
+# copied in boxes of this many rows (wgmma_prefill._load_x): no box then lies wholly past x's last row, whose
+# zero-fill by the TMA cost it the time above. On the 22 such H200 shard-M pairs at 33 / 40 tokens it took 0.81-1.01x
+# the decode tile's time (median 0.84x); where the split-K is reduced in the launch (255 registers) the boxed tile
+# took 1.14-1.22x the faster of the whole tile and the decode tile on all 20 pairs at 33-63 tokens, and the decode
+# tile stays; at 48 / 63 tokens boxes gave the others nothing (0.93-1.08x, median 1.01; probe_mid_boxes_3dc0433)
+MID_X_BOX = 8
 # its programs per SM: 2 with the split-K reduced in the launch (255 registers), else 3 (152; bench/kernel_regs.py),
 # and a program's fixed cost in rows of K (its start, first loads and partial; mid_tile_split)
 MID_SERIAL_PROGRAMS_PER_SM = 2
@@ -120,8 +127,8 @@ _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
            "launch_config", "gemv_rows_config", "wgmma_config", "small_shard_splits", "tiled_wide_split",
-           "sixty_four_token_split", "mid_tile_config", "mid_tile_split", "decode_split", "prefill_config",
-           "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
+           "sixty_four_token_split", "mid_tile_config", "boxed_mid_tile", "mid_tile_split", "decode_split",
+           "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
 
 
 def check_sorted_args(x, qweight, qzeros, scales, group_size, group_offset, zero_offset) -> None:
@@ -196,7 +203,8 @@ def launch_config(m: int, k: int, n: int, group_size: int, device, wgmma: Option
     wgmma = has_wgmma(device) if wgmma is None else wgmma
     if wgmma and m <= PREFILL_MAX_M and segment_rows(group_size, 128) % 32 == 0:
         if m <= (TILED_WGMMA_MAX_M if tiled else WGMMA_MAX_M):
-            return wgmma_config(m, k, n, group_size, device, tiled)
+            boxed = boxed_mid_tile(k, n, group_size, device) if tiled and m > WGMMA_MAX_M else None
+            return boxed or wgmma_config(m, k, n, group_size, device, tiled)
         if tiled and m <= MID_TILE_MAX_M:
             return mid_tile_config(k, n, group_size, device)
         cfg = prefill_config(m, k, n, group_size, device, tiled)
@@ -344,6 +352,13 @@ def mid_tile_config(k: int, n: int, group_size: int, device) -> dict:
     split_k, serial = mid_tile_split(k, ceil_div(n, 64), _num_sms(device))
     return dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=segment_rows(group_size, 128),
                 STAGES=3, num_warps=4, SPLIT_K=split_k, SERIAL=serial)
+
+
+def boxed_mid_tile(k: int, n: int, group_size: int, device) -> Optional[dict]:
+    """33-40 tokens on tiled words: mid_tile_config with x copied in MID_X_BOX-row boxes where it has no split-K or
+    reduces it by a second launch; None where it reduces it in the launch (the decode tile runs there)."""
+    cfg = mid_tile_config(k, n, group_size, device)
+    return None if cfg["SERIAL"] else dict(cfg, X_BOX=MID_X_BOX)
 
 
 def mid_tile_split(k: int, tiles: int, sms: int) -> tuple:
