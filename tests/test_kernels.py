@@ -1058,6 +1058,17 @@ def test_prefill_x_must_match_launch():
             launch_prefill(px, bad_w, None, None, 64, bad_off, 0, None, 1, bad_cfg)
 
 
+def test_step_straddling_groups_refused():
+    """A forced config whose K-steps would straddle two groups (BLOCK_K not dividing the group size) is refused
+    before any launch: every kernel takes one scale row per step, and would silently mix two groups' scales."""
+    from tpaware_compile.kernels.gemm import launch_dot
+    x, w = torch.randn(40, 256).half(), torch.zeros(32, 256, dtype=torch.int32)
+    for cfg in (dict(kind="dot", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+                dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, STAGES=3, num_warps=4)):
+        with pytest.raises(ValueError, match="must divide group_size 64"):
+            launch_dot(x, w, None, None, 64, 0, 0, None, 1, cfg)
+
+
 def test_prefill_x_on_tiled_words_is_x():
     """For tiled words (nibbles in the MMA's K order, layout.py) the prefill kernel's TMA reads x as it lies: no
     reorder, no copy; a copy only where the TMA cannot take x's strides or start (one copy, the same values)."""
@@ -1394,8 +1405,8 @@ def test_prefill_x_boxes_gpu(bm, m, box, split, dtype, gs, off, layout):
     """The prefill kernel with x copied in boxes of X_BOX rows (forced configs): boxes wholly past x's last row
     read its last whole box instead (M below a box too), outputs poisoned first; the SwiGLU on the same config."""
     warps = 4 if bm == 64 else 8
-    cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=16 * warps, BLOCK_K=32 if gs == 32 else 128,
-               STAGES=3, num_warps=warps, SPLIT_K=split, SERIAL=False, X_BOX=box)
+    cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=16 * warps, BLOCK_K=min(gs, 128), STAGES=3,
+               num_warps=warps, SPLIT_K=split, SERIAL=False, X_BOX=box)
     tiled, off = layout_args(layout, off)
     c = dict(kind="dot", m=m, split_k=0, k=1024, n=256, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m + box,
              tiled=tiled)
