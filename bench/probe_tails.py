@@ -3,9 +3,9 @@
 
 Per model shard (tiled words) and token count: the dispatch (pick_config), one launch of 256-token tiles
 (launch_config), one launch of 128-token tiles (split by prefill_split), and whole 256-token tiles followed by the
-tail on the 128-token prefill tile; with --boxes, the dispatch and the one launch with x copied in boxes of
-fewer rows (X_BOX). Graph-timed as bench_kernels.py, each timed config checked against the fp32
-reference; cuBLAS in the same run.
+tail on the 128-token prefill tile; with --boxes, the dispatch and the one launch with x copied in boxes of fewer
+rows (X_BOX). Graph-timed as bench_kernels.py, each timed config checked against the fp32 reference; cuBLAS in the
+same run.
 
     python bench/probe_tails.py --ms 300,384,576 --out probe_tails.json
 """

@@ -664,8 +664,9 @@ def test_mid_tile_split_rule():
 def test_boxed_mid_tile_matches_probe(monkeypatch):
     """At 33 and 40 tokens on tiled words the dispatch runs the 64 x 64 tile with x in 8-row boxes where that tile's
     split-K is not reduced in the launch, else the decode kernel's 64-token tile. On each of the committed H200
-    probe's 16 shards that took at most 1.02x the decode tile's time (median 0.84x); where the 64 x 64 tile reduces
-    in the launch its boxed form took over 1.1x the time of the faster of its whole form and the decode tile."""
+    probe's 16 shards that took at most 1.02x the decode tile's time (median 0.84x on the 22 shard-M pairs where it
+    runs the boxed tile); where the 64 x 64 tile reduces in the launch its boxed form took over 1.1x the time of the
+    faster of its whole form and the decode tile."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
@@ -673,7 +674,7 @@ def test_boxed_mid_tile_matches_probe(monkeypatch):
     for r in json.load(open(BOX_PROBE))["rows"]:
         times.setdefault((r["layer"], r["tp"], r["K"], r["N"], r["M"]), {})[r["variant"]] = r["median_us"]
     assert len(times) == 64
-    to_decode = []
+    to_decode = {}
     for (_, _, k, n, m), by_variant in times.items():
         cfg = K.pick_config(m, k, n, 128, cpu, wgmma=True, tiled=True)
         if K.mid_tile_config(k, n, 128, cpu)["SERIAL"]:
@@ -681,8 +682,10 @@ def test_boxed_mid_tile_matches_probe(monkeypatch):
         if m <= 40:
             boxed = K.boxed_mid_tile(k, n, 128, cpu)
             assert cfg == (boxed or K.wgmma_config(m, k, n, 128, cpu, tiled=True))
-            to_decode.append(by_variant["mid_tile_box8" if boxed else "decode_tile"] / by_variant["decode_tile"])
-    assert len(to_decode) == 32 and max(to_decode) < 1.02 and statistics.median(to_decode) < 0.9
+            ratio = by_variant["mid_tile_box8" if boxed else "decode_tile"] / by_variant["decode_tile"]
+            to_decode.setdefault(boxed is not None, []).append(ratio)
+    assert len(to_decode[True]) == 22 and len(to_decode[False]) == 10
+    assert max(to_decode[True]) < 1.02 and statistics.median(to_decode[True]) < 0.85
 
 
 def test_tiled_config_matches_sweep(monkeypatch):
