@@ -11,7 +11,8 @@ SwiGLU (gptq_swiglu_sorted: gate's and up's launches, one epilogue) on the dispa
 the 64 x 64 tile at each split (reduced by the epilogue kernel, as the SwiGLU on it always is). With --padded, below
 64 tokens: the 64 x 64 tile at mid_tile_config's split on x as it lies (the TMA zero-fills the rows past M) and on
 x copied beforehand into a zero-padded buffer of 64 rows (no row out of bounds; the copy not timed), and with
---boxes with x copied in boxes of fewer rows (X_BOX: no box wholly out of bounds).
+--boxes with x copied in boxes of fewer rows (X_BOX: no box wholly out of bounds). With --tile, another
+one-warpgroup tile in place of the 64 x 64 one (128 x 64: from 65 tokens).
 
     python bench/probe_mid.py --ms 48,64 --out probe_mid.json
     python bench/probe_mid.py --ms 41,64 --swiglu --out probe_mid_swiglu.json
@@ -37,13 +38,15 @@ TILE = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_
 FORMS = dict(serial=dict(SERIAL=True), serial_168=dict(SERIAL=True, MAXNREG=168), reduce_launch=dict(SERIAL=False))
 
 
-def variants(m, k, n, dev, splits, forms=FORMS):
-    """name -> config at M = m."""
-    out = dict(dispatch=pick_config(m, k, n, GROUP, dev, tiled=True),
-               decode_tile=wgmma_config(m, k, n, GROUP, dev, tiled=True))
+def variants(m, k, n, dev, splits, forms=FORMS, tile=TILE):
+    """name -> config at M = m (the decode tile up to its 64 tokens)."""
+    out = dict(dispatch=pick_config(m, k, n, GROUP, dev, tiled=True))
+    if m <= 64:
+        out["decode_tile"] = wgmma_config(m, k, n, GROUP, dev, tiled=True)
+    name = f"p{tile['BLOCK_M']}x{tile['BLOCK_N']}"
     for split in splits:
         for form, extra in forms.items():
-            out[f"p64x64_{form}_s{split}"] = dict(TILE, SPLIT_K=split, **extra)
+            out[f"{name}_{form}_s{split}"] = dict(tile, SPLIT_K=split, **extra)
     return out
 
 
@@ -78,12 +81,15 @@ def main():
     ap.add_argument("--padded", action="store_true", help="the 64 x 64 tile on x as it lies and zero-padded")
     ap.add_argument("--boxes", default="", type=lambda v: [int(b) for b in v.split(",") if b],
                     help="with --padded, the 64 x 64 tile with x copied in boxes of these rows too (X_BOX)")
+    ap.add_argument("--tile", default="64x64", help="BLOCK_M x BLOCK_N of the one-warpgroup tile timed at each split")
     ap.add_argument("--out", default="probe_mid.json")
     args = ap.parse_args()
     head = probe_header(__doc__)
     dev = torch.device("cuda")
     splits = [int(s) for s in args.splits.split(",") if s]
     forms = dict(reduce_launch=FORMS["reduce_launch"]) if args.swiglu else FORMS
+    block_m, block_n = (int(v) for v in args.tile.split("x"))
+    tile = dict(TILE, BLOCK_M=block_m, BLOCK_N=block_n)
     for model, tp, layer, k, n in shapes(False):
         if args.swiglu and layer != "up":
             continue
@@ -93,7 +99,7 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.half)
             base = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m)
             rows = [] if args.swiglu else [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
-            runs = [(name, cfg, x) for name, cfg in variants(m, k, n, dev, splits, forms).items()]
+            runs = [(name, cfg, x) for name, cfg in variants(m, k, n, dev, splits, forms, tile).items()]
             if args.padded and m < 64:
                 mid = mid_tile_config(k, n, GROUP, dev)
                 runs += [("mid_tile", mid, x), ("mid_tile_padded", mid, padded_rows(x, 64))]
