@@ -12,7 +12,7 @@ the 64 x 64 tile at each split (reduced by the epilogue kernel, as the SwiGLU on
 64 tokens: the 64 x 64 tile at mid_tile_config's split on x as it lies (the TMA zero-fills the rows past M) and on
 x copied beforehand into a zero-padded buffer of 64 rows (no row out of bounds; the copy not timed), and with
 --boxes with x copied in boxes of fewer rows (X_BOX: no box wholly out of bounds). With --tile, another
-one-warpgroup tile in place of the 64 x 64 one (128 x 64: from 65 tokens).
+one-warpgroup tile in place of the 64 x 64 one (128 x 64: from 65 tokens), with --x-box in boxes of x's rows.
 
     python bench/probe_mid.py --ms 48,64 --out probe_mid.json
     python bench/probe_mid.py --ms 41,64 --swiglu --out probe_mid_swiglu.json
@@ -82,6 +82,8 @@ def main():
     ap.add_argument("--boxes", default="", type=lambda v: [int(b) for b in v.split(",") if b],
                     help="with --padded, the 64 x 64 tile with x copied in boxes of these rows too (X_BOX)")
     ap.add_argument("--tile", default="64x64", help="BLOCK_M x BLOCK_N of the one-warpgroup tile timed at each split")
+    ap.add_argument("--x-box", type=int, default=0, help="that tile with x in boxes of this many rows (X_BOX), its "
+                    "split-K reduced by a second launch")
     ap.add_argument("--out", default="probe_mid.json")
     args = ap.parse_args()
     head = probe_header(__doc__)
@@ -89,7 +91,9 @@ def main():
     splits = [int(s) for s in args.splits.split(",") if s]
     forms = dict(reduce_launch=FORMS["reduce_launch"]) if args.swiglu else FORMS
     block_m, block_n = (int(v) for v in args.tile.split("x"))
-    tile = dict(TILE, BLOCK_M=block_m, BLOCK_N=block_n)
+    tile = dict(TILE, BLOCK_M=block_m, BLOCK_N=block_n, **({"X_BOX": args.x_box} if args.x_box else {}))
+    if args.x_box:  # boxes lost where the split-K is reduced in the launch (probe_mid_boxes_3dc0433)
+        forms = dict(reduce_launch=FORMS["reduce_launch"])
     for model, tp, layer, k, n in shapes(False):
         if args.swiglu and layer != "up":
             continue
