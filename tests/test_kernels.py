@@ -968,6 +968,21 @@ def test_prefill_weights_reach_mma_in_registers(bm, bn, bk, stages, warps, dtype
     assert kernel_regs.ptxas_usage(kernel)[1:] == (0, 0)  # no spill stores or loads
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_boxed_mid_tile_copies_and_registers(dtype):
+    """The 64 x 64 tile with x in 8-row boxes (boxed_mid_tile's config) compiled for sm_90a: one TMA copy per box
+    (8 per step: the 2 steps the prologue loads and the 2 of the loop's body), and registers for
+    MID_PROGRAMS_PER_SM programs per SM, as mid_tile_split plans, with no spills."""
+    from tpaware_compile.kernels import MID_PROGRAMS_PER_SM, MID_X_BOX
+    kernel_regs = _sm90_compiler()
+    for box, copies in ((None, 1), (MID_X_BOX, 64 // MID_X_BOX)):
+        kernel = kernel_regs.compile_prefill(64, 64, 128, 3, 4, dtype, tiled=True, x_box=box)
+        ptx = [line for line in kernel.asm["ptx"].splitlines() if "cp.async.bulk.tensor" in line]
+        assert len(ptx) == 4 * copies, len(ptx)
+        regs, spill_stores, spill_loads = kernel_regs.ptxas_usage(kernel)
+        assert regs * 128 * MID_PROGRAMS_PER_SM <= 65536 and spill_stores == spill_loads == 0, regs
+
+
 @pytest.mark.parametrize("dtype,out,tiled,bk", [("fp16", "fp16", True, 128), ("bf16", "fp32", True, 128),
                                                ("fp16", "fp16", False, 64)])
 def test_stream_weights_reach_mma_in_registers(dtype, out, tiled, bk):
