@@ -426,7 +426,7 @@ def test_dispatch_by_m(monkeypatch):
 def test_dispatch_wgmma(monkeypatch):
     """On sm_90 (forced here: wgmma=True) M = 1..32 run the wgmma kernel (token tiles of 16 / 32), M = 33..256 its
     prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles; on tiled words the wgmma kernel
-    to 40 tokens, the 64 x 64 one-warpgroup tile to 64),
+    to 40 tokens, the 64 x 64 one-warpgroup tile to 64, from 33 where it does not reduce its split-K in the launch),
     and M = 257..1024 where its time model beats dequantize + cuBLAS's; group sizes whose segments are not multiples
     of 32 rows and larger M keep their kernels."""
     import tpaware_compile.kernels as K
@@ -597,7 +597,7 @@ def _decode_sweep_times(calls, m_ok) -> dict:
 
 def test_tiled_64_tokens_config_matches_sweep(monkeypatch):
     """At 64 tokens on tiled words the decode kernel's 64-token tile (which the dispatch runs from 33 to 40 tokens
-    there), split by sixty_four_token_split's time model, took less time than the prefill config that the dispatch
+    there where boxed_mid_tile does not take them), split by sixty_four_token_split's time model, took less time than the prefill config that the dispatch
     picks on N-major words, on each of the 13 shapes of the committed H100 sweep, within 1.15x of the sweep's
     fastest config (64-row steps were faster on Granite-20B TP 4), and is the fastest of the tile's 128-row splits
     of 2, 4, 5 and 8 on all 13."""
