@@ -597,10 +597,10 @@ def _decode_sweep_times(calls, m_ok) -> dict:
 
 def test_tiled_64_tokens_config_matches_sweep(monkeypatch):
     """At 64 tokens on tiled words the decode kernel's 64-token tile (which the dispatch runs from 33 to 40 tokens
-    there where boxed_mid_tile does not take them), split by sixty_four_token_split's time model, took less time than the prefill config that the dispatch
-    picks on N-major words, on each of the 13 shapes of the committed H100 sweep, within 1.15x of the sweep's
-    fastest config (64-row steps were faster on Granite-20B TP 4), and is the fastest of the tile's 128-row splits
-    of 2, 4, 5 and 8 on all 13."""
+    there where boxed_mid_tile does not take them), split by sixty_four_token_split's time model, took less time
+    than the prefill config that the dispatch picks on N-major words, on each of the 13 shapes of the committed H100
+    sweep, within 1.15x of the sweep's fastest config (64-row steps were faster on Granite-20B TP 4), and is the
+    fastest of the tile's 128-row splits of 2, 4, 5 and 8 on all 13."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
