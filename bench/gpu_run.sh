@@ -1,7 +1,7 @@
 #!/bin/bash
 # One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects), written
 # as they go, so that a step cut by its time limit still leaves what it got to.
-# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [tiled] [sweepms] [host] [layout] [modellayout] [mid]
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [tiled] [sweepms] [host] [layout] [modellayout] [mid] [tile128]
 #   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
 #   serial:  GPU tests of every kernel's store path (forced configs, dispatch, production shapes, SwiGLU, one-launch split-K)
@@ -17,6 +17,7 @@
 #   modellayout: bench_model.py --quick (its tpaware / tpaware_nmajor pair)
 #   mid:     33-64 tokens on tiled words: the dispatch beside the decode kernel's 64-token tile (probe_mid.py), matmul
 #            and SwiGLU
+#   tile128: 100-128 tokens: the dispatch beside a 128 x 64 tile on one warpgroup at splits 1 / 2 / 4 (probe_mid.py)
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > $OUT/nvidia_smi.txt 2>&1
@@ -52,6 +53,8 @@ for step in "$@"; do
     mid) timeout 200 python bench/probe_mid.py --ms 33,40,41,48,56,64 --splits "" --out $OUT/probe_mid.json > $OUT/probe_mid.log 2>&1
       timeout 200 python bench/probe_mid.py --ms 41,48,64 --swiglu --out $OUT/probe_mid_swiglu.json >> $OUT/probe_mid.log 2>&1
       grep -c WRONG $OUT/probe_mid.log ;;
+    tile128) timeout 300 python bench/probe_mid.py --ms 100,104,112,120,128 --tile 128x64 --splits 1,2,4 --out $OUT/probe_tile128.json > $OUT/probe_tile128.log 2>&1
+      grep -c WRONG $OUT/probe_tile128.log ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
   esac
 done
