@@ -1078,13 +1078,20 @@ def test_prefill_x_must_match_launch():
 
 def test_step_straddling_groups_refused():
     """A forced config whose K-steps would straddle two groups (BLOCK_K not dividing the group size) is refused
-    before any launch: every kernel takes one scale row per step, and would silently mix two groups' scales."""
-    from tpaware_compile.kernels.gemm import launch_dot
-    x, w = torch.randn(40, 256).half(), torch.zeros(32, 256, dtype=torch.int32)
-    for cfg in (dict(kind="dot", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
-                dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, STAGES=3, num_warps=4)):
+    before any launch, for every kernel kind, a head_tail config's parts and the SwiGLU: every kernel takes one
+    scale row per step, and would silently mix two groups' scales."""
+    from tpaware_compile.kernels import gptq_mm_sorted, gptq_swiglu_sorted
+    w = make_weight(256, 64, 64, 0, 1, False, torch.float16)
+    args = (w.qweight, w.qzeros, w.scales)
+    x = torch.randn(40, 256).half()
+    good = dict(kind="dot", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1)
+    for cfg in (dict(kind="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=1), dict(good, BLOCK_K=128),
+                dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, STAGES=3, num_warps=4),
+                dict(kind="head_tail", HEAD_M=32, HEAD=good, TAIL=dict(good, BLOCK_K=128))):
         with pytest.raises(ValueError, match="must divide group_size 64"):
-            launch_dot(x, w, None, None, 64, 0, 0, None, 1, cfg)
+            gptq_mm_sorted(x, *args, 64, 0, 1, config=cfg)
+        with pytest.raises(ValueError, match="must divide group_size 64"):
+            gptq_swiglu_sorted(x, args, args, 64, 0, 1, config=cfg)
 
 
 def test_prefill_x_on_tiled_words_is_x():

@@ -510,7 +510,7 @@ def gptq_mm_sorted(
             return dequant_mm(rows, *args, out=out)
         raise ValueError(f"unknown kernel kind {kind!r}")
 
-    y = _run_config(run, xc, n, out_dtype, cfg)
+    y = _run_config(run, xc, n, out_dtype, cfg, group_size)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -542,7 +542,7 @@ def gptq_swiglu_sorted(
     def run(rows, rows_cfg, out=None):
         return swiglu(rows, gate, up, group_size, group_offset, zero_offset, out_dtype, rows_cfg, perm, out)
 
-    y = _run_config(run, xc, n, out_dtype, cfg)
+    y = _run_config(run, xc, n, out_dtype, cfg, group_size)
     return y.to(x.dtype).reshape(*lead, n)
 
 
@@ -553,10 +553,14 @@ def _picked(m, k, n, group_size, device, wgmma, tiled, interpret) -> dict:
     return pick_config(m, k, n, group_size, device, wgmma, tiled)
 
 
-def _run_config(run, x, n, out_dtype, cfg) -> torch.Tensor:
+def _run_config(run, x, n, out_dtype, cfg, group_size) -> torch.Tensor:
     """[M, N]: ``run(x, cfg)``, or for a "head_tail" config ``run(rows of x, their config, their rows of the
     output)`` on the first HEAD_M rows and on the rest (row slices of row-contiguous tensors: contiguous, so every
-    kernel can write them)."""
+    kernel can write them). A config whose K-steps would straddle two groups is refused before anything runs."""
+    for launch_cfg in (cfg["HEAD"], cfg["TAIL"]) if cfg["kind"] == "head_tail" else (cfg,):
+        block_k = launch_cfg.get("BLOCK_K")
+        if block_k and group_size > 0 and group_size % block_k:  # every kernel takes one scale row per K-step
+            raise ValueError(f"BLOCK_K {block_k} must divide group_size {group_size} (common.segment_rows): {cfg}")
     if cfg["kind"] != "head_tail":
         return run(x, cfg)
     head = cfg["HEAD_M"]

@@ -146,8 +146,6 @@ def launch_dot(x, qweight, qzeros, scales, group_size, group_offset, zero_offset
     """One tensor-core launch into part [SPLIT_K, M, N] (split_k = part.shape[0]) or the [M, N] output; with counts
     (tile_counters) the launch also reduces part into out, as silu(gate) * up with gate's partials. Config WGMMA
     runs the Hopper kernels of wgmma.py (wgmma_prefill.py with PREFILL) for fp16 / bf16 x."""
-    if group_size > 0 and group_size % cfg["BLOCK_K"]:  # every kernel takes one scale row per K-step
-        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide group_size {group_size} (common.segment_rows): {cfg}")
     if runs_wgmma(cfg, x):
         if is_interpreted(_dot_kernel):
             raise ValueError("WGMMA configs run a Gluon kernel, which TRITON_INTERPRET cannot run")
