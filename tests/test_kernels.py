@@ -475,6 +475,31 @@ def _stream_pieces(plan):
     return pieces
 
 
+@pytest.mark.parametrize("block_m", [64, 128, 256])
+def test_box_rows_store_every_row_once(block_m):
+    """x's boxes (box_rows, the Python body of the kernels' integer arithmetic) at every M from 1 to 600, with
+    x_box's boxes and forced ones: over all tiles every row of x is stored exactly once, from the token column
+    that holds it (the rows _load_x copied for that box, in order), and with M >= the box every copy lies within
+    x's rows (the TMA zero-fills none). x_box's own boxes: at most 2 per tile short of BLOCK_M tokens, whole tiles
+    above."""
+    from tpaware_compile.kernels.wgmma_prefill import box_rows, x_box
+    rows_of = box_rows.fn
+    t = torch.arange(block_m)
+    for m in range(1, 601):
+        auto = x_box(dict(BLOCK_M=block_m), m)
+        assert block_m % auto == 0 and auto % 8 == 0
+        assert auto == block_m if m >= block_m else auto <= max(m, 8) < 2 * auto  # so 2 boxes from BLOCK_M / 2
+        for box in {auto, 8, 32, block_m}:
+            stored = []
+            for first in range(0, m, block_m):
+                rows, keep = rows_of(first, t, m, box)
+                starts = [int(rows_of(first, i * box, m, box)[0]) for i in range(block_m // box)]
+                assert torch.equal(rows, torch.tensor(starts).repeat_interleave(box) + t % box)
+                assert m < box or all(0 <= s <= m - box for s in starts)
+                stored += rows[keep].tolist()
+            assert sorted(stored) == list(range(m)), (m, box)
+
+
 @pytest.mark.parametrize("m,n,k,programs", [(300, 512, 1024, 7), (520, 512, 1024, 132), (257, 512, 2048, 3),
                                             (512, 28672, 8192, 132), (256, 3072, 6144, 132), (1024, 28672, 8192, 132),
                                             (768, 8192, 28672, 132), (300, 128, 256, 5), (256, 128 * 264, 256, 132)])
@@ -1063,14 +1088,15 @@ def test_prefill_x_order_kernel_gpu():
 
 def test_prefill_x_must_match_launch():
     """x prepared once for a SwiGLU's two prefill launches (prefill_x) holds the reordered x and a descriptor for one
-    tile shape and group offset; a launch with other tiles or another offset is refused before anything runs."""
+    box of rows (wgmma_prefill.x_box: 32 at 40 tokens on a 64-row tile) and group offset; a launch with other boxes
+    or steps or another offset is refused before anything runs."""
     from tpaware_compile.kernels.wgmma_prefill import launch_prefill, prefill_x, x_in_mma_order
     cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8)
     x = torch.randn(40, 256).half()
     px = prefill_x(x, 8, cfg, tiled=False)
     assert torch.equal(px.desc.base, x_in_mma_order(x, 8)) and px.shape == x.shape and px.dtype == x.dtype
     w = torch.zeros(32, 256, dtype=torch.int32)
-    for bad_cfg, bad_off, bad_w in ((dict(cfg, BLOCK_M=128), 8, w), (dict(cfg, BLOCK_K=128), 8, w), (cfg, 0, w),
+    for bad_cfg, bad_off, bad_w in ((dict(cfg, X_BOX=8), 8, w), (dict(cfg, BLOCK_K=128), 8, w), (cfg, 0, w),
                                     (cfg, 8, tile(w))):
         with pytest.raises(ValueError, match="prepared for"):
             launch_prefill(px, bad_w, None, None, 64, bad_off, 0, None, 1, bad_cfg)
@@ -1422,18 +1448,22 @@ def test_tiled_mid_tile_swiglu_forms_gpu(split, serial, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm,m,box", [(64, 5, 8), (64, 33, 8), (64, 50, 16), (64, 100, 8), (64, 64, 32),
-                                      (256, 300, 64), (256, 257, 16), (128, 200, 8)])
+                                      (256, 300, 64), (256, 257, 16), (128, 200, 8), (64, 5, None), (64, 33, None),
+                                      (64, 63, None), (128, 72, None), (128, 100, None), (256, 200, None),
+                                      (256, 300, None), (128, 129, None), (64, 100, 32)])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 8), ("fp16", 64, 16)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_prefill_x_boxes_gpu(bm, m, box, split, dtype, gs, off, layout):
-    """The prefill kernel with x copied in boxes of X_BOX rows (forced configs): boxes wholly past x's last row
-    read its last whole box instead (M below a box too), outputs poisoned first; the SwiGLU on the same config."""
+    """The prefill kernel with x copied in boxes of X_BOX rows, or of x_box's (None: 2 boxes per tile short of
+    BLOCK_M tokens, whole tiles above), forced configs: a box reaching past x's last row reads x's last rows
+    instead (box_rows; only M below a box zero-fills), those of its token columns that an earlier box holds are
+    not stored; outputs poisoned first; the SwiGLU on the same config."""
     warps = 4 if bm == 64 else 8
     cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=16 * warps, BLOCK_K=min(gs, 128), STAGES=3,
-               num_warps=warps, SPLIT_K=split, SERIAL=False, X_BOX=box)
+               num_warps=warps, SPLIT_K=split, SERIAL=False, **({} if box is None else dict(X_BOX=box)))
     tiled, off = layout_args(layout, off)
-    c = dict(kind="dot", m=m, split_k=0, k=1024, n=256, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m + box,
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=256, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m + (box or 0),
              tiled=tiled)
     _poison()
     assert run_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]

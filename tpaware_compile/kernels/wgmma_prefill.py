@@ -107,13 +107,16 @@ def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict, tiled: bool) -> Pre
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
     xr = tma_ready(x) if tiled else x_in_mma_order(x, group_offset)
-    return PrefillX(TensorDescriptor.from_tensor(xr, [x_box(cfg), bk], layout), group_offset, tiled, x.shape, x.dtype)
+    box = [x_box(cfg, x.shape[0]), bk]
+    return PrefillX(TensorDescriptor.from_tensor(xr, box, layout), group_offset, tiled, x.shape, x.dtype)
 
 
-def x_box(cfg: dict) -> int:
-    """Rows of x per TMA copy (config X_BOX, default the whole tile): _load_x copies a tile in BLOCK_M / X_BOX
-    boxes, so that no box lies wholly past x's last row."""
-    return cfg.get("X_BOX", cfg["BLOCK_M"])
+def x_box(cfg: dict, m: int) -> int:
+    """Rows of x per TMA copy at M = m (_load_x copies a tile in BLOCK_M / X_BOX boxes): config X_BOX, else the
+    whole tile where x has as many rows, else the largest power of two (from 8) under m: 2 copies per step where
+    BLOCK_M / 2 <= m < BLOCK_M, and every box reads rows of x, none the TMA zero-fills (box_rows)."""
+    bm = cfg["BLOCK_M"]
+    return cfg.get("X_BOX", bm if m >= bm else max(8, 1 << (m.bit_length() - 1)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,17 +124,28 @@ def x_smem_layout(block_m: int, block_k: int, dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype)
 
 
+@triton.jit
+def box_rows(first_row, t, M, BOX: tl.constexpr):
+    """(x's rows in token columns t of the tile whose first row is first_row, whether the tile stores each): a
+    box of x reaching past x's last row is copied from x's last BOX rows instead (rows >= 0), so with M >= BOX the
+    TMA zero-fills no row (its zero-fill cost the kernel time: x copied into a zero-padded buffer first took
+    0.72-1.03x the time at 33 tokens on a 64-row tile, H200, bench/README.md). A column whose row an earlier box
+    holds too, or past x's last row, is not stored. The prefill kernels' loads and stores and the stream-K
+    reduction (a Triton kernel) share it; integer arithmetic only, as _owner (tests run it in Python too)."""
+    start = first_row + t // BOX * BOX  # the box's own first row
+    last_box = (M - BOX) * (M >= BOX)  # x's last BOX rows (from row 0 where x has fewer)
+    rows = start - (start + BOX > M) * (start - last_box) + t % BOX
+    return rows, (rows >= start) & (rows < M)
+
+
 @gluon.jit
 def _load_x(x_desc, seg, live, pid_m, M, ready, slot, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Start the TMA copies of K-step seg's x tile [BM, BK] into slot, one per box of the descriptor's rows;
-    ready's phase flips when all have landed. A box wholly past x's last row reads the last whole box of x
-    instead: the TMA's zero-fill of rows out of bounds cost time (bench/README.md), and those token columns of
-    the MMA are never stored."""
+    """Start the TMA copies of K-step seg's x tile [BM, BK] into slot, one per box of the descriptor's rows (from
+    the rows box_rows gives); ready's phase flips when all have landed."""
     BOX: gl.constexpr = x_desc.block_type.shape[0]
     mbarrier.expect(ready, x_desc.block_type.nbytes * (BLOCK_M // BOX), pred=live)
     for i in gl.static_range(BLOCK_M // BOX):
-        row = pid_m * BLOCK_M + i * BOX
-        row = gl.where(row < M, row, gl.maximum(M - BOX, 0))
+        row = box_rows(pid_m * BLOCK_M, i * BOX, M, BOX)[0]
         tma.async_copy_global_to_shared(x_desc, [row, seg * BLOCK_K], ready, slot.slice(i * BOX, BOX), pred=live)
 
 
@@ -246,10 +260,11 @@ def _prefill_kernel(
                     group_offset, zero_offset, base_pair, offs_nq, offs_w, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
                     STAGES, DTYPE, A_REGS, TILED, MMA)
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+    toks = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+    offs_m, keep = box_rows(pid_m * BLOCK_M, toks, M, x_desc.block_type.shape[0])
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
-                gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0), SERIAL, SWIGLU)
+                gl.expand_dims(offs_n < N, 1) & gl.expand_dims(keep, 0), SERIAL, SWIGLU)
 
 
 # tiles_m == 1 compiled as a constant spilled 512 bytes of registers (ptxas, sm_90a): one variant for every shape
@@ -303,10 +318,10 @@ def _stream_kernel(
                         GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS, TILED, MMA)
         if last - first == pairs:
             offs_n = pid_n * BLOCK_N + cols
-            offs_m = pid_m * BLOCK_M + toks
+            offs_m, keep = box_rows(pid_m * BLOCK_M, toks, M, x_desc.block_type.shape[0])
             gl.store(out_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                      acc.to(out_ptr.dtype.element_ty),
-                     mask=gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0))
+                     mask=gl.expand_dims(offs_n < N, 1) & gl.expand_dims(keep, 0))
         else:
             gl.store(ws_ptr + _ws_slot(pid, t, pairs, units, programs) * (BLOCK_M * BLOCK_N) + local, acc)
 
@@ -329,9 +344,10 @@ def _ws_slot(program, t, pairs, units, programs):
 
 @triton.jit
 def _stream_reduce_kernel(ws_ptr, out_ptr, M, N, tiles_m, whole, pairs, units, programs, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
-    """out's rows [ROWS x program 1, + ROWS) of tile whole + t (t: program 0), if _stream_kernel's programs cut it:
-    the sum of their workspace slots in program order (deterministic). Whole tiles return at once."""
+                          BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BOX: tl.constexpr):
+    """out's rows of token columns [ROWS x program 1, + ROWS) of tile whole + t (t: program 0), if _stream_kernel's
+    programs cut it: the sum of their workspace slots in program order (deterministic). Whole tiles return at
+    once. BOX: the rows of x's TMA copies (box_rows)."""
     t = tl.program_id(0)
     tile = whole + t
     owner = _owner(t * pairs, units, programs)
@@ -343,10 +359,10 @@ def _stream_reduce_kernel(ws_ptr, out_ptr, M, N, tiles_m, whole, pairs, units, p
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         for p in range(owner, owner + parts):
             acc += tl.load(ws_ptr + _ws_slot(p, t, pairs, units, programs) * (BLOCK_M * BLOCK_N) + local)
-        offs_m = (tile % tiles_m) * BLOCK_M + rows
+        offs_m, keep = box_rows((tile % tiles_m) * BLOCK_M, rows, M, BOX)
         offs_n = (tile // tiles_m) * BLOCK_N + cols
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+                 mask=keep[:, None] & (offs_n < N)[None, :])
 
 
 STREAM_REDUCE_ROWS = 32  # tokens per program of _stream_reduce_kernel: 32 x 128 fp32 partials per slot
@@ -355,7 +371,7 @@ STREAM_REDUCE_ROWS = 32  # tokens per program of _stream_reduce_kernel: 32 x 128
 def _check_tiles(cfg: dict) -> None:
     bm, bn, bk, stages, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"], cfg["num_warps"]
     if bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or bn not in (16 * warps, 32 * warps) or stages < 2 \
-            or x_box(cfg) % 8 or bm % x_box(cfg):
+            or cfg.get("X_BOX", 8) % 8 or bm % cfg.get("X_BOX", bm):
         raise ValueError(f"prefill wgmma tiles need BLOCK_K a multiple of 32, BLOCK_M in {TOKEN_TILES}, 4 or 8 "
                          f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2, X_BOX a multiple of 8 dividing "
                          f"BLOCK_M: {cfg}")
@@ -364,7 +380,7 @@ def _check_tiles(cfg: dict) -> None:
 def _prepared(x, group_offset: int, cfg: dict, tiled: bool) -> PrefillX:
     """prefill_x(x) unless x is one already, which must then suit cfg's tiles, the group offset and the layout."""
     px = x if isinstance(x, PrefillX) else prefill_x(x, group_offset, cfg, tiled)
-    box = [x_box(cfg), cfg["BLOCK_K"]]
+    box = [x_box(cfg, px.shape[0]), cfg["BLOCK_K"]]
     if list(px.desc.block_shape) != box or px.group_offset != group_offset or px.tiled != tiled:
         raise ValueError(f"x was prepared for {px.desc.block_shape} boxes at group offset {px.group_offset} "
                          f"(tiled weights: {px.tiled}), not {box} at {group_offset} ({tiled})")
@@ -437,5 +453,6 @@ def stream_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
     )
     rows = min(STREAM_REDUCE_ROWS, bm)
     launch_kernel(_stream_reduce_kernel, (plan.tiles - plan.whole, bm // rows), ws, out, m, n, plan.tiles_m,
-                  plan.whole, plan.pairs, plan.units, plan.programs, BLOCK_M=bm, BLOCK_N=bn, ROWS=rows)
+                  plan.whole, plan.pairs, plan.units, plan.programs, BLOCK_M=bm, BLOCK_N=bn, ROWS=rows,
+                  BOX=x_box(cfg, m))
     return out

@@ -1,0 +1,82 @@
+"""Does the prefill kernel gain from x's copies never reaching past x's last row? Since this probe's commit a TMA box
+that would is copied from x's last X_BOX rows instead (wgmma_prefill.box_rows), and where no X_BOX is configured a
+tile of BLOCK_M rows over fewer tokens copies x in boxes of the largest power of two under M (x_box), so the TMA
+zero-fills no row.
+
+Per model shard (tiled words) and token count: cuBLAS, the dispatch (pick_config; at 33-40 tokens its 8-row boxes),
+the same configs with x in whole-tile boxes (X_BOX = BLOCK_M: below BLOCK_M tokens the TMA zero-fills the rows past
+M, as before), with x_box's boxes (no X_BOX), and from 65 to 128 tokens a 128 x 64 tile on one warpgroup with x_box's
+boxes at splits 1 / 2 / 4, reduced by a second launch. Graph-timed as bench_kernels.py, each timed config checked
+against the fp32 reference.
+
+    python bench/probe_boxes.py --ms 33,48,72,96,200 --out probe_boxes.json
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gptq, roof_bytes, shapes,  # noqa: E402
+                           tiled_copies, tpaware_fns)
+from timing import graph_us, probe_header, record_rows  # noqa: E402
+
+from tpaware_compile.kernels import pick_config  # noqa: E402
+
+TILE_128X64 = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, STAGES=3, num_warps=4,
+                   SERIAL=False)
+
+
+def boxed(cfg, box):
+    """cfg with every prefill launch's X_BOX set to box(launch config) (None: removed)."""
+    if cfg["kind"] == "head_tail":
+        return dict(cfg, HEAD=boxed(cfg["HEAD"], box), TAIL=boxed(cfg["TAIL"], box))
+    if not cfg.get("PREFILL"):
+        return cfg
+    out = {key: value for key, value in cfg.items() if key != "X_BOX"}
+    return out if box(cfg) is None else dict(out, X_BOX=box(cfg))
+
+
+def variants(m, k, n, dev, splits):
+    """name -> config at M = m."""
+    dispatch = pick_config(m, k, n, GROUP, dev, tiled=True)
+    out = dict(dispatch=dispatch)
+    for name, box in (("whole_box", lambda c: c["BLOCK_M"]), ("x_box", lambda c: None)):
+        if boxed(dispatch, box) != dispatch:  # not where it would time the dispatch again
+            out[name] = boxed(dispatch, box)
+    if 64 < m <= 128:
+        out.update({f"t128x64_s{split}": dict(TILE_128X64, SPLIT_K=split) for split in splits})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="33,48,72,96,200")
+    ap.add_argument("--splits", default="1,2,4", help="of the 128 x 64 tile")
+    ap.add_argument("--out", default="probe_boxes.json")
+    args = ap.parse_args()
+    head = probe_header(__doc__)
+    dev = torch.device("cuda")
+    splits = [int(s) for s in args.splits.split(",") if s]
+    for model, tp, layer, k, n in shapes(False):
+        copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
+        tiled = tiled_copies(copies)
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.half)
+            base = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m)
+            rows = [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
+            for name, cfg in variants(m, k, n, dev, splits).items():
+                fns = tpaware_fns(tiled, x, cfg)
+                rows.append(dict(base, variant=name, config=cfg, median_us=graph_us(fns),
+                                 rel_err=check_tpaware(fns[0], copies[0], x)))
+            for row in rows:
+                row["vs_cublas"] = row["median_us"] / rows[0]["median_us"]
+            record_rows(head, rows, args.out)
+        del copies, tiled
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
