@@ -1,7 +1,7 @@
 #!/bin/bash
 # One batch of GPU work: tests, then benchmarks. Logs and results under $OUT (a folder the caller collects), written
 # as they go, so that a step cut by its time limit still leaves what it got to.
-# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [tiled] [sweepms] [host] [layout] [modellayout] [mid] [tile128]
+# usage: bench/gpu_run.sh [tests] [prod] [backend] [sweep] [quick] [full] [model] [modelfull] [model7b] [model13b] [profile] [mlp1nofuse] [mlp1] [mlp1full] [mlptp] [demo] [gidx] [new] [serial] [wgmma] [tiled] [sweepms] [host] [layout] [modellayout] [mid] [tile128] [boxes] [probeboxes]
 #   MLP_ARGS: extra bench_mlp.py arguments for mlptp (e.g. --quick)
 #   backend: the backend's GPU tests (TP 1 rewrite + lowering, torch of the machine)
 #   serial:  GPU tests of every kernel's store path (forced configs, dispatch, production shapes, SwiGLU, one-launch split-K)
@@ -18,6 +18,9 @@
 #   mid:     33-64 tokens on tiled words: the dispatch beside the decode kernel's 64-token tile (probe_mid.py), matmul
 #            and SwiGLU
 #   tile128: 100-128 tokens: the dispatch beside a 128 x 64 tile on one warpgroup at splits 1 / 2 / 4 (probe_mid.py)
+#   boxes:   GPU tests of x's TMA boxes (forced and x_box's, matmul and SwiGLU) and of the stream-K form
+#   probeboxes: 33-240 tokens: the dispatch beside whole-tile boxes, x_box's boxes and the 128 x 64 tile
+#            (probe_boxes.py; BOX_MS: its token counts)
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > $OUT/nvidia_smi.txt 2>&1
@@ -55,6 +58,9 @@ for step in "$@"; do
       grep -c WRONG $OUT/probe_mid.log ;;
     tile128) timeout 300 python bench/probe_mid.py --ms 100,104,112,120,128 --tile 128x64 --splits 1,2,4 --out $OUT/probe_tile128.json > $OUT/probe_tile128.log 2>&1
       grep -c WRONG $OUT/probe_tile128.log ;;
+    boxes) timeout ${TESTS_TIMEOUT:-300} python -m pytest -m gpu tests/test_kernels.py -k "x_boxes or stream" -q -p no:cacheprovider > $OUT/pytest_boxes.log 2>&1; tail -3 $OUT/pytest_boxes.log ;;
+    probeboxes) timeout ${PROBE_TIMEOUT:-400} python bench/probe_boxes.py --ms ${BOX_MS:-33,40,48,56,63,72,80,96,100,112,120,160,200,240} --out $OUT/probe_boxes.json > $OUT/probe_boxes.log 2>&1
+      grep -c WRONG $OUT/probe_boxes.log ;;
     full) timeout ${FULL_TIMEOUT:-560} python bench/bench_kernels.py --out $OUT/full.json > $OUT/full.log 2>&1; tail -30 $OUT/full.log ;;
   esac
 done
