@@ -426,7 +426,8 @@ def test_dispatch_by_m(monkeypatch):
 def test_dispatch_wgmma(monkeypatch):
     """On sm_90 (forced here: wgmma=True) M = 1..32 run the wgmma kernel (token tiles of 16 / 32), M = 33..256 its
     prefill form (tiles of 64 / 128 / 256 tokens, split-K only on few output tiles; on tiled words the wgmma kernel
-    to 40 tokens, the 64 x 64 one-warpgroup tile to 64, from 33 where it does not reduce its split-K in the launch),
+    to 40 tokens, the 64 x 64 one-warpgroup tile to 64, from 33 where it does not reduce its split-K in the launch,
+    the 128 x 64 one-warpgroup tile from 65 to 128),
     and M = 257..1024 where its time model beats dequantize + cuBLAS's; group sizes whose segments are not multiples
     of 32 rows and larger M keep their kernels."""
     import tpaware_compile.kernels as K
@@ -450,9 +451,13 @@ def test_dispatch_wgmma(monkeypatch):
     assert K.pick_config(256, 13824, 5120, 128, cpu, wgmma=True)["SPLIT_K"] == 3  # 40: prefill_split
     assert not K.pick_config(16, 8192, 3584, 16, cpu, wgmma=True).get("WGMMA")  # 16-row groups: tl.dot
     assert K.pick_config(2, 8192, 3584, 128, cpu).get("ROWS") == 2  # a CPU device has no wgmma
-    tiled = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True, tiled=True) for m in (33, 40, 41, 64, 65)}
-    assert {m: (c.get("PREFILL"), c["BLOCK_M"], c["BLOCK_N"]) for m, c in tiled.items()} == {
-        33: (None, 64, 64), 40: (None, 64, 64), 41: (True, 64, 64), 64: (True, 64, 64), 65: (True, 128, 128)}
+    tiled = {m: K.pick_config(m, 8192, 3584, 128, cpu, wgmma=True, tiled=True) for m in (33, 40, 41, 64, 65, 127, 128,
+                                                                                         129)}
+    assert {m: (c.get("PREFILL"), c["BLOCK_M"], c["BLOCK_N"], c.get("X_BOX")) for m, c in tiled.items()} == {
+        33: (None, 64, 64, None), 40: (None, 64, 64, None), 41: (True, 64, 64, None), 64: (True, 64, 64, None),
+        65: (True, 128, 64, 64), 127: (True, 128, 64, 64), 128: (True, 128, 64, None), 129: (True, 256, 128, None)}
+    # from 65 to 128 tokens the one-warpgroup 128 x 64 tile, 56 column tiles: 4 splits fill 224 of 264 places
+    assert (tiled[65]["num_warps"], tiled[65]["SPLIT_K"], tiled[65]["SERIAL"]) == (4, 4, False)
     # from 33 tokens the 64 x 64 tile where its split-K is not reduced in the launch, x in 8-row boxes up to 40
     unsplit = {m: K.pick_config(m, 6144, 24576, 128, cpu, wgmma=True, tiled=True) for m in (32, 33, 40, 41)}
     assert {m: (c.get("PREFILL"), c["SPLIT_K"], c.get("X_BOX")) for m, c in unsplit.items()} == {
@@ -477,19 +482,15 @@ def _stream_pieces(plan):
 
 @pytest.mark.parametrize("block_m", [64, 128, 256])
 def test_box_rows_store_every_row_once(block_m):
-    """x's boxes (box_rows, the Python body of the kernels' integer arithmetic) at every M from 1 to 600, with
-    x_box's boxes and forced ones: over all tiles every row of x is stored exactly once, from the token column
-    that holds it (the rows _load_x copied for that box, in order), and with M >= the box every copy lies within
-    x's rows (the TMA zero-fills none). x_box's own boxes: at most 2 per tile short of BLOCK_M tokens, whole tiles
-    above."""
-    from tpaware_compile.kernels.wgmma_prefill import box_rows, x_box
+    """x's boxes (box_rows, the Python body of the kernels' integer arithmetic) at every M from 1 to 600 and every
+    box size: over all tiles every row of x is stored exactly once, from the token column that holds it (the rows
+    _load_x copied for that box, in order), and with M >= the box every copy lies within x's rows (the TMA
+    zero-fills none)."""
+    from tpaware_compile.kernels.wgmma_prefill import box_rows
     rows_of = box_rows.fn
     t = torch.arange(block_m)
     for m in range(1, 601):
-        auto = x_box(dict(BLOCK_M=block_m), m)
-        assert block_m % auto == 0 and auto % 8 == 0
-        assert auto == block_m if m >= block_m else auto <= max(m, 8) < 2 * auto  # so 2 boxes from BLOCK_M / 2
-        for box in {auto, 8, 32, block_m}:
+        for box in (b for b in (8, 16, 32, 64, 128, 256) if b <= block_m):
             stored = []
             for first in range(0, m, block_m):
                 rows, keep = rows_of(first, t, m, box)
@@ -596,6 +597,8 @@ RING_SWEEP = os.path.join(RESULTS, "sweep_ring_da04492_NVIDIA_H100_80GB_HBM3.jso
 M64_SWEEP = os.path.join(RESULTS, "sweep_m64_5e55bbf_NVIDIA_H100_80GB_HBM3.json")
 MID_PROBE = os.path.join(RESULTS, "probe_mid_9f59ca5_NVIDIA_H200.json")
 BOX_PROBE = os.path.join(RESULTS, "probe_mid_boxes_3dc0433_NVIDIA_H200.json")
+TILE128_PROBES = [os.path.join(RESULTS, name) for name in ("probe_boxes_2bc9824_NVIDIA_H200.json",
+                                                           "probe_mid_128x64_f04d7e6_NVIDIA_H200.json")]
 # the TP 8 shards of Llama-70B / Granite-20B swept again with 64-column splits of 2-16 (small_shard_splits), by call
 SMALL_SWEEPS = [[os.path.join(RESULTS, f"sweep_small_{name}_NVIDIA_H100_80GB_HBM3.json") for name in call]
                 for call in (("m1_3e8b653",), ("m4_parts_d992675", "m4_splits_d992675"),
@@ -711,6 +714,36 @@ def test_boxed_mid_tile_matches_probe(monkeypatch):
             to_decode.setdefault(boxed is not None, []).append(ratio)
     assert len(to_decode[True]) == 22 and len(to_decode[False]) == 10
     assert max(to_decode[True]) < 1.02 and statistics.median(to_decode[True]) < 0.85
+
+
+def test_tile128_matches_probe(monkeypatch):
+    """From 65 to 128 tokens on tiled words the dispatch runs the 128 x 64 one-warpgroup tile, x in 64-row boxes
+    below 128 tokens, split by tile128_split. On the committed H200 probes' 16 shards at 72-120 tokens (x in those
+    boxes) and at 128 that split took at most 1.1x the time of the fastest of 1 / 2 / 4 (geometric mean 1.002x),
+    and the tile less than the two-warpgroup 128 x 128 tile dispatched before on every one of the 112 shard-M pairs
+    (at 72-120 tokens the 2bc9824 probe's whole_box variant: that dispatch as it ran before; 0.72-0.99x, median
+    0.89x)."""
+    import tpaware_compile.kernels as K
+    monkeypatch.setattr(K, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    times = {}
+    for path in TILE128_PROBES:
+        for r in json.load(open(path))["rows"]:
+            name = r["variant"].replace("p128x64_reduce_launch_s", "t128x64_s")
+            if 64 < r["M"] <= 128 and (r["M"] == 128) == ("f04d7e6" in path):
+                times.setdefault((r["model"], r["tp"], r["layer"], r["K"], r["N"], r["M"]), {})[name] = r["median_us"]
+    assert len(times) == 112
+    to_fastest, to_before = [], []
+    for (*_, k, n, m), by_variant in times.items():
+        cfg = K.pick_config(m, k, n, 128, cpu, wgmma=True, tiled=True)
+        assert cfg == K.tile128_config(m, k, n, 128, cpu)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (128, 64, 4)
+        assert cfg.get("X_BOX") == (64 if m < 128 else None)
+        tile = by_variant[f"t128x64_s{cfg['SPLIT_K']}"]
+        to_fastest.append(tile / min(by_variant[f"t128x64_s{split}"] for split in (1, 2, 4)))
+        to_before.append(tile / by_variant["dispatch" if m == 128 else "whole_box"])
+    assert max(to_fastest) < 1.1 and math.exp(statistics.mean(map(math.log, to_fastest))) < 1.005
+    assert max(to_before) < 1.0 and statistics.median(to_before) < 0.9
 
 
 def test_tiled_config_matches_sweep(monkeypatch):
@@ -994,18 +1027,20 @@ def test_prefill_weights_reach_mma_in_registers(bm, bn, bk, stages, warps, dtype
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_boxed_mid_tile_copies_and_registers(dtype):
-    """The 64 x 64 tile with x in 8-row boxes (boxed_mid_tile's config) compiled for sm_90a: one TMA copy per box
-    (8 per step: the 2 steps the prologue loads and the 2 of the loop's body), and registers for
-    MID_PROGRAMS_PER_SM programs per SM, as mid_tile_split plans, with no spills."""
-    from tpaware_compile.kernels import MID_PROGRAMS_PER_SM, MID_X_BOX
+def test_one_warpgroup_tiles_copies_and_registers(dtype):
+    """The one-warpgroup tiles the dispatch runs with x in boxes compiled for sm_90a: the 64 x 64 tile in
+    MID_X_BOX-row boxes (boxed_mid_tile) and the 128 x 64 tile in TILE128_X_BOX-row ones (tile128_config). One TMA
+    copy per box (the 2 steps the prologue loads and the 2 of the loop's body), and registers for as many programs
+    per SM as their split rules plan, with no spills."""
+    from tpaware_compile.kernels import MID_PROGRAMS_PER_SM, MID_X_BOX, TILE128_PROGRAMS_PER_SM, TILE128_X_BOX
     kernel_regs = _sm90_compiler()
-    for box, copies in ((None, 1), (MID_X_BOX, 64 // MID_X_BOX)):
-        kernel = kernel_regs.compile_prefill(64, 64, 128, 3, 4, dtype, tiled=True, x_box=box)
+    for block_m, per_sm, box in ((64, MID_PROGRAMS_PER_SM, None), (64, MID_PROGRAMS_PER_SM, MID_X_BOX),
+                                 (128, TILE128_PROGRAMS_PER_SM, None), (128, TILE128_PROGRAMS_PER_SM, TILE128_X_BOX)):
+        kernel = kernel_regs.compile_prefill(block_m, 64, 128, 3, 4, dtype, tiled=True, x_box=box)
         ptx = [line for line in kernel.asm["ptx"].splitlines() if "cp.async.bulk.tensor" in line]
-        assert len(ptx) == 4 * copies, len(ptx)
+        assert len(ptx) == 4 * block_m // (box or block_m), len(ptx)
         regs, spill_stores, spill_loads = kernel_regs.ptxas_usage(kernel)
-        assert regs * 128 * MID_PROGRAMS_PER_SM <= 65536 and spill_stores == spill_loads == 0, regs
+        assert regs * 128 * per_sm <= 65536 and spill_stores == spill_loads == 0, regs
 
 
 @pytest.mark.parametrize("dtype,out,tiled,bk", [("fp16", "fp16", True, 128), ("bf16", "fp32", True, 128),
@@ -1088,8 +1123,8 @@ def test_prefill_x_order_kernel_gpu():
 
 def test_prefill_x_must_match_launch():
     """x prepared once for a SwiGLU's two prefill launches (prefill_x) holds the reordered x and a descriptor for one
-    box of rows (wgmma_prefill.x_box: 32 at 40 tokens on a 64-row tile) and group offset; a launch with other boxes
-    or steps or another offset is refused before anything runs."""
+    box of rows (X_BOX) and K-step and one group offset; a launch with other boxes or steps or another offset is
+    refused before anything runs."""
     from tpaware_compile.kernels.wgmma_prefill import launch_prefill, prefill_x, x_in_mma_order
     cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8)
     x = torch.randn(40, 256).half()
@@ -1432,6 +1467,26 @@ def test_tiled_33_to_64_tokens_gpu(k, n, m, dtype, gs, off):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(24576, 6144), (6144, 3072), (8192, 3584), (14336, 8192), (8192, 28672)])
+@pytest.mark.parametrize("m", [65, 72, 100, 127, 128, 350])
+@pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 0), ("bf16", 64, 0)])
+def test_tiled_65_to_128_tokens_gpu(k, n, m, dtype, gs, off):
+    """On tiled words the dispatch runs the 128 x 64 one-warpgroup tile from 65 to 128 tokens (tile128_config:
+    these shards split 1, 2 and 4 ways), x in 64-row boxes below 128 tokens, and on the tokens past the last whole
+    256-token tile (350: its head_tail's second launch, 94 tokens): every group setting, outputs poisoned, and the
+    SwiGLU on a small shape."""
+    from tpaware_compile.kernels import pick_config, tile128_config
+    dev = torch.device("cuda")
+    cfg = pick_config(m, k, n, gs, dev, tiled=True)
+    assert (cfg["TAIL"] if m > 256 else cfg) == tile128_config(m % 256, k, n, gs, dev)
+    assert _production_err(k, n, m, dtype, gs, off, tiled=True) < TOL[DTYPES[dtype]]
+    _poison()
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
+             tiled=True)
+    assert run_swiglu_case(c, "cuda") < TOL[DTYPES[dtype]]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("split,serial", [(1, False), (4, False), (4, True)])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_tiled_mid_tile_swiglu_forms_gpu(split, serial, dtype):
@@ -1448,17 +1503,17 @@ def test_tiled_mid_tile_swiglu_forms_gpu(split, serial, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bm,m,box", [(64, 5, 8), (64, 33, 8), (64, 50, 16), (64, 100, 8), (64, 64, 32),
-                                      (256, 300, 64), (256, 257, 16), (128, 200, 8), (64, 5, None), (64, 33, None),
-                                      (64, 63, None), (128, 72, None), (128, 100, None), (256, 200, None),
+                                      (256, 300, 64), (256, 257, 16), (128, 200, 8), (64, 33, None), (128, 72, 64),
+                                      (128, 100, 64), (128, 127, 64), (128, 65, 64), (256, 200, 128),
                                       (256, 300, None), (128, 129, None), (64, 100, 32)])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 8), ("fp16", 64, 16)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_prefill_x_boxes_gpu(bm, m, box, split, dtype, gs, off, layout):
-    """The prefill kernel with x copied in boxes of X_BOX rows, or of x_box's (None: 2 boxes per tile short of
-    BLOCK_M tokens, whole tiles above), forced configs: a box reaching past x's last row reads x's last rows
-    instead (box_rows; only M below a box zero-fills), those of its token columns that an earlier box holds are
-    not stored; outputs poisoned first; the SwiGLU on the same config."""
+    """The prefill kernel with x copied in boxes of X_BOX rows (None: whole tiles), forced configs: a box reaching
+    past x's last row reads x's last rows instead (box_rows; only M below a box zero-fills), and those of its
+    token columns that an earlier box holds are not stored; outputs poisoned first; the SwiGLU on the same
+    config."""
     warps = 4 if bm == 64 else 8
     cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=16 * warps, BLOCK_K=min(gs, 128), STAGES=3,
                num_warps=warps, SPLIT_K=split, SERIAL=False, **({} if box is None else dict(X_BOX=box)))

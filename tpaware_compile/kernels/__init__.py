@@ -67,6 +67,15 @@ MID_X_BOX = 8
 MID_SERIAL_PROGRAMS_PER_SM = 2
 MID_PROGRAMS_PER_SM = 3
 MID_PROGRAM_ROWS = 1000
+# from 65 to 128 tokens on tiled words the prefill kernel's 128 x 64 tile on one warpgroup (185 registers: 2 programs
+# per SM), its split-K reduced by a second launch, x in 64-row boxes below 128 tokens: then the second box is copied
+# from x's last 64 rows and the TMA zero-fills none (wgmma_prefill.box_rows). The zero-fill had cost that tile up to
+# 1.6x the dispatch's time at 72 tokens (probe_mid_128x64_f04d7e6); with the boxes, on the 16 Llama-70B / Granite-20B
+# shards of an H200 run at 72-120 tokens, split by tile128_split, it took 0.86-0.99x the time of the two-warpgroup
+# 128 x 128 tile dispatched before (median 0.89; probe_boxes_2bc9824), at 128 tokens 0.72-0.98x (f04d7e6)
+TILE128_MAX_M = 128
+TILE128_X_BOX = 64
+TILE128_PROGRAMS_PER_SM = 2
 PREFILL_ALWAYS_MAX_M = 256
 PREFILL_MAX_M = 1024
 # the time models of prefill_seconds and dequant_seconds, least-squares fits (relative error) to an H100 sweep of 20
@@ -127,7 +136,8 @@ _CAPABILITY = {}
 
 __all__ = ["gptq_mm_sorted", "gptq_swiglu_sorted", "gptq_mm_gidx", "dequantize_sorted", "pick_config",
            "launch_config", "gemv_rows_config", "wgmma_config", "small_shard_splits", "tiled_wide_split",
-           "sixty_four_token_split", "mid_tile_config", "boxed_mid_tile", "mid_tile_split", "decode_split",
+           "sixty_four_token_split", "mid_tile_config", "boxed_mid_tile", "mid_tile_split", "tile128_config",
+           "tile128_split", "decode_split",
            "prefill_config", "prefill_split", "prefill_seconds", "dequant_seconds", "has_wgmma", "INTERPRET"]
 
 
@@ -207,6 +217,8 @@ def launch_config(m: int, k: int, n: int, group_size: int, device, wgmma: Option
             return boxed or wgmma_config(m, k, n, group_size, device, tiled)
         if tiled and m <= MID_TILE_MAX_M:
             return mid_tile_config(k, n, group_size, device)
+        if tiled and m <= TILE128_MAX_M:
+            return tile128_config(m, k, n, group_size, device)
         cfg = prefill_config(m, k, n, group_size, device, tiled)
         if m <= PREFILL_ALWAYS_MAX_M or dequant_seconds(m, k, n) > prefill_seconds(
                 m, k, n, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"], _num_sms(device), cfg.get("STREAM", False)):
@@ -376,6 +388,25 @@ def mid_tile_split(k: int, tiles: int, sms: int) -> tuple:
 
     options = [(1, False)] + [(split, True) for split in (2, 4, 8)] + [(split, False) for split in (2, 4, 8)]
     return min(options, key=predicted)
+
+
+def tile128_config(m: int, k: int, n: int, group_size: int, device) -> dict:
+    """65-128 tokens on tiled words: the prefill kernel's 128 x 64 tile on one warpgroup, one group segment (up to
+    128 rows) per step, split by tile128_split and reduced by a second launch, x in TILE128_X_BOX-row boxes below
+    128 tokens."""
+    cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=segment_rows(group_size, 128),
+               STAGES=3, num_warps=4, SPLIT_K=tile128_split(k, ceil_div(n, 64), _num_sms(device)), SERIAL=False)
+    return dict(cfg, X_BOX=TILE128_X_BOX) if m < 128 else cfg
+
+
+def tile128_split(k: int, tiles: int, sms: int) -> int:
+    """Split-K (1, 2 or 4) for tile128_config's ``tiles`` column tiles: the least predicted time, the waves of
+    programs (TILE128_PROGRAMS_PER_SM per SM) times the rows of K a program reads plus MID_PROGRAM_ROWS. On the 112
+    shard-M pairs of the H200 runs it is fitted to (probe_boxes_2bc9824 at 72-120 tokens, probe_mid_128x64_f04d7e6
+    at 128) it took geometric mean 1.002x the time of the fastest of the three, 1.10x at most; 2 splits everywhere
+    took 1.045x, up to 1.28x (Llama-70B TP 8 up at 80 tokens: 56 column tiles, where 4 splits were fastest)."""
+    places = TILE128_PROGRAMS_PER_SM * sms
+    return min((1, 2, 4), key=lambda split: waves_rows(k, tiles, split, places, MID_PROGRAM_ROWS))
 
 
 def decode_split(tiles: int, sms: int, per_sm: int = DECODE_PROGRAMS_PER_SM, splits: tuple = (4, 8)) -> int:

@@ -107,16 +107,13 @@ def prefill_x(x: torch.Tensor, group_offset: int, cfg: dict, tiled: bool) -> Pre
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     layout = x_smem_layout(bm, bk, tl_dtype(x.dtype))
     xr = tma_ready(x) if tiled else x_in_mma_order(x, group_offset)
-    box = [x_box(cfg, x.shape[0]), bk]
-    return PrefillX(TensorDescriptor.from_tensor(xr, box, layout), group_offset, tiled, x.shape, x.dtype)
+    return PrefillX(TensorDescriptor.from_tensor(xr, [x_box(cfg), bk], layout), group_offset, tiled, x.shape, x.dtype)
 
 
-def x_box(cfg: dict, m: int) -> int:
-    """Rows of x per TMA copy at M = m (_load_x copies a tile in BLOCK_M / X_BOX boxes): config X_BOX, else the
-    whole tile where x has as many rows, else the largest power of two (from 8) under m: 2 copies per step where
-    BLOCK_M / 2 <= m < BLOCK_M, and every box reads rows of x, none the TMA zero-fills (box_rows)."""
-    bm = cfg["BLOCK_M"]
-    return cfg.get("X_BOX", bm if m >= bm else max(8, 1 << (m.bit_length() - 1)))
+def x_box(cfg: dict) -> int:
+    """Rows of x per TMA copy (config X_BOX, default the whole tile): _load_x copies a tile in BLOCK_M / X_BOX
+    boxes, each from rows of x where x has X_BOX rows (box_rows)."""
+    return cfg.get("X_BOX", cfg["BLOCK_M"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -371,7 +368,7 @@ STREAM_REDUCE_ROWS = 32  # tokens per program of _stream_reduce_kernel: 32 x 128
 def _check_tiles(cfg: dict) -> None:
     bm, bn, bk, stages, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"], cfg["num_warps"]
     if bk % 32 or bm not in TOKEN_TILES or warps not in (4, 8) or bn not in (16 * warps, 32 * warps) or stages < 2 \
-            or cfg.get("X_BOX", 8) % 8 or bm % cfg.get("X_BOX", bm):
+            or x_box(cfg) % 8 or bm % x_box(cfg):
         raise ValueError(f"prefill wgmma tiles need BLOCK_K a multiple of 32, BLOCK_M in {TOKEN_TILES}, 4 or 8 "
                          f"warps, BLOCK_N 16 or 32 times the warps, STAGES >= 2, X_BOX a multiple of 8 dividing "
                          f"BLOCK_M: {cfg}")
@@ -380,7 +377,7 @@ def _check_tiles(cfg: dict) -> None:
 def _prepared(x, group_offset: int, cfg: dict, tiled: bool) -> PrefillX:
     """prefill_x(x) unless x is one already, which must then suit cfg's tiles, the group offset and the layout."""
     px = x if isinstance(x, PrefillX) else prefill_x(x, group_offset, cfg, tiled)
-    box = [x_box(cfg, px.shape[0]), cfg["BLOCK_K"]]
+    box = [x_box(cfg), cfg["BLOCK_K"]]
     if list(px.desc.block_shape) != box or px.group_offset != group_offset or px.tiled != tiled:
         raise ValueError(f"x was prepared for {px.desc.block_shape} boxes at group offset {px.group_offset} "
                          f"(tiled weights: {px.tiled}), not {box} at {group_offset} ({tiled})")
@@ -454,5 +451,5 @@ def stream_mm(x, qweight, qzeros, scales, group_size, group_offset, zero_offset,
     rows = min(STREAM_REDUCE_ROWS, bm)
     launch_kernel(_stream_reduce_kernel, (plan.tiles - plan.whole, bm // rows), ws, out, m, n, plan.tiles_m,
                   plan.whole, plan.pairs, plan.units, plan.programs, BLOCK_M=bm, BLOCK_N=bn, ROWS=rows,
-                  BOX=x_box(cfg, m))
+                  BOX=x_box(cfg))
     return out
