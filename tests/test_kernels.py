@@ -484,8 +484,8 @@ def _stream_pieces(plan):
 def test_box_rows_store_every_row_once(block_m):
     """x's boxes (box_rows, the Python body of the kernels' integer arithmetic) at every M from 1 to 600 and every
     box size: over all tiles every row of x is stored exactly once, from the token column that holds it (the rows
-    _load_x copied for that box, in order), and with M >= the box every copy lies within x's rows (the TMA
-    zero-fills none)."""
+    _load_x copied for that box, in order). A tile in boxes copies only rows of x where M >= the box (the TMA
+    zero-fills none); a whole-tile box starts at the tile's first row (rows past M zero-filled, as before)."""
     from tpaware_compile.kernels.wgmma_prefill import box_rows
     rows_of = box_rows.fn
     t = torch.arange(block_m)
@@ -493,10 +493,13 @@ def test_box_rows_store_every_row_once(block_m):
         for box in (b for b in (8, 16, 32, 64, 128, 256) if b <= block_m):
             stored = []
             for first in range(0, m, block_m):
-                rows, keep = rows_of(first, t, m, box)
-                starts = [int(rows_of(first, i * box, m, box)[0]) for i in range(block_m // box)]
+                rows, keep = rows_of(first, t, m, box, block_m)
+                starts = [int(rows_of(first, i * box, m, box, block_m)[0]) for i in range(block_m // box)]
                 assert torch.equal(rows, torch.tensor(starts).repeat_interleave(box) + t % box)
-                assert m < box or all(0 <= s <= m - box for s in starts)
+                if box == block_m:
+                    assert starts == [first]
+                else:
+                    assert m < box or all(0 <= s <= m - box for s in starts)
                 stored += rows[keep].tolist()
             assert sorted(stored) == list(range(m)), (m, box)
 
@@ -770,11 +773,11 @@ def test_tiled_config_matches_sweep(monkeypatch):
 
 
 def test_tiled_prefill_config_matches_sweep(monkeypatch):
-    """On tiled words the prefill configs (128 x 128 tiles to 128 tokens, 256 x 128 above, 128-row steps) run the
-    split-K that was fastest in the committed H100 sweep (1-5, 8 Llama-70B / Granite-20B shards at M = 128 / 256 /
-    1024), and take at most 1.06x the time of the fastest split of 64-row steps on the same tile (1.051x on Llama
-    TP 1 down at 256 tokens; the configs before: 128 x 256 x 64 to 128 tokens where that leaves 32 tiles,
-    256 x 128 x 64 above)."""
+    """On tiled words the prefill configs from 129 tokens (256 x 128 tiles, 128-row steps) run the split-K that was
+    fastest in the committed H100 sweep (1-5, 8 Llama-70B / Granite-20B shards at M = 256 / 1024), and take at most
+    1.06x the time of the fastest split of 64-row steps on the same tile (1.051x on Llama TP 1 down at 256 tokens;
+    the config before: 256 x 128 x 64). At 128 tokens, where that sweep timed the 128 x 128 tile, the dispatch now
+    runs the 128 x 64 one-warpgroup tile (tile128_config; test_tile128_matches_probe)."""
     import tpaware_compile.kernels as K
     monkeypatch.setattr(K, "INTERPRET", False)
     cpu = torch.device("cpu")
@@ -786,11 +789,14 @@ def test_tiled_prefill_config_matches_sweep(monkeypatch):
     assert len(times) == 24
     for (k, n, m), by_config in times.items():
         cfg = K.pick_config(m, k, n, 128, cpu, wgmma=True, tiled=True)
+        if m == 128:
+            assert cfg == K.tile128_config(m, k, n, 128, cpu)
+            continue
         if not cfg.get("PREFILL"):  # M = 1024 on Granite's TP 8 shards: dequantize + cuBLAS
             assert m == 1024 and cfg["kind"] == "dequant"
             continue
         tile = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["STAGES"])
-        assert tile == ((128, 128, 128, 3) if m <= 128 else (256, 128, 128, 3))
+        assert tile == (256, 128, 128, 3)
         splits = {key[-1]: t for key, t in by_config.items() if key[:-1] == tile}
         assert splits[cfg["SPLIT_K"]] == min(splits.values()), (k, n, m, cfg["SPLIT_K"], splits)
         steps64 = min(t for key, t in by_config.items() if key[:-1] == (tile[0], tile[1], 64, 3))
@@ -1510,16 +1516,16 @@ def test_tiled_mid_tile_swiglu_forms_gpu(split, serial, dtype):
 @pytest.mark.parametrize("dtype,gs,off", [("fp16", 128, 0), ("bf16", 32, 8), ("fp16", 64, 16)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_prefill_x_boxes_gpu(bm, m, box, split, dtype, gs, off, layout):
-    """The prefill kernel with x copied in boxes of X_BOX rows (None: whole tiles), forced configs: a box reaching
-    past x's last row reads x's last rows instead (box_rows; only M below a box zero-fills), and those of its
-    token columns that an earlier box holds are not stored; outputs poisoned first; the SwiGLU on the same
-    config."""
+    """The prefill kernel with x copied in boxes of X_BOX rows (None: whole tiles, whose rows past M the TMA
+    zero-fills), forced configs: a box reaching past x's last row reads x's last rows instead (box_rows; only M
+    below a box zero-fills), and those of its token columns that an earlier box holds are not stored; outputs
+    poisoned first; the SwiGLU on the same config."""
     warps = 4 if bm == 64 else 8
     cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=bm, BLOCK_N=16 * warps, BLOCK_K=min(gs, 128), STAGES=3,
                num_warps=warps, SPLIT_K=split, SERIAL=False, **({} if box is None else dict(X_BOX=box)))
     tiled, off = layout_args(layout, off)
-    c = dict(kind="dot", m=m, split_k=0, k=1024, n=256, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m + (box or 0),
-             tiled=tiled)
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=256, gs=gs, off=off, zo=1, sym=False, dtype=dtype,
+             seed=m + (box or 0), tiled=tiled)
     _poison()
     assert run_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
     _poison()

@@ -122,16 +122,18 @@ def x_smem_layout(block_m: int, block_k: int, dtype) -> gl.NVMMASharedLayout:
 
 
 @triton.jit
-def box_rows(first_row, t, M, BOX: tl.constexpr):
-    """(x's rows in token columns t of the tile whose first row is first_row, whether the tile stores each): a
-    box of x reaching past x's last row is copied from x's last BOX rows instead (rows >= 0), so with M >= BOX the
-    TMA zero-fills no row (its zero-fill cost the kernel time: x copied into a zero-padded buffer first took
-    0.72-1.03x the time at 33 tokens on a 64-row tile, H200, bench/README.md). A column whose row an earlier box
-    holds too, or past x's last row, is not stored. The prefill kernels' loads and stores and the stream-K
-    reduction (a Triton kernel) share it; integer arithmetic only, as _owner (tests run it in Python too)."""
+def box_rows(first_row, t, M, BOX: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(x's rows in token columns t of the tile whose first row is first_row, whether the tile stores each). A tile
+    copied in boxes (BOX < BLOCK_M) copies a box reaching past x's last row from x's last BOX rows instead (rows
+    >= 0), so with M >= BOX the TMA zero-fills no row, and a column whose row an earlier box holds is not stored.
+    The one-warpgroup tiles lost time to the zero-fill (a 128 x 64 tile at 72 tokens: 1.35-1.57x the dispatch's
+    time; with 64-row boxes so copied 0.84-0.97x, H200); a whole-tile box keeps it, rows past M as zeros, not
+    stored: on 256-row tiles reading real rows instead took up to 1.07x the time (bench/README.md). The prefill
+    kernels' loads and stores and the stream-K reduction (a Triton kernel) share it; integer arithmetic only, as
+    _owner (tests run it in Python too)."""
     start = first_row + t // BOX * BOX  # the box's own first row
     last_box = (M - BOX) * (M >= BOX)  # x's last BOX rows (from row 0 where x has fewer)
-    rows = start - (start + BOX > M) * (start - last_box) + t % BOX
+    rows = start - (start + BOX > M) * (BOX < BLOCK_M) * (start - last_box) + t % BOX
     return rows, (rows >= start) & (rows < M)
 
 
@@ -142,7 +144,7 @@ def _load_x(x_desc, seg, live, pid_m, M, ready, slot, BLOCK_M: gl.constexpr, BLO
     BOX: gl.constexpr = x_desc.block_type.shape[0]
     mbarrier.expect(ready, x_desc.block_type.nbytes * (BLOCK_M // BOX), pred=live)
     for i in gl.static_range(BLOCK_M // BOX):
-        row = box_rows(pid_m * BLOCK_M, i * BOX, M, BOX)[0]
+        row = box_rows(pid_m * BLOCK_M, i * BOX, M, BOX, BLOCK_M)[0]
         tma.async_copy_global_to_shared(x_desc, [row, seg * BLOCK_K], ready, slot.slice(i * BOX, BOX), pred=live)
 
 
@@ -258,7 +260,7 @@ def _prefill_kernel(
                     STAGES, DTYPE, A_REGS, TILED, MMA)
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     toks = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-    offs_m, keep = box_rows(pid_m * BLOCK_M, toks, M, x_desc.block_type.shape[0])
+    offs_m, keep = box_rows(pid_m * BLOCK_M, toks, M, x_desc.block_type.shape[0], BLOCK_M)
     store_split(acc, out_ptr, final_ptr, count_ptr, gate_ptr, pid_k, M * N,
                 gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                 gl.expand_dims(offs_n < N, 1) & gl.expand_dims(keep, 0), SERIAL, SWIGLU)
@@ -315,7 +317,7 @@ def _stream_kernel(
                         GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, DTYPE, A_REGS, TILED, MMA)
         if last - first == pairs:
             offs_n = pid_n * BLOCK_N + cols
-            offs_m, keep = box_rows(pid_m * BLOCK_M, toks, M, x_desc.block_type.shape[0])
+            offs_m, keep = box_rows(pid_m * BLOCK_M, toks, M, x_desc.block_type.shape[0], BLOCK_M)
             gl.store(out_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1),
                      acc.to(out_ptr.dtype.element_ty),
                      mask=gl.expand_dims(offs_n < N, 1) & gl.expand_dims(keep, 0))
@@ -356,7 +358,7 @@ def _stream_reduce_kernel(ws_ptr, out_ptr, M, N, tiles_m, whole, pairs, units, p
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         for p in range(owner, owner + parts):
             acc += tl.load(ws_ptr + _ws_slot(p, t, pairs, units, programs) * (BLOCK_M * BLOCK_N) + local)
-        offs_m, keep = box_rows((tile % tiles_m) * BLOCK_M, rows, M, BOX)
+        offs_m, keep = box_rows((tile % tiles_m) * BLOCK_M, rows, M, BOX, BLOCK_M)
         offs_n = (tile // tiles_m) * BLOCK_N + cols
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=keep[:, None] & (offs_n < N)[None, :])
