@@ -2,15 +2,16 @@
 
     gptq_mm_sorted(x, qweight, qzeros, scales, group_size, group_offset, zero_offset, perm=None) -> x @ W
 
-dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with
-a prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper
-(sm_90) with fp16 / bf16 x instead the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's
-registers) for M = 1..32 (to 40 on tiled words) and its prefill form (wgmma_prefill.py: x through TMA) above (on
-tiled words up to 64 tokens its one-warpgroup 64 x 64 tile, from 33 tokens where its split-K is not reduced in the
-launch), up to 256 (to 1024 where its time model beats dequantize + cuBLAS's); elsewhere the two-row GEMV at M = 2
-(gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <= 32, un-swapped up to 128); dequantize-then-cuBLAS
-above. Where the prefill kernel runs whole 256-token tiles and at most TAIL_MAX_M tokens follow, those run as a
-second launch on their own M's config, into the same output (pick_config's "head_tail").
+dispatches on M (table in pick_config, from H100 sweeps recorded in bench/README.md): for M = 1 the GEMV with a
+prepared activation (gemv_prep.py) on large shards or the plain GEMV (gemv.py) on small ones; on Hopper (sm_90)
+with fp16 / bf16 x instead the wgmma kernel (wgmma.py: dequantized weights straight into the MMA's registers) for
+M = 1..32 (to 40 on tiled words) and its prefill form (wgmma_prefill.py: x through TMA) above (on tiled words up
+to 64 tokens its one-warpgroup 64 x 64 tile, from 33 tokens where its split-K is not reduced in the launch, and
+from 65 to 128 its one-warpgroup 128 x 64 tile), up to 256 (to 1024 where its time model beats dequantize +
+cuBLAS's); elsewhere the two-row GEMV at M = 2 (gemv_prep.py) and the tl.dot kernels (gemm.py: swapped for M <=
+32, un-swapped up to 128); dequantize-then-cuBLAS above. Where the prefill kernel runs whole 256-token tiles and
+at most TAIL_MAX_M tokens follow, those run as a second launch on their own M's config, into the same output
+(pick_config's "head_tail").
 With ``perm`` [K] it computes x[..., perm] @ W (the TP-aware rewrite's x[..., P1] before the first layers, folded
 by the lowering when x has no producer in the graph): read inside the x-prep kernel where that kernel runs, a
 gather first for the other kinds (measured faster than a gather inside their loads; see _gather_unless_prepared).
@@ -56,11 +57,12 @@ WGMMA_MAX_M = 32
 TILED_WGMMA_MAX_M = 40
 MID_TILE_MAX_M = 64
 # ... and from 33 to 40 tokens that tile too where it reduces its split-K by a second launch (or has none), with x
-# copied in boxes of this many rows (wgmma_prefill._load_x): no box then lies wholly past x's last row, whose
-# zero-fill by the TMA cost it the time above. On the 22 such H200 shard-M pairs at 33 / 40 tokens it took 0.81-1.01x
-# the decode tile's time (median 0.84x); where the split-K is reduced in the launch (255 registers) the boxed tile
-# took 1.14-1.22x the faster of the whole tile and the decode tile on all 20 pairs at 33-63 tokens, and the decode
-# tile stays; at 48 / 63 tokens boxes gave the others nothing (0.93-1.08x, median 1.01; probe_mid_boxes_3dc0433)
+# copied in boxes of this many rows (wgmma_prefill._load_x; since 6b700a6 a box reaching past x's last row is copied
+# from x's last rows, box_rows): the TMA's zero-fill of rows past M cost it the time above. On the 22 such H200
+# shard-M pairs at 33 / 40 tokens it took 0.81-1.01x the decode tile's time (median 0.84x); where the split-K is
+# reduced in the launch (255 registers) the boxed tile took 1.14-1.22x the faster of the whole tile and the decode
+# tile on all 20 pairs at 33-63 tokens, and the decode tile stays; at 48 / 63 tokens boxes gave the others nothing
+# (0.93-1.08x, median 1.01; probe_mid_boxes_3dc0433)
 MID_X_BOX = 8
 # its programs per SM: 2 with the split-K reduced in the launch (255 registers), else 3 (152; bench/kernel_regs.py),
 # and a program's fixed cost in rows of K (its start, first loads and partial; mid_tile_split)
@@ -69,10 +71,11 @@ MID_PROGRAMS_PER_SM = 3
 MID_PROGRAM_ROWS = 1000
 # from 65 to 128 tokens on tiled words the prefill kernel's 128 x 64 tile on one warpgroup (185 registers: 2 programs
 # per SM), its split-K reduced by a second launch, x in 64-row boxes below 128 tokens: then the second box is copied
-# from x's last 64 rows and the TMA zero-fills none (wgmma_prefill.box_rows). The zero-fill had cost that tile up to
-# 1.6x the dispatch's time at 72 tokens (probe_mid_128x64_f04d7e6); with the boxes, on the 16 Llama-70B / Granite-20B
-# shards of an H200 run at 72-120 tokens, split by tile128_split, it took 0.86-0.99x the time of the two-warpgroup
-# 128 x 128 tile dispatched before (median 0.89; probe_boxes_2bc9824), at 128 tokens 0.72-0.98x (f04d7e6)
+# from x's last 64 rows and the TMA zero-fills none (wgmma_prefill.box_rows). With the zero-fill the tile's fastest
+# split took 1.04-1.51x the dispatch's time at 72 tokens (probe_mid_128x64_f04d7e6); with the boxes, on the 16
+# Llama-70B / Granite-20B shards of an H200 run at 72-120 tokens, split by tile128_split, it took 0.86-0.99x the time
+# of the two-warpgroup 128 x 128 tile dispatched before (median 0.89; probe_boxes_2bc9824), at 128 tokens 0.72-0.98x
+# (f04d7e6)
 TILE128_MAX_M = 128
 TILE128_X_BOX = 64
 TILE128_PROGRAMS_PER_SM = 2

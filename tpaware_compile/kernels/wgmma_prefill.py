@@ -126,9 +126,10 @@ def box_rows(first_row, t, M, BOX: tl.constexpr, BLOCK_M: tl.constexpr):
     """(x's rows in token columns t of the tile whose first row is first_row, whether the tile stores each). A tile
     copied in boxes (BOX < BLOCK_M) copies a box reaching past x's last row from x's last BOX rows instead (rows
     >= 0), so with M >= BOX the TMA zero-fills no row, and a column whose row an earlier box holds is not stored.
-    The one-warpgroup tiles lost time to the zero-fill (a 128 x 64 tile at 72 tokens: 1.35-1.57x the dispatch's
-    time; with 64-row boxes so copied 0.84-0.97x, H200); a whole-tile box keeps it, rows past M as zeros, not
-    stored: on 256-row tiles reading real rows instead took up to 1.07x the time (bench/README.md). The prefill
+    The one-warpgroup tiles lost time to the zero-fill (a 128 x 64 tile at 72 tokens, its fastest split: 1.04-1.51x
+    the time of the tile dispatched then; in 64-row boxes so copied 0.84-0.97x, H200); a whole-tile box keeps it,
+    rows past M as zeros, not stored: on 256-row tiles reading real rows instead took up to 1.07x the time
+    (bench/README.md). The prefill
     kernels' loads and stores and the stream-K reduction (a Triton kernel) share it; integer arithmetic only, as
     _owner (tests run it in Python too)."""
     start = first_row + t // BOX * BOX  # the box's own first row
