@@ -29,7 +29,7 @@ from tpaware_compile.kernels import (PREFILL_MAX_M, common, dequantize_sorted, g
 from tpaware_compile.layout import tile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import graph_us, header  # noqa: E402
+from timing import graph_us, header, record_rows  # noqa: E402
 
 GROUP = 128
 ROTATE_BYTES = 400e6
@@ -171,6 +171,28 @@ def tiled_copies(copies):
 
 def tpaware_fns(copies, x, cfg=None):
     return [lambda qw=qw, qz=qz, sc=sc: gptq_mm_sorted(x, qw, qz, sc, GROUP, 0, 0, config=cfg) for qw, qz, sc in copies]
+
+
+def probe_shards(head, ms, variants, out):
+    """Per model shard (tiled words) and each M of ``ms``: cuBLAS and every config of ``variants(m, k, n)``
+    (name -> config), graph-timed, each timed config checked against the fp32 reference; rows (with their time
+    over cuBLAS's) appended to ``out`` shard by shard."""
+    for model, tp, layer, k, n in shapes(False):
+        copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
+        tiled = tiled_copies(copies)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.half)
+            base = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m)
+            rows = [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
+            for name, cfg in variants(m, k, n).items():
+                fns = tpaware_fns(tiled, x, cfg)
+                rows.append(dict(base, variant=name, config=cfg, median_us=graph_us(fns),
+                                 rel_err=check_tpaware(fns[0], copies[0], x)))
+            for row in rows:
+                row["vs_cublas"] = row["median_us"] / rows[0]["median_us"]
+            record_rows(head, rows, out)
+        del copies, tiled
+        torch.cuda.empty_cache()
 
 
 def perm_fns(copies, x, perm, folded: bool):

@@ -20,9 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import (GROUP, check_tpaware, copies_for, cublas_fns, make_gptq, roof_bytes, shapes,  # noqa: E402
-                           tiled_copies, tpaware_fns)
-from timing import graph_us, probe_header, record_rows  # noqa: E402
+from bench_kernels import GROUP, probe_shards  # noqa: E402
+from timing import probe_header  # noqa: E402
 
 from tpaware_compile.kernels import pick_config  # noqa: E402
 
@@ -61,25 +60,10 @@ def main():
     ap.add_argument("--pow2", action="store_true", help="x in boxes of the largest power of two under M too")
     ap.add_argument("--out", default="probe_boxes.json")
     args = ap.parse_args()
-    head = probe_header(__doc__)
     dev = torch.device("cuda")
     splits = [int(s) for s in args.splits.split(",") if s]
-    for model, tp, layer, k, n in shapes(False):
-        copies = make_gptq(k, n, copies_for(roof_bytes(k, n, 0)))
-        tiled = tiled_copies(copies)
-        for m in (int(v) for v in args.ms.split(",")):
-            x = torch.randn(m, k, device="cuda", dtype=torch.half)
-            base = dict(model=model, tp=tp, layer=layer, K=k, N=n, M=m)
-            rows = [dict(base, variant="cublas_fp16", median_us=graph_us(cublas_fns(k, n, m)))]
-            for name, cfg in variants(m, k, n, dev, splits, args.pow2).items():
-                fns = tpaware_fns(tiled, x, cfg)
-                rows.append(dict(base, variant=name, config=cfg, median_us=graph_us(fns),
-                                 rel_err=check_tpaware(fns[0], copies[0], x)))
-            for row in rows:
-                row["vs_cublas"] = row["median_us"] / rows[0]["median_us"]
-            record_rows(head, rows, args.out)
-        del copies, tiled
-        torch.cuda.empty_cache()
+    probe_shards(probe_header(__doc__), [int(v) for v in args.ms.split(",")],
+                 lambda m, k, n: variants(m, k, n, dev, splits, args.pow2), args.out)
 
 
 if __name__ == "__main__":
