@@ -18,9 +18,9 @@
 #   mid:     33-64 tokens on tiled words: the dispatch beside the decode kernel's 64-token tile (probe_mid.py), matmul
 #            and SwiGLU
 #   tile128: 100-128 tokens: the dispatch beside a 128 x 64 tile on one warpgroup at splits 1 / 2 / 4 (probe_mid.py)
-#   boxes:   GPU tests of x's TMA boxes (forced and x_box's, matmul and SwiGLU) and of the stream-K form
-#   probeboxes: 33-240 tokens: the dispatch beside whole-tile boxes, x_box's boxes and the 128 x 64 tile
-#            (probe_boxes.py; BOX_MS: its token counts)
+#   boxes:   GPU tests of x's TMA boxes (forced X_BOX and whole tiles, matmul and SwiGLU) and of the stream-K form
+#   probeboxes: 33-240 tokens: the dispatch beside whole-tile boxes and the 128 x 64 tile (probe_boxes.py; BOX_MS:
+#            its token counts)
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > $OUT/nvidia_smi.txt 2>&1

@@ -1129,16 +1129,16 @@ def test_prefill_x_order_kernel_gpu():
 
 def test_prefill_x_must_match_launch():
     """x prepared once for a SwiGLU's two prefill launches (prefill_x) holds the reordered x and a descriptor for one
-    box of rows (X_BOX) and K-step and one group offset; a launch with other boxes or steps or another offset is
-    refused before anything runs."""
+    box of rows (the tile's, or X_BOX) and K-step and one group offset; a launch with other boxes or steps or another
+    offset is refused before anything runs."""
     from tpaware_compile.kernels.wgmma_prefill import launch_prefill, prefill_x, x_in_mma_order
     cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=3, num_warps=8)
     x = torch.randn(40, 256).half()
     px = prefill_x(x, 8, cfg, tiled=False)
     assert torch.equal(px.desc.base, x_in_mma_order(x, 8)) and px.shape == x.shape and px.dtype == x.dtype
     w = torch.zeros(32, 256, dtype=torch.int32)
-    for bad_cfg, bad_off, bad_w in ((dict(cfg, X_BOX=8), 8, w), (dict(cfg, BLOCK_K=128), 8, w), (cfg, 0, w),
-                                    (cfg, 8, tile(w))):
+    for bad_cfg, bad_off, bad_w in ((dict(cfg, BLOCK_M=128), 8, w), (dict(cfg, X_BOX=8), 8, w),
+                                    (dict(cfg, BLOCK_K=128), 8, w), (cfg, 0, w), (cfg, 8, tile(w))):
         with pytest.raises(ValueError, match="prepared for"):
             launch_prefill(px, bad_w, None, None, 64, bad_off, 0, None, 1, bad_cfg)
 
