@@ -1450,6 +1450,16 @@ def test_swiglu_two_parts_gpu(m, dtype, gs, off, split, layout):
     assert run_swiglu_case(c, "cuda", config=cfg) < TOL[DTYPES[dtype]]
 
 
+def _check_tiled_dispatch(k, n, m, dtype, gs, off):
+    """gptq_mm_sorted's own dispatch on tiled words at this shard and M against the fp32 reference, then the
+    SwiGLU's on a small shape (1024 x 512) at the same M, outputs poisoned first."""
+    assert _production_err(k, n, m, dtype, gs, off, tiled=True) < TOL[DTYPES[dtype]]
+    _poison()
+    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
+             tiled=True)
+    assert run_swiglu_case(c, "cuda") < TOL[DTYPES[dtype]]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(24576, 6144), (6144, 3072), (8192, 3584), (14336, 8192), (8192, 28672)])
 @pytest.mark.parametrize("m", [33, 40, 41, 48, 64])
@@ -1465,11 +1475,7 @@ def test_tiled_33_to_64_tokens_gpu(k, n, m, dtype, gs, off):
     cfg = pick_config(m, k, n, gs, dev, tiled=True)
     boxed = m <= 40 and not mid_tile_config(k, n, gs, dev)["SERIAL"]
     assert cfg["BLOCK_M"] == 64 and bool(cfg.get("PREFILL")) == (m > 40 or boxed) and (cfg.get("X_BOX") == 8) == boxed
-    assert _production_err(k, n, m, dtype, gs, off, tiled=True) < TOL[DTYPES[dtype]]
-    _poison()
-    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
-             tiled=True)
-    assert run_swiglu_case(c, "cuda") < TOL[DTYPES[dtype]]
+    _check_tiled_dispatch(k, n, m, dtype, gs, off)
 
 
 @pytest.mark.gpu
@@ -1485,11 +1491,7 @@ def test_tiled_65_to_128_tokens_gpu(k, n, m, dtype, gs, off):
     dev = torch.device("cuda")
     cfg = pick_config(m, k, n, gs, dev, tiled=True)
     assert (cfg["TAIL"] if m > 256 else cfg) == tile128_config(m % 256, k, n, gs, dev)
-    assert _production_err(k, n, m, dtype, gs, off, tiled=True) < TOL[DTYPES[dtype]]
-    _poison()
-    c = dict(kind="dot", m=m, split_k=0, k=1024, n=512, gs=gs, off=off, zo=1, sym=False, dtype=dtype, seed=m,
-             tiled=True)
-    assert run_swiglu_case(c, "cuda") < TOL[DTYPES[dtype]]
+    _check_tiled_dispatch(k, n, m, dtype, gs, off)
 
 
 @pytest.mark.gpu
