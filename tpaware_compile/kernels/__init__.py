@@ -365,8 +365,14 @@ def mid_tile_config(k: int, n: int, group_size: int, device) -> dict:
     """41-64 tokens on tiled words: the prefill kernel's 64 x 64 tile on one warpgroup (x by TMA as it lies), one
     group segment (up to 128 rows) per step, split as mid_tile_split says."""
     split_k, serial = mid_tile_split(k, ceil_div(n, 64), _num_sms(device))
-    return dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=segment_rows(group_size, 128),
-                STAGES=3, num_warps=4, SPLIT_K=split_k, SERIAL=serial)
+    return one_warpgroup_tile(64, group_size, split_k, serial)
+
+
+def one_warpgroup_tile(block_m: int, group_size: int, split_k: int, serial: bool) -> dict:
+    """The prefill kernel on one warpgroup: block_m tokens by 64 output columns, one group segment (up to 128 rows)
+    per step, 3 x slots (mid_tile_config's and tile128_config's tiles)."""
+    return dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=block_m, BLOCK_N=64,
+                BLOCK_K=segment_rows(group_size, 128), STAGES=3, num_warps=4, SPLIT_K=split_k, SERIAL=serial)
 
 
 def boxed_mid_tile(k: int, n: int, group_size: int, device) -> Optional[dict]:
@@ -397,8 +403,7 @@ def tile128_config(m: int, k: int, n: int, group_size: int, device) -> dict:
     """65-128 tokens on tiled words: the prefill kernel's 128 x 64 tile on one warpgroup, one group segment (up to
     128 rows) per step, split by tile128_split and reduced by a second launch, x in TILE128_X_BOX-row boxes below
     128 tokens."""
-    cfg = dict(kind="dot", WGMMA=True, PREFILL=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=segment_rows(group_size, 128),
-               STAGES=3, num_warps=4, SPLIT_K=tile128_split(k, ceil_div(n, 64), _num_sms(device)), SERIAL=False)
+    cfg = one_warpgroup_tile(128, group_size, tile128_split(k, ceil_div(n, 64), _num_sms(device)), False)
     return dict(cfg, X_BOX=TILE128_X_BOX) if m < 128 else cfg
 
 
